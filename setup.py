@@ -1,0 +1,148 @@
+"""Build script for realhf.
+
+Native operators live in ``csrc/`` and compile into ``realhf._C.*``:
+
+* CPU extensions (C++, always built unless ``REAL_NO_EXT=1``):
+  ``realhf._C.interval_op`` and ``realhf._C.gae``.
+* CUDA extensions (only with ``REAL_CUDA=1``, a CUDA build of torch and a
+  CUDA toolkit): ``realhf._C.interval_op_cuda`` and ``realhf._C.cugae``.
+
+Every operator has a pure-Python fallback in ``realhf.impl.ops``, so a build
+without extensions is fully functional, only slower.
+
+Install with ``pip install --no-build-isolation -e .`` after installing
+``torch==2.13.0``: build isolation would otherwise fetch an unpinned torch.
+"""
+
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+TORCH_PIN = "torch==2.13.0"
+
+INSTALL_REQUIRES = [
+    TORCH_PIN,
+    "numpy",
+    "transformers>=4.40",
+    "tokenizers",
+    "safetensors",
+    "filelock",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest", "pytest-timeout"],
+    # Triton kernels are tested on CPU through TRITON_INTERPRET=1.
+    "triton": ["triton"],
+    # GPU-only accelerators; never needed to install, import or test.
+    "gpu": ["flash-attn", "transformer-engine"],
+}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_available_for_build() -> bool:
+    """CUDA extensions need both a CUDA build of torch and a toolkit."""
+    if not _env_flag("REAL_CUDA"):
+        return False
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None:
+        print("REAL_CUDA=1 but torch is a CPU build: skipping CUDA extensions.",
+              file=sys.stderr)
+        return False
+    if CUDA_HOME is None:
+        print("REAL_CUDA=1 but no CUDA toolkit was found: skipping CUDA extensions.",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def _cuda_arch_flags():
+    """Target the local GPUs, or TORCH_CUDA_ARCH_LIST when set (torch reads it)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return []
+    import torch
+
+    archs = set()
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        archs.add(f"{major}{minor}")
+    if not archs:
+        archs = {"80", "90"}
+    flags = []
+    for a in sorted(archs):
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    return flags
+
+
+def _extensions():
+    if _env_flag("REAL_NO_EXT"):
+        print("REAL_NO_EXT=1: building no native extensions.", file=sys.stderr)
+        return [], {}
+
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    cxx_flags = ["-O3", "-std=c++17"]
+    exts = [
+        CppExtension(
+            name="realhf._C.interval_op",
+            sources=["csrc/interval_op/interval_op.cpp"],
+            extra_compile_args={"cxx": cxx_flags},
+        ),
+        CppExtension(
+            name="realhf._C.gae",
+            sources=["csrc/gae/gae.cpp"],
+            extra_compile_args={"cxx": cxx_flags},
+        ),
+    ]
+    if _cuda_available_for_build():
+        nvcc_flags = ["-O3", "--use_fast_math"] + _cuda_arch_flags()
+        exts += [
+            CUDAExtension(
+                name="realhf._C.interval_op_cuda",
+                sources=[
+                    "csrc/interval_op/interval_op_cuda.cpp",
+                    "csrc/interval_op/interval_op.cu",
+                ],
+                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            ),
+            CUDAExtension(
+                name="realhf._C.cugae",
+                sources=["csrc/gae/gae_cuda.cpp", "csrc/gae/gae.cu"],
+                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            ),
+        ]
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def _version() -> str:
+    about = {}
+    with open(os.path.join(ROOT, "realhf", "version.py")) as f:
+        exec(f.read(), about)
+    return about["__version__"]
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="realhf",
+    version=_version(),
+    description="RLHF and RL training of LLMs with parameter reallocation between 3D-parallel layouts",
+    long_description=open(os.path.join(ROOT, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["realhf", "realhf.*"]),
+    package_data={"realhf": ["assets/*", "assets/*/*", "assets/*/*/*"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
