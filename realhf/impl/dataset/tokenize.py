@@ -1,0 +1,24 @@
+"""Tokenization helpers shared by the built-in datasets."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], append_eos: bool) -> list[list[int]]:
+    """Token ids of each text, without padding or truncation.
+
+    Special tokens are added the way the tokenizer normally adds them, so a
+    prompt encoded alone gets the same prefix as the prompt inside a longer
+    text. ``append_eos`` appends the EOS id (an id, not the text, so it cannot
+    be split or merged with neighbouring characters).
+    """
+    if not texts:
+        return []
+    ids = tokenizer(list(texts), padding=False, truncation=False)["input_ids"]
+    if not append_eos:
+        return [list(x) for x in ids]
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token, which these datasets append to answers")
+    return [list(x) + [eos] for x in ids]
