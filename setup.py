@@ -88,17 +88,28 @@ def _extensions():
 
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-std=c++17"]
+    import torch
+
+    # torch 2.13 headers need C++20 (C++17 triggers warnings in c10).
+    cxx_flags = ["-O3", "-std=c++20", "-g0"]
+    # The OpenMP extension links libgomp.so.1, which resolves to the copy torch
+    # has already loaded, so both share one pool and at::get_num_threads().
+    omp_flags = (["-fopenmp"] if sys.platform == "linux"
+                 and torch.backends.openmp.is_available() else [])
     exts = [
+        # Both split work over torch's OpenMP threads: with 2 threads GAE ran
+        # ~2x faster and slice/set_intervals ~1.1-1.6x (measured on 2 cores).
         CppExtension(
             name="realhf._C.interval_op",
             sources=["csrc/interval_op/interval_op.cpp"],
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": cxx_flags + omp_flags},
+            extra_link_args=omp_flags,
         ),
         CppExtension(
             name="realhf._C.gae",
             sources=["csrc/gae/gae.cpp"],
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": cxx_flags + omp_flags},
+            extra_link_args=omp_flags,
         ),
     ]
     if _cuda_available_for_build():

@@ -1,0 +1,28 @@
+"""Low-level tensor operators with native kernels and torch fallbacks.
+
+Public API:
+
+* :func:`merge_intervals`, :func:`slice_intervals`, :func:`set_intervals` --
+  half-open interval bookkeeping and gather/scatter over flat buffers, used by
+  parameter reallocation between parallel layouts;
+* :func:`gae_1d` -- generalized advantage estimation over packed sequences;
+* :func:`available_backends` -- which implementations can run here.
+
+Each operator picks the fastest usable backend for the tensor's device
+("cuda", "triton", "cpp" or the always-available "python"); pass
+``backend=...`` or set ``REAL_OP_BACKEND`` to force one (see
+:mod:`realhf.impl.ops.dispatch`).
+"""
+
+from realhf.impl.ops.dispatch import BackendError, available_backends
+from realhf.impl.ops.gae import gae_1d
+from realhf.impl.ops.intervals import merge_intervals, set_intervals, slice_intervals
+
+__all__ = [
+    "BackendError",
+    "available_backends",
+    "gae_1d",
+    "merge_intervals",
+    "set_intervals",
+    "slice_intervals",
+]
