@@ -19,3 +19,9 @@ from realhf.api.core.config import (  # noqa: F401  (re-exported API)
     ModelName,
     ModelShardID,
 )
+
+__all__ = [
+    "DataLoader", "DataLoaderAbstraction", "Dataset", "DatasetAbstraction", "Model", "ModelAbstraction",
+    "ModelBackend", "ModelBackendAbstraction", "ModelInterface", "ModelInterfaceAbstraction", "ModelName",
+    "ModelShardID",
+]

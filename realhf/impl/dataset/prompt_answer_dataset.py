@@ -13,8 +13,7 @@ import torch
 
 from realhf.api.core import data_api
 from realhf.base import logging
-from realhf.base.json_records import DatasetFormatError, load_records, shuffle_and_shard
-from realhf.impl.dataset.tokenize import encode_texts
+from realhf.impl.dataset.common import encode_texts, load_rank_records, report_dropped
 
 logger = logging.getLogger("PromptAnswerDataset")
 
@@ -41,8 +40,7 @@ class PromptAnswerDataset(torch.utils.data.Dataset):
     ) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
-        records, source = load_records(dataset_path, dataset_builder, REQUIRED_FIELDS)
-        records = shuffle_and_shard(records, util.seed, util.dp_rank, util.world_size)
+        records, source = load_rank_records(util, dataset_path, dataset_builder, REQUIRED_FIELDS)
         tok = util.tokenizer
 
         prompt_ids = encode_texts(tok, [r["prompt"] for r in records], append_eos=False)
@@ -67,16 +65,7 @@ class PromptAnswerDataset(torch.utils.data.Dataset):
             self.ids.append(rec["id"])
             self.tokens.append(torch.tensor(full, dtype=torch.int64))
             self.prompt_masks.append(torch.tensor(mask, dtype=torch.bool))
-        if n_dropped:
-            logger.info(
-                f"{source}: dropped {n_dropped} of {len(records)} records whose prompt "
-                f"fills max_length={max_length} tokens."
-            )
-        if not self.ids:
-            raise DatasetFormatError(
-                f"{source}: no usable records on dp rank {util.dp_rank}: every prompt is at "
-                f"least max_length={max_length} tokens long."
-            )
+        report_dropped(logger, source, n_dropped, len(records), len(self.ids), max_length, util.dp_rank)
         self.max_length = max_length
         self.source = source
 

@@ -13,8 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from realhf.api.core import data_api
-from realhf.base.json_records import load_records, shuffle_and_shard
-from realhf.impl.dataset.tokenize import encode_texts
+from realhf.impl.dataset.common import encode_texts, load_rank_records
 
 REQUIRED_FIELDS = {"prompt": str}
 
@@ -42,8 +41,7 @@ class PromptDataset(torch.utils.data.Dataset):
     ) -> None:
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
-        records, source = load_records(dataset_path, dataset_builder, REQUIRED_FIELDS)
-        records = shuffle_and_shard(records, util.seed, util.dp_rank, util.world_size)
+        records, source = load_rank_records(util, dataset_path, dataset_builder, REQUIRED_FIELDS)
         tok = util.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 

@@ -15,8 +15,8 @@ import torch
 
 from realhf.api.core import data_api
 from realhf.base import logging
-from realhf.base.json_records import DatasetFormatError, FieldError, load_records, shuffle_and_shard
-from realhf.impl.dataset.tokenize import encode_texts
+from realhf.base.json_records import FieldError
+from realhf.impl.dataset.common import encode_texts, load_rank_records, report_dropped
 
 logger = logging.getLogger("RewardModelingPairedDataset")
 
@@ -60,8 +60,7 @@ class RewardModelingPairedDataset(torch.utils.data.Dataset):
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         if max_pairs_per_prompt < 1:
             raise ValueError(f"max_pairs_per_prompt must be positive, got {max_pairs_per_prompt}")
-        records, source = load_records(dataset_path, dataset_builder, REQUIRED_FIELDS, check_pairs)
-        records = shuffle_and_shard(records, util.seed, util.dp_rank, util.world_size)
+        records, source = load_rank_records(util, dataset_path, dataset_builder, REQUIRED_FIELDS, check_pairs)
         tok = util.tokenizer
 
         prompt_ids = encode_texts(tok, [r["prompt"] for r in records], append_eos=False)
@@ -90,16 +89,7 @@ class RewardModelingPairedDataset(torch.utils.data.Dataset):
             self.ids.append(r["id"])
             self.prompt_lens.append(len(p))
             self.pairs.append(item)
-        if n_dropped:
-            logger.info(
-                f"{source}: dropped {n_dropped} of {len(records)} records whose prompt "
-                f"fills max_length={max_length} tokens."
-            )
-        if not self.ids:
-            raise DatasetFormatError(
-                f"{source}: no usable records on dp rank {util.dp_rank}: every prompt is at "
-                f"least max_length={max_length} tokens long."
-            )
+        report_dropped(logger, source, n_dropped, len(records), len(self.ids), max_length, util.dp_rank)
         self.seed = util.seed
         self.max_length = max_length
         self.max_pairs_per_prompt = max_pairs_per_prompt

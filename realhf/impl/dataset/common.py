@@ -1,0 +1,47 @@
+"""Loading, sharding, tokenization and reporting shared by the built-in datasets."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+from realhf.base.json_records import DatasetFormatError, RecordCheck, load_records, shuffle_and_shard
+
+
+def load_rank_records(util: Any, dataset_path: str | None, dataset_builder: Callable[[], Sequence[dict]] | None,
+                      required: dict, check: RecordCheck | None = None) -> tuple[list[dict], str]:
+    """Validated records of this data-parallel rank, and the name of their source."""
+    records, source = load_records(dataset_path, dataset_builder, required, check)
+    return shuffle_and_shard(records, util.seed, util.dp_rank, util.world_size), source
+
+
+def report_dropped(logger: logging.Logger, source: str, n_dropped: int, n_records: int, n_kept: int,
+                   max_length: int, dp_rank: int) -> None:
+    """Log records dropped because the prompt fills max_length; fail if none is left."""
+    if n_dropped:
+        logger.info(f"{source}: dropped {n_dropped} of {n_records} records whose prompt "
+                    f"fills max_length={max_length} tokens.")
+    if n_kept == 0:
+        raise DatasetFormatError(
+            f"{source}: no usable records on dp rank {dp_rank}: every prompt is at "
+            f"least max_length={max_length} tokens long."
+        )
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], append_eos: bool) -> list[list[int]]:
+    """Token ids of each text, without padding or truncation.
+
+    Special tokens are added the way the tokenizer normally adds them, so a
+    prompt encoded alone gets the same prefix as the prompt inside a longer
+    text. ``append_eos`` appends the EOS id (an id, not the text, so it cannot
+    be split or merged with neighbouring characters).
+    """
+    if not texts:
+        return []
+    ids = tokenizer(list(texts), padding=False, truncation=False)["input_ids"]
+    if not append_eos:
+        return [list(x) for x in ids]
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token, which these datasets append to answers")
+    return [list(x) + [eos] for x in ids]
