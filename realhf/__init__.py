@@ -23,6 +23,7 @@ _EXPORTS: Dict[str, str] = {
     "FinetuneSpec": "realhf.api.core.model_api",
     "GenerationHyperparameters": "realhf.api.core.model_api",
     "MicroBatchSpec": "realhf.api.core.model_api",
+    "ReaLModelConfig": "realhf.api.core.model_api",
     "SequenceSample": "realhf.api.core.data_api",
     "NamedArray": "realhf.base.namedarray",
 }

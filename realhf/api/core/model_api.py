@@ -293,9 +293,155 @@ register_model("null", _null_model)
 register_model("tokenizer", _tokenizer_model)
 register_backend("null", NullBackend)
 
+
+# --------------------------------------------------------------------------- #
+# ReaLModel configuration and HuggingFace model families
+# --------------------------------------------------------------------------- #
+@dataclasses.dataclass
+class ReaLMoEConfig:
+    """Mixture-of-experts options of a ``mlp_type="moe"`` model (Megatron-style router)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    routing_type: str = "aux_loss"  # aux_loss | sinkhorn | none
+    aux_loss_coeff: float = 1e-3
+    capacity_factor: Optional[float] = None
+    pad_to_capacity: bool = False
+    token_drop_policy: str = "probs"
+    z_loss_coeff: float = 0.0
+    input_jitter_eps: float = 0.0
+    use_grouped_gemm: bool = False
+
+
+@dataclasses.dataclass
+class ReaLModelConfig:
+    """Architecture of a ReaLModel: one config covers every supported family.
+
+    Layer indices: 0 is the embedding, 1..n_layers the transformer blocks and
+    n_layers + 1 the output head (vocab logits, or one scalar if ``is_critic``).
+
+    Fields beyond the reference set: ``qk_layernorm`` (per-head RMS norm of
+    queries and keys, qwen3), ``mlp_bias`` (biases of a gated MLP),
+    ``rotary_scaling_extra`` (llama3 rope parameters), ``base_model_path``
+    (where the weights came from, used to copy tokenizer files on save).
+    """
+
+    n_layers: int
+    n_kv_heads: int
+    n_q_heads: int
+    hidden_dim: int
+    intermediate_dim: int
+    vocab_size: int
+    head_dim: Optional[int] = None
+    n_positions: Optional[int] = None
+    embd_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu"
+    scale_attn_by_inverse_layer_idx: bool = True
+    scale_attn_weights: bool = True
+    use_attention_bias: bool = True
+    use_attn_proj_bias: bool = True
+    layer_norm_type: Optional[str] = None  # None (LayerNorm) | "rms" | "gemma"
+    mlp_type: Optional[str] = None  # None (plain) | "llama" (gated) | "moe"
+    apply_rotary: bool = False
+    rotary_base: float = 10000.0
+    rotary_interleaved: bool = False
+    rotary_scaling: Optional[float] = None
+    rotary_scaling_type: Optional[str] = None  # None | "linear" | "llama3"
+    rotary_scaling_extra: Optional[Dict[str, float]] = None
+    normalize_embed: bool = False
+    abs_position_embedding_offset: int = 0
+    do_layernorm_before: bool = True
+    tied_embedding: bool = False
+    sliding_window: Optional[int] = None
+    qk_layernorm: bool = False
+    mlp_bias: bool = False
+    moe: Optional[ReaLMoEConfig] = None
+    is_critic: bool = False
+    base_model_path: Optional[str] = None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_dim // self.n_q_heads
+        if self.n_q_heads % self.n_kv_heads != 0:
+            raise ValueError(f"n_q_heads={self.n_q_heads} is not a multiple of n_kv_heads={self.n_kv_heads}.")
+        if self.is_critic and self.tied_embedding:
+            raise ValueError("A critic has a scalar head and cannot tie it to the embedding.")
+        if self.mlp_type == "moe" and self.moe is None:
+            self.moe = ReaLMoEConfig()
+        if isinstance(self.moe, dict):
+            self.moe = ReaLMoEConfig(**self.moe)
+
+
+@dataclasses.dataclass
+class HFModelFamily:
+    """Conversions between a HuggingFace architecture and ReaLModel.
+
+    The state-dict converters take ``(state_dict, config)`` and must accept any
+    subset of keys, because a pipeline stage only loads and saves its own layers.
+    The ``*_param_names`` functions give HF key names so that a stage can read
+    only the checkpoint entries it needs (``tblock_param_names(config, i)`` is
+    for the 0-based block i; the last block also owns the final norm).
+    """
+
+    name: str
+    hf_cls_name: str
+    config_from_hf_converter: Callable[..., "ReaLModelConfig"]
+    config_to_hf_converter: Callable[["ReaLModelConfig"], Any]
+    sd_from_hf_converter: Callable[[Dict[str, torch.Tensor], "ReaLModelConfig"], Dict[str, torch.Tensor]]
+    sd_to_hf_converter: Callable[[Dict[str, torch.Tensor], "ReaLModelConfig"], Dict[str, torch.Tensor]]
+    embedding_param_names: Callable[["ReaLModelConfig"], list]
+    tblock_param_names: Callable[["ReaLModelConfig", int], list]
+    head_param_names: Callable[["ReaLModelConfig"], list]
+    real_config_maker: Optional[Callable[[], "ReaLModelConfig"]] = None
+
+
+HF_MODEL_FAMILIES: Registry[HFModelFamily] = Registry("HF model family")
+
+
+def register_hf_family(
+    name: str,
+    hf_cls_name: str,
+    config_from_hf_converter: Callable[..., ReaLModelConfig],
+    config_to_hf_converter: Callable[[ReaLModelConfig], Any],
+    sd_from_hf_converter: Callable,
+    sd_to_hf_converter: Callable,
+    embedding_param_names: Callable,
+    tblock_param_names: Callable,
+    head_param_names: Callable,
+    real_config_maker: Optional[Callable[[], ReaLModelConfig]] = None,
+) -> HFModelFamily:
+    """Register a family; ``name`` becomes part of method names (``from_<name>``)."""
+    if not name.isidentifier():
+        raise ValueError(f"HF model family name must be a Python identifier, got {name!r}.")
+    family = HFModelFamily(
+        name=name,
+        hf_cls_name=hf_cls_name,
+        config_from_hf_converter=config_from_hf_converter,
+        config_to_hf_converter=config_to_hf_converter,
+        sd_from_hf_converter=sd_from_hf_converter,
+        sd_to_hf_converter=sd_to_hf_converter,
+        embedding_param_names=embedding_param_names,
+        tblock_param_names=tblock_param_names,
+        head_param_names=head_param_names,
+        real_config_maker=real_config_maker,
+    )
+    # Re-importing a family module re-registers the same family: allow it.
+    override = name in HF_MODEL_FAMILIES and HF_MODEL_FAMILIES.get(name).hf_cls_name == hf_cls_name
+    HF_MODEL_FAMILIES.register(name, family, override=override)
+    return family
+
+
+def get_hf_family(name: str) -> HFModelFamily:
+    return HF_MODEL_FAMILIES.get(name)
+
 __all__ = [
     "BACKENDS", "FinetuneSpec", "GenerationHyperparameters", "INTERFACES", "MODELS", "MODEL_WRAPPERS",
     "MicroBatchSpec", "Model", "ModelBackend", "ModelInterface", "ModelVersion", "NullBackend",
     "make_backend", "make_interface", "make_model", "register_backend", "register_interface",
     "register_model", "register_wrapper",
+    "HF_MODEL_FAMILIES", "HFModelFamily", "ReaLMoEConfig", "ReaLModelConfig", "get_hf_family",
+    "register_hf_family",
 ]

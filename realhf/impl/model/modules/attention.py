@@ -1,0 +1,229 @@
+"""Causal self-attention over packed variable-length sequences.
+
+Tokens of all sequences are concatenated ([total_tokens, heads, head_dim]) and
+``cu_seqlens`` marks the boundaries; attention never crosses them.
+
+Kernels:
+* CUDA with flash-attn installed: ``flash_attn_varlen_func`` (no cache) and
+  ``flash_attn_with_kvcache`` (cache).
+* Otherwise torch SDPA. Without a cache there are two kernels (``ATTN_IMPL``):
+  one SDPA call per sequence with ``is_causal`` ("loop"), or one call with a
+  block-diagonal causal [T, T] mask ("block_diag"), whose cost is quadratic in
+  the *total* token count. Measured on 2 CPU cores (8 heads, head_dim 64,
+  fp32): 16 seqs / 128 tokens: loop 1.25 ms, block_diag 0.67 ms; 10 seqs / 819
+  tokens: 6.0 vs 31.9 ms; 16 x 128 tokens: 8.0 vs 187 ms; lengths
+  (512, 3, 900, 40): 24.5 vs 83.6 ms. "auto" (default) therefore uses
+  block_diag only for small batches (<= ``BLOCK_DIAG_MAX_TOKENS``). With a cache,
+  the new queries are scattered into a [bs, max_new, ...] grid and one SDPA
+  call runs against the cache rows with a per-row length mask, which is what
+  decoding (one token per row) needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from realhf.api.core.model_api import ReaLModelConfig
+from realhf.impl.model.modules.norm import RMSNorm, make_norm
+from realhf.impl.model.modules.rotary import apply_rotary
+
+try:  # optional GPU kernels
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # type: ignore
+
+    HAS_FLASH_ATTN = True
+except ImportError:  # pragma: no cover - depends on the environment
+    HAS_FLASH_ATTN = False
+
+# "loop": one SDPA call per sequence; "block_diag": one call with a [T, T] mask;
+# "auto": block_diag up to BLOCK_DIAG_MAX_TOKENS packed tokens, loop beyond.
+ATTN_IMPL = "auto"
+BLOCK_DIAG_MAX_TOKENS = 256
+
+
+@dataclasses.dataclass
+class PackedContext:
+    """Per-forward metadata shared by all blocks of a model."""
+
+    cu_seqlens: torch.Tensor  # int64 [bs + 1]
+    max_seqlen: int
+    seqlens: torch.Tensor  # int64 [bs], new tokens per sequence
+    positions: torch.Tensor  # int64 [T]
+    seq_ids: torch.Tensor  # int64 [T], sequence of each token
+    cos: Optional[torch.Tensor] = None  # [T, head_dim // 2]
+    sin: Optional[torch.Tensor] = None
+    past: Optional[torch.Tensor] = None  # int64 [bs], cached tokens per row (cache only)
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
+    # KV head j serves query heads j * n_rep ... (j + 1) * n_rep - 1.
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=dim)
+
+
+def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+    """Causal (and sliding-window) visibility of keys k_pos from queries q_pos."""
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask = mask & (k_pos > q_pos - window)
+    return mask
+
+
+def _attn_loop(q, k, v, ctx: PackedContext, scale: float, window: Optional[int], dropout_p: float = 0.0):
+    n_rep = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = ctx.cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e == s:
+            continue
+        qi = q[s:e].transpose(0, 1)
+        ki = _repeat_kv(k[s:e].transpose(0, 1), n_rep, 0)
+        vi = _repeat_kv(v[s:e].transpose(0, 1), n_rep, 0)
+        if window is None or e - s <= window:
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, dropout_p=dropout_p)
+        else:
+            pos = torch.arange(e - s, device=q.device)
+            mask = _window_mask(pos[:, None], pos[None, :], window)
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, dropout_p=dropout_p)
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+def _attn_block_diag(q, k, v, ctx: PackedContext, scale: float, window: Optional[int]) -> torch.Tensor:
+    n_rep = q.shape[1] // k.shape[1]
+    mask = ctx.seq_ids[:, None] == ctx.seq_ids[None, :]
+    mask = mask & _window_mask(ctx.positions[:, None], ctx.positions[None, :], window)
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        _repeat_kv(k.transpose(0, 1), n_rep, 0),
+        _repeat_kv(v.transpose(0, 1), n_rep, 0),
+        attn_mask=mask,
+        scale=scale,
+    )
+    return o.transpose(0, 1)
+
+
+def _attn_with_cache(q, k, v, cache_k, cache_v, ctx: PackedContext, scale: float, window: Optional[int]):
+    """Append k/v to the cache rows, then attend to each row's cached prefix + new tokens."""
+    cache_k[ctx.seq_ids, ctx.positions] = k.to(cache_k.dtype)
+    cache_v[ctx.seq_ids, ctx.positions] = v.to(cache_v.dtype)
+    bs = ctx.seqlens.shape[0]
+    total = ctx.past + ctx.seqlens
+    max_q = int(ctx.seqlens.max()) if bs > 0 else 0
+    max_k = int(total.max()) if bs > 0 else 0
+    if q.shape[0] == 0 or max_k == 0:
+        return torch.empty_like(q)
+    # Query j of row i sits at grid cell (i, j); its position is past_i + j.
+    col = torch.arange(q.shape[0], device=q.device) - ctx.cu_seqlens[ctx.seq_ids]
+    grid_q = q.new_zeros(bs, max_q, q.shape[1], q.shape[2])
+    grid_q[ctx.seq_ids, col] = q
+    j = torch.arange(max_q, device=q.device)
+    q_pos = ctx.past[:, None] + j[None, :]  # [bs, max_q]
+    k_pos = torch.arange(max_k, device=q.device)
+    mask = _window_mask(q_pos[:, :, None], k_pos[None, None, :], window)
+    # Padding queries see everything so that no softmax row is empty; they are dropped.
+    mask = mask | (j[None, :] >= ctx.seqlens[:, None])[:, :, None]
+    n_rep = q.shape[1] // k.shape[1]
+    keys = _repeat_kv(cache_k[:, :max_k].transpose(1, 2), n_rep, 1).to(q.dtype)
+    vals = _repeat_kv(cache_v[:, :max_k].transpose(1, 2), n_rep, 1).to(q.dtype)
+    o = F.scaled_dot_product_attention(grid_q.transpose(1, 2), keys, vals, attn_mask=mask[:, None], scale=scale)
+    return o.transpose(1, 2)[ctx.seq_ids, col]
+
+
+def _attn_auto(q, k, v, ctx: PackedContext, scale: float, window: Optional[int]) -> torch.Tensor:
+    kernel = _attn_block_diag if q.shape[0] <= BLOCK_DIAG_MAX_TOKENS else _attn_loop
+    return kernel(q, k, v, ctx, scale, window)
+
+
+ATTN_KERNELS = {"loop": _attn_loop, "block_diag": _attn_block_diag, "auto": _attn_auto}
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ctx: PackedContext,
+    scale: float,
+    window: Optional[int] = None,
+    kv_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]; ``dropout_p`` applies to the
+    attention probabilities (training without a cache only)."""
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    if HAS_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash_attention(q, k, v, ctx, scale, window, kv_cache, dropout_p)
+    if kv_cache is not None:
+        return _attn_with_cache(q, k, v, kv_cache[0], kv_cache[1], ctx, scale, window)
+    if dropout_p > 0:
+        return _attn_loop(q, k, v, ctx, scale, window, dropout_p)
+    return ATTN_KERNELS[ATTN_IMPL](q, k, v, ctx, scale, window)
+
+
+def _flash_attention(q, k, v, ctx, scale, window, kv_cache, dropout_p):  # pragma: no cover - GPU only
+    win = (-1, -1) if window is None else (window - 1, 0)
+    if kv_cache is None:
+        cu = ctx.cu_seqlens.to(torch.int32)
+        return flash_attn_varlen_func(
+            q, k, v, cu, cu, ctx.max_seqlen, ctx.max_seqlen, dropout_p=dropout_p, softmax_scale=scale,
+            causal=True, window_size=win,
+        )
+    if bool((ctx.seqlens == 1).all()):
+        out = flash_attn_with_kvcache(
+            q[:, None], kv_cache[0], kv_cache[1], k[:, None], v[:, None],
+            cache_seqlens=ctx.past.to(torch.int32), softmax_scale=scale, causal=True, window_size=win,
+        )
+        return out[:, 0]
+    return _attn_with_cache(q, k, v, kv_cache[0], kv_cache[1], ctx, scale, window)
+
+
+class CAttn(nn.Module):
+    """Pre-attention norm plus separate q/k/v projections (kept separate so that
+    tensor-parallel slicing of each is a contiguous row interval)."""
+
+    def __init__(self, config: ReaLModelConfig):
+        super().__init__()
+        h, d, b = config.hidden_dim, config.head_dim, config.use_attention_bias
+        self.ln = make_norm(config.layer_norm_type, h, config.layer_norm_epsilon)
+        self.q_attn = nn.Linear(h, config.n_q_heads * d, bias=b)
+        self.k_attn = nn.Linear(h, config.n_kv_heads * d, bias=b)
+        self.v_attn = nn.Linear(h, config.n_kv_heads * d, bias=b)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.ln(x)
+        return self.q_attn(x), self.k_attn(x), self.v_attn(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ReaLModelConfig, layer_index: int):
+        """``layer_index`` is the 0-based block index (for inverse-layer scaling)."""
+        super().__init__()
+        self.config = config
+        self.c_attn = CAttn(config)
+        self.c_proj = nn.Linear(config.n_q_heads * config.head_dim, config.hidden_dim, bias=config.use_attn_proj_bias)
+        if config.qk_layernorm:
+            self.q_ln = RMSNorm(config.head_dim, config.layer_norm_epsilon)
+            self.k_ln = RMSNorm(config.head_dim, config.layer_norm_epsilon)
+        self.scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= float(layer_index + 1)
+        self.attn_drop = config.attn_pdrop
+
+    def forward(self, x: torch.Tensor, ctx: PackedContext, kv_cache=None) -> torch.Tensor:
+        cfg = self.config
+        q, k, v = self.c_attn(x)
+        q = q.view(-1, cfg.n_q_heads, cfg.head_dim)
+        k = k.view(-1, cfg.n_kv_heads, cfg.head_dim)
+        v = v.view(-1, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_layernorm:
+            q, k = self.q_ln(q), self.k_ln(k)
+        if cfg.apply_rotary:
+            q = apply_rotary(q, ctx.cos, ctx.sin, cfg.rotary_interleaved)
+            k = apply_rotary(k, ctx.cos, ctx.sin, cfg.rotary_interleaved)
+        drop = self.attn_drop if self.training else 0.0
+        o = packed_attention(q, k, v, ctx, self.scale, cfg.sliding_window, kv_cache, dropout_p=drop)
+        return self.c_proj(o.reshape(o.shape[0], -1))

@@ -1,0 +1,241 @@
+"""ReaLModel: a decoder-only transformer whose stage parameters share one flat buffer.
+
+Construction is lazy: ``ReaLModel(config, ...)`` builds the layers on the meta
+device and computes the flat layout; ``instantiate()`` allocates the buffer
+(``model.flat_param``) and turns every parameter into a view of it at the slot
+given by ``model.param_spec[key]``. A model may hold any contiguous subset of
+layers (a pipeline stage) and runs alone:
+
+* the stage holding layer 0 takes ``input_ids``; other stages take
+  ``hidden_states`` [total_tokens, hidden];
+* the stage holding the head returns logits [total_tokens, vocab] (or values
+  [total_tokens] for a critic); other stages return hidden states.
+
+Forward contract (packed, no padding): sequence i is
+``input_ids[cu_seqlens[i]:cu_seqlens[i+1]]``; without a cache positions restart
+at 0 per sequence and attention is causal within a sequence. With a
+``KVCache`` the new tokens of sequence i are appended to cache row i after
+``kv_cache.seqlens[i]`` tokens, take positions ``seqlens[i] + arange(len_i)``,
+attend to the row's cached tokens and themselves, and ``seqlens`` advances
+(rows may have length 0). Each stage keeps its own cache (one entry per block).
+
+Choose dtype and device at construction: ``module.to()``/``.half()`` would
+replace the views by standalone tensors and detach them from ``flat_param``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from realhf.api.core.model_api import ReaLModelConfig
+from realhf.impl.model.modules.attention import PackedContext
+from realhf.impl.model.modules.norm import norm_init_value
+from realhf.impl.model.modules.rotary import rotary_cos_sin, rotary_inv_freq
+from realhf.impl.model.nn.flat_param import ParamSlot, build_param_spec, param_view
+from realhf.impl.model.nn.kv_cache import KVCache
+from realhf.impl.model.nn.real_llm_base import (
+    EmbeddingLayer,
+    TransformerBlock,
+    head_key,
+    is_tied_on_stage,
+    make_layer,
+    partition_layers,
+)
+
+
+def _split_key(key: str):
+    idx, name = key.split(".", 1)
+    return int(idx), name
+
+
+class ReaLModel(nn.Module):
+    def __init__(
+        self,
+        config: ReaLModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        layer_indices: Optional[Sequence[int]] = None,
+        pp_size: int = 1,
+        pp_rank: int = 0,
+    ):
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        if layer_indices is None:
+            layer_indices = partition_layers(config, pp_size)[pp_rank]
+        self.layer_indices: List[int] = sorted(layer_indices)
+        if self.layer_indices != list(range(self.layer_indices[0], self.layer_indices[-1] + 1)):
+            raise ValueError(f"Layer indices of a stage must be contiguous, got {self.layer_indices}.")
+        with torch.device("meta"):
+            self.layers = nn.ModuleList(make_layer(config, i) for i in self.layer_indices)
+        self.tied_on_stage = is_tied_on_stage(config, self.layer_indices)
+        self.param_spec, self.flat_size = build_param_spec(config, self.layer_indices)
+        self.flat_param: Optional[torch.Tensor] = None
+        self.n_blocks = sum(isinstance(l, TransformerBlock) for l in self.layers)
+        self._inv_freq: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def has_embedding(self) -> bool:
+        return self.layer_indices[0] == 0
+
+    @property
+    def has_head(self) -> bool:
+        return self.layer_indices[-1] == self.config.n_layers + 1
+
+    @property
+    def instantiated(self) -> bool:
+        return self.flat_param is not None
+
+    def layer(self, layer_index: int) -> nn.Module:
+        return self.layers[layer_index - self.layer_indices[0]]
+
+    def _owner(self, key: str):
+        """(module, attribute name) holding the parameter ``key``."""
+        idx, name = _split_key(key)
+        mod = self.layer(idx)
+        *path, attr = name.split(".")
+        for p in path:
+            mod = getattr(mod, p)
+        return mod, attr
+
+    def instantiate(self, init: bool = True) -> "ReaLModel":
+        """Allocate the flat buffer and make each parameter a view of it."""
+        flat = torch.empty(self.flat_size, dtype=self.dtype, device=self.device)
+        self.bind_flat_param(flat)
+        if init:
+            self.init_weights()
+        return self
+
+    def bind_flat_param(self, flat: torch.Tensor, spec: Optional[Dict[str, ParamSlot]] = None) -> None:
+        """Point all parameters at ``flat`` (also used to install a buffer filled elsewhere)."""
+        spec = spec or self.param_spec
+        if flat.numel() != self.flat_size:
+            raise ValueError(f"Flat buffer has {flat.numel()} elements, layout needs {self.flat_size}.")
+        params: Dict[ParamSlot, nn.Parameter] = {}
+        for key, slot in spec.items():
+            if slot not in params:
+                params[slot] = nn.Parameter(param_view(flat, slot))
+            mod, attr = self._owner(key)
+            mod._parameters[attr] = params[slot]
+        self.flat_param = flat
+        self._inv_freq = None
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: Optional[int] = None) -> None:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed if seed is not None else torch.initial_seed())
+        block_norm = norm_init_value(self.config.layer_norm_type)
+        for key in self.param_spec:
+            p = self.get_param(key)
+            name = key.split(".", 1)[1]
+            if name.endswith(("q_ln.weight", "k_ln.weight")):  # always plain RMS norms
+                p.fill_(1.0)
+            elif name.endswith(("ln.weight", "ln_f.weight")):
+                p.fill_(block_norm)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=gen)
+
+    def get_param(self, key: str) -> torch.Tensor:
+        mod, attr = self._owner(key)
+        return getattr(mod, attr)
+
+    # ------------------------------------------------------------- state dict
+    def state_dict(self, *args, **kwargs) -> Dict[str, torch.Tensor]:  # type: ignore[override]
+        """Global keys (``{layer}.{name}``) -> tensors (views of the flat buffer)."""
+        return {k: self.get_param(k).detach() for k in self.param_spec}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True):  # type: ignore[override]
+        """Copy into the existing views, so the flat buffer stays the storage."""
+        missing = [k for k in self.param_spec if k not in state_dict]
+        if self.tied_on_stage:
+            hk = head_key(self.config)
+            missing = [k for k in missing if k != hk and k != "0.wte.weight"]
+            if "0.wte.weight" not in state_dict and hk not in state_dict:
+                missing.append("0.wte.weight")
+        unexpected = [k for k in state_dict if k not in self.param_spec]
+        if strict and (missing or unexpected):
+            raise KeyError(f"State dict mismatch: missing {missing}, unexpected {unexpected}.")
+        for k, v in state_dict.items():
+            if k in self.param_spec:
+                self.get_param(k).copy_(v)
+        return missing, unexpected
+
+    # ---------------------------------------------------------------- forward
+    def _context(self, cu_seqlens: torch.Tensor, max_seqlen: int, kv_cache: Optional[KVCache]) -> PackedContext:
+        cu = cu_seqlens.to(device=self.device, dtype=torch.int64)
+        seqlens = cu[1:] - cu[:-1]
+        total = int(cu[-1])
+        seq_ids = torch.repeat_interleave(torch.arange(seqlens.shape[0], device=self.device), seqlens, output_size=total)
+        past = None
+        positions = torch.arange(total, device=self.device) - cu[seq_ids]
+        if kv_cache is not None:
+            if kv_cache.bs != seqlens.shape[0]:
+                raise ValueError(f"Batch size {seqlens.shape[0]} differs from the cache's {kv_cache.bs}.")
+            past = kv_cache.seqlens.to(self.device)
+            if kv_cache.k and bool((past + seqlens > kv_cache.capacity).any()):
+                raise ValueError(f"KV cache capacity {kv_cache.capacity} exceeded.")
+            positions = positions + past[seq_ids]
+        ctx = PackedContext(cu, int(max_seqlen), seqlens, positions, seq_ids, past=past)
+        cfg = self.config
+        if cfg.apply_rotary and self.n_blocks > 0:
+            if self._inv_freq is None:
+                self._inv_freq = rotary_inv_freq(
+                    cfg.head_dim, cfg.rotary_base, cfg.rotary_scaling, cfg.rotary_scaling_type, cfg.rotary_scaling_extra
+                ).to(self.device)
+            ctx.cos, ctx.sin = rotary_cos_sin(positions, self._inv_freq)
+        return ctx
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
+        kv_cache: Optional[KVCache] = None,
+        hidden_states: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Packed forward; see the module docstring and ``KVCache`` for the cache rule."""
+        if not self.instantiated:
+            raise RuntimeError("Call instantiate() (or load weights) before forward.")
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        ctx = self._context(cu_seqlens, max_seqlen, kv_cache)
+        if kv_cache is not None and len(kv_cache.k) != self.n_blocks:
+            raise ValueError(f"Cache has {len(kv_cache.k)} layers, this model has {self.n_blocks} blocks.")
+        x = hidden_states
+        block = 0
+        for layer in self.layers:
+            if isinstance(layer, EmbeddingLayer):
+                x = layer(input_ids.to(self.device), ctx)
+            elif isinstance(layer, TransformerBlock):
+                cache = None if kv_cache is None else (kv_cache.k[block], kv_cache.v[block])
+                x = layer(x, ctx, cache)
+                block += 1
+            else:
+                x = layer(x)
+                if self.config.is_critic:
+                    x = x.squeeze(-1)
+        if kv_cache is not None:
+            kv_cache.seqlens += ctx.seqlens.to(kv_cache.seqlens.device)
+        return x
+
+    def allocate_kv_cache(self, bs: int, capacity: int) -> KVCache:
+        return KVCache.allocate(self.config, bs, capacity, self.dtype, self.device, n_blocks=self.n_blocks)
+
+    # ---------------------------------------------------------------- helpers
+    def num_params(self) -> int:
+        return sum(s.numel for s in set(self.param_spec.values()))
+
+    @classmethod
+    def new_critic_head(cls, config: ReaLModelConfig, std: Optional[float] = None) -> torch.Tensor:
+        """Random [1, hidden] value head for a critic made from an actor."""
+        std = std if std is not None else 1.0 / math.sqrt(config.hidden_dim + 1)
+        return torch.randn(1, config.hidden_dim) * std
