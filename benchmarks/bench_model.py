@@ -102,7 +102,8 @@ def llama_config(hidden: int, layers: int, vocab: int, heads: int, kv_heads: int
     )
 
 
-def build_pair(cfg, load_llama: Callable[[str], torch.nn.Module], workdir: Path) -> Tuple[torch.nn.Module, torch.nn.Module]:
+def build_pair(cfg, load_llama: Callable[[str], torch.nn.Module],
+               workdir: Path) -> Tuple[torch.nn.Module, torch.nn.Module]:
     """A random HF Llama and a ReaLModel loaded from its checkpoint (same weights)."""
     from transformers import LlamaForCausalLM
 
@@ -323,8 +324,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     load_llama, generate = import_real_model()
     load_start = os.getloadavg()[0]
     if load_start > 0.5:
-        print(f"warning: 1-minute load average is {load_start:.1f}; other processes compete "
-              f"for the CPU and timings will be pessimistic and noisy\n")
+        print(f"warning: 1-minute load average is {load_start:.1f}; if other processes still compete "
+              f"for the CPU, timings will be pessimistic and noisy\n")
     peak = matmul_gflops(1024 if q else 2048)
     print(f"fp32 matmul: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)\n")
 
@@ -349,8 +350,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         for r in rows:
             r["of_peak"] = r["gflops"] / peak_end
         peak = peak_end
-    results = {"matmul_gflops": peak, "loadavg_1m": [load_start, os.getloadavg()[0]], "train_lengths": train_lengths,
-               "prompt_lengths": prompt_lengths, "new_tokens": new_tokens, "rows": rows}
+    results = {"matmul_gflops": peak, "loadavg_1m": [load_start, os.getloadavg()[0]],
+               "train_lengths": train_lengths, "prompt_lengths": prompt_lengths, "new_tokens": new_tokens, "rows": rows}
     print_table(rows, COLUMNS, title=(
         "training: fwd+bwd, tokens/s over real tokens; generation: greedy, generated tokens/s; "
         "check = max|logit diff| (train) / identical tokens (generate); "
