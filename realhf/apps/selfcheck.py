@@ -3,8 +3,9 @@
     python -m realhf.apps.selfcheck
 
 It checks that the native operators agree with their fallbacks, loads the
-embedded tokenizer and SFT data through the packed data loader, and trains a
-tiny causal LM on answer tokens for a few steps. It exits non-zero if any
+embedded tokenizer and SFT data through the packed data loader, trains a tiny
+ReaLModel on the packed batch (answer tokens only, no padding) for a few
+steps, and generates from packed prompts with the KV cache. It exits non-zero if any
 check fails, so it doubles as a smoke test of the install.
 """
 
@@ -61,8 +62,6 @@ def check_native_ops() -> List[Check]:
 
 
 def check_data_and_training(steps: int) -> List[Check]:
-    import transformers
-
     from realhf import assets
     from realhf.api.core import data_api
     from realhf.api.core.config import DatasetAbstraction
@@ -81,40 +80,50 @@ def check_data_and_training(steps: int) -> List[Check]:
     results.append(("packed data", n_tok == sum(lens) and batch.bs == 16,
                     f"{len(dataset)} SFT items, batch of {batch.bs} packed into {n_tok} tokens (no padding)"))
 
-    torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(
+    from realhf.api.core.model_api import GenerationHyperparameters
+    from realhf.api.from_hf.llama import LLAMA
+    from realhf.impl.model.nn.real_llm_api import ReaLModel
+    from realhf.impl.model.nn.real_llm_generate import generate
+    from realhf.impl.model.utils.functional import gather_packed_shifted_log_probs
+
+    config = LLAMA.config_from_hf(dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+        hidden_act="silu", tie_word_embeddings=False))
+    model = ReaLModel(config).instantiate()
+    model.init_weights(seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
-    # Unpack the packed batch into a padded one for the reference HF model.
-    ids = batch.data["packed_input_ids"].split(lens)
-    pmask = batch.data["prompt_mask"].split(lens)
-    L = max(lens)
-    input_ids = torch.full((batch.bs, L), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((batch.bs, L), -100, dtype=torch.long)
-    attn = torch.zeros((batch.bs, L), dtype=torch.long)
-    for i, (x, m) in enumerate(zip(ids, pmask)):
-        input_ids[i, : len(x)] = x
-        attn[i, : len(x)] = 1
-        labels[i, : len(x)] = torch.where(m, torch.full_like(x, -100), x)
-
+    ids = batch.data["packed_input_ids"]
+    cu = torch.nn.functional.pad(torch.tensor(lens).cumsum(0), (1, 0))
+    # Loss on answer tokens: token t+1 is predicted at t, within each sequence.
+    answer = torch.cat([~m[1:] for m in batch.data["prompt_mask"].split(lens)]).float()
     losses = []
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+        logits = model(ids, cu, max(lens))
+        logp = gather_packed_shifted_log_probs(logits, cu, ids)
+        loss = -(logp * answer).sum() / answer.sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     dt = time.perf_counter() - t0
-    fell = losses[-1] < 0.8 * losses[0]
-    results.append(("tiny LM training", fell,
-                    f"answer-token loss {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps ({dt:.1f} s)"))
+    one_buffer = all(p.untyped_storage().data_ptr() == model.flat_param.untyped_storage().data_ptr()
+                     for p in model.parameters())
+    results.append(("ReaLModel training", losses[-1] < 0.8 * losses[0] and one_buffer,
+                    f"packed answer-token loss {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps "
+                    f"({dt:.1f} s), {model.num_params()} params in one flat buffer"))
+
+    prompts = [ids[cu[i]: cu[i] + int(m.sum())] for i, m in enumerate(batch.data["prompt_mask"].split(lens))][:4]
+    p_cu = torch.nn.functional.pad(torch.tensor([len(p) for p in prompts]).cumsum(0), (1, 0))
+    with torch.no_grad():
+        out = generate(model, torch.cat(prompts), p_cu,
+                       GenerationHyperparameters(max_new_tokens=16, min_new_tokens=0, greedy=True),
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(out.sequences[0], skip_special_tokens=True)
+    results.append(("KV-cache generation", len(out.sequences) == 4,
+                    f"greedy, 4 packed prompts, lengths {out.gen_lengths.tolist()}; first: {text!r}"))
     return results
 
 

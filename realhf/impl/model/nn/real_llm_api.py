@@ -53,6 +53,23 @@ def _split_key(key: str):
 
 
 class ReaLModel(nn.Module):
+    """A decoder-only transformer whose parameters live in one flat buffer.
+
+    The model holds the layers of one pipeline stage (all layers by default;
+    ``layer_indices`` or ``(pp_size, pp_rank)`` select a stage, split evenly
+    by parameter count). Index 0 is the embedding, 1..n the blocks, n+1 the
+    head (vocab logits, or one value per token for a critic).
+
+    Construction only computes the layout (on the meta device);
+    :meth:`instantiate` allocates ``flat_param`` and makes every parameter a
+    view into it at ``param_spec[key]``. Because the whole stage is one
+    buffer, parameter reallocation moves intervals of it between layouts.
+
+    ``forward(input_ids, cu_seqlens, max_seqlen, kv_cache=None)`` takes packed
+    variable-length sequences (no padding); with a :class:`KVCache` the
+    tokens of row i are appended after the row's cached tokens.
+    """
+
     def __init__(
         self,
         config: ReaLModelConfig,
