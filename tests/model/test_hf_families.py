@@ -30,7 +30,8 @@ CASES = {
     "qwen2_untied": ("qwen2", "Qwen2Config", dict(TINY, num_key_value_heads=2, tie_word_embeddings=False)),
     "qwen3_qknorm": ("qwen3", "Qwen3Config", dict(TINY, num_key_value_heads=2, head_dim=16,
                                                  tie_word_embeddings=False)),
-    "gpt2": ("gpt2", "GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64,
+    # An odd vocabulary, like GPT-2's 50257 (it can never be split over tensor-parallel ranks).
+    "gpt2": ("gpt2", "GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=97, n_positions=64,
                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
     "gpt2_inv_layer_scale": ("gpt2", "GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=96,
                                                         n_positions=64, scale_attn_by_inverse_layer_idx=True)),
