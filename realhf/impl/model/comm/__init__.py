@@ -1,0 +1,1 @@
+"""Process-group creation for models placed on 3D meshes."""

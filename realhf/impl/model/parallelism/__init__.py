@@ -1,0 +1,1 @@
+"""Model parallelism: tensor (and sequence) parallel building blocks."""
