@@ -1,0 +1,2 @@
+"""Pipeline parallelism: instructions, static schedules and stage-to-stage
+communication."""
