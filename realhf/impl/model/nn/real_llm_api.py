@@ -19,19 +19,28 @@ at 0 per sequence and attention is causal within a sequence. With a
 attend to the row's cached tokens and themselves, and ``seqlens`` advances
 (rows may have length 0). Each stage keeps its own cache (one entry per block).
 
+Tensor parallelism (``tp_size > 1``, given or taken from the active model
+scope): the stage holds only its shard (see ``tp_partition``), the actor head
+returns this rank's vocabulary slice of the logits [total_tokens, vocab / tp]
+(all of them with ``gather_logits=True``), and ``load_state_dict`` accepts
+shards or unsplit tensors.
+
 Choose dtype and device at construction: ``module.to()``/``.half()`` would
 replace the views by standalone tensors and detach them from ``flat_param``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from realhf.api.core.model_api import ReaLModelConfig
+from realhf.base import constants
 from realhf.impl.model.modules.attention import PackedContext
 from realhf.impl.model.modules.norm import norm_init_value
 from realhf.impl.model.modules.rotary import rotary_cos_sin, rotary_inv_freq
@@ -45,11 +54,23 @@ from realhf.impl.model.nn.real_llm_base import (
     make_layer,
     partition_layers,
 )
+from realhf.impl.model.nn import tp_forward
+from realhf.impl.model.nn.tp_partition import cache_kv_heads, partition_tensor, shard_config
+from realhf.impl.model.parallelism.tensor_parallel.layers import kv_heads_partition
 
 
 def _split_key(key: str):
     idx, name = key.split(".", 1)
     return int(idx), name
+
+
+def _scope_tp() -> Tuple[int, int]:
+    """(size, rank) of the active model's tensor-parallel group; (1, 0) without a scope."""
+    try:
+        constants.model_name()
+        return constants.tensor_parallel_world_size(), constants.tensor_parallel_rank()
+    except RuntimeError:
+        return 1, 0
 
 
 class ReaLModel(nn.Module):
@@ -78,9 +99,22 @@ class ReaLModel(nn.Module):
         layer_indices: Optional[Sequence[int]] = None,
         pp_size: int = 1,
         pp_rank: int = 0,
+        tp_size: Optional[int] = None,
+        tp_rank: Optional[int] = None,
+        tp_group: Any = None,
     ):
         super().__init__()
         self.config = config
+        if tp_size is None:
+            tp_size, scope_rank = _scope_tp()
+            tp_rank = scope_rank if tp_rank is None else tp_rank
+        tp_rank = 0 if tp_rank is None else tp_rank
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank={tp_rank} out of range for tp_size={tp_size}.")
+        self.tp_size, self.tp_rank = tp_size, tp_rank
+        self._tp_group = tp_group
+        # Layer shapes: the whole model, or this rank's shard of it.
+        self.local_config = shard_config(config, tp_size)
         self.dtype = dtype
         self.device = torch.device(device)
         if layer_indices is None:
@@ -89,9 +123,9 @@ class ReaLModel(nn.Module):
         if self.layer_indices != list(range(self.layer_indices[0], self.layer_indices[-1] + 1)):
             raise ValueError(f"Layer indices of a stage must be contiguous, got {self.layer_indices}.")
         with torch.device("meta"):
-            self.layers = nn.ModuleList(make_layer(config, i) for i in self.layer_indices)
+            self.layers = nn.ModuleList(make_layer(self.local_config, i) for i in self.layer_indices)
         self.tied_on_stage = is_tied_on_stage(config, self.layer_indices)
-        self.param_spec, self.flat_size = build_param_spec(config, self.layer_indices)
+        self.param_spec, self.flat_size = build_param_spec(self.local_config, self.layer_indices)
         self.flat_param: Optional[torch.Tensor] = None
         self.n_blocks = sum(isinstance(l, TransformerBlock) for l in self.layers)
         self._inv_freq: Optional[torch.Tensor] = None
@@ -108,6 +142,30 @@ class ReaLModel(nn.Module):
     @property
     def instantiated(self) -> bool:
         return self.flat_param is not None
+
+    def tp_info(self) -> tp_forward.TPInfo:
+        """The tensor-parallel group: the one given, the active scope's, or the whole world."""
+        group = self._tp_group
+        if group is None:
+            try:
+                constants.model_name()
+                group = constants.tensor_parallel_group()
+            except RuntimeError:
+                if not (dist.is_initialized() and dist.get_world_size() == self.tp_size):
+                    raise RuntimeError(
+                        f"ReaLModel with tp_size={self.tp_size} needs tp_group=, an active model scope, "
+                        "or a default process group of that size."
+                    ) from None
+                group = dist.group.WORLD
+        if dist.get_world_size(group) != self.tp_size or dist.get_rank(group) != self.tp_rank:
+            raise RuntimeError(
+                f"Tensor-parallel group has size {dist.get_world_size(group)} and rank {dist.get_rank(group)}, "
+                f"model was built for size {self.tp_size} rank {self.tp_rank}."
+            )
+        _, replicated = kv_heads_partition(self.config.n_kv_heads, self.tp_size)
+        return tp_forward.TPInfo(
+            group, self.tp_size, self.tp_rank, self.config.n_q_heads, self.config.n_kv_heads, replicated
+        )
 
     def layer(self, layer_index: int) -> nn.Module:
         return self.layers[layer_index - self.layer_indices[0]]
@@ -171,7 +229,11 @@ class ReaLModel(nn.Module):
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True):  # type: ignore[override]
-        """Copy into the existing views, so the flat buffer stays the storage."""
+        """Copy into the existing views, so the flat buffer stays the storage.
+
+        With ``tp_size > 1`` each tensor may be this rank's shard or the
+        unsplit tensor, which is then partitioned.
+        """
         missing = [k for k in self.param_spec if k not in state_dict]
         if self.tied_on_stage:
             hk = head_key(self.config)
@@ -183,7 +245,10 @@ class ReaLModel(nn.Module):
             raise KeyError(f"State dict mismatch: missing {missing}, unexpected {unexpected}.")
         for k, v in state_dict.items():
             if k in self.param_spec:
-                self.get_param(k).copy_(v)
+                p = self.get_param(k)
+                if self.tp_size > 1 and tuple(v.shape) != tuple(p.shape):
+                    v = partition_tensor(k, v, self.config, self.tp_size, self.tp_rank)
+                p.copy_(v)
         return missing, unexpected
 
     # ---------------------------------------------------------------- forward
@@ -218,8 +283,13 @@ class ReaLModel(nn.Module):
         max_seqlen: Optional[int] = None,
         kv_cache: Optional[KVCache] = None,
         hidden_states: Optional[torch.Tensor] = None,
+        gather_logits: bool = False,
     ) -> torch.Tensor:
-        """Packed forward; see the module docstring and ``KVCache`` for the cache rule."""
+        """Packed forward; see the module docstring and ``KVCache`` for the cache rule.
+
+        ``gather_logits`` all-gathers a tensor-parallel actor's vocab-sharded
+        logits (no effect without tensor parallelism).
+        """
         if not self.instantiated:
             raise RuntimeError("Call instantiate() (or load weights) before forward.")
         if max_seqlen is None:
@@ -227,6 +297,8 @@ class ReaLModel(nn.Module):
         ctx = self._context(cu_seqlens, max_seqlen, kv_cache)
         if kv_cache is not None and len(kv_cache.k) != self.n_blocks:
             raise ValueError(f"Cache has {len(kv_cache.k)} layers, this model has {self.n_blocks} blocks.")
+        if self.tp_size > 1:
+            return self._tp_forward(input_ids, ctx, kv_cache, hidden_states, gather_logits)
         x = hidden_states
         block = 0
         for layer in self.layers:
@@ -244,8 +316,36 @@ class ReaLModel(nn.Module):
             kv_cache.seqlens += ctx.seqlens.to(kv_cache.seqlens.device)
         return x
 
+    def _tp_forward(
+        self,
+        input_ids: Optional[torch.Tensor],
+        ctx: PackedContext,
+        kv_cache: Optional[KVCache],
+        hidden_states: Optional[torch.Tensor],
+        gather_logits: bool,
+    ) -> torch.Tensor:
+        tp = self.tp_info()
+        x = hidden_states
+        block = 0
+        for layer in self.layers:
+            if isinstance(layer, EmbeddingLayer):
+                x = tp_forward.embedding_forward(layer, input_ids.to(self.device), ctx, tp)
+            elif isinstance(layer, TransformerBlock):
+                cache = None if kv_cache is None else (kv_cache.k[block], kv_cache.v[block])
+                x = tp_forward.block_forward(layer, x, ctx, tp, cache)
+                block += 1
+            else:
+                x = tp_forward.head_forward(layer, x, tp, self.config.is_critic, gather_logits)
+        if kv_cache is not None:
+            kv_cache.seqlens += ctx.seqlens.to(kv_cache.seqlens.device)
+        return x
+
     def allocate_kv_cache(self, bs: int, capacity: int) -> KVCache:
-        return KVCache.allocate(self.config, bs, capacity, self.dtype, self.device, n_blocks=self.n_blocks)
+        config = self.config
+        if self.tp_size > 1:
+            config = copy.copy(self.local_config)
+            config.n_kv_heads = cache_kv_heads(self.config, self.tp_size)
+        return KVCache.allocate(config, bs, capacity, self.dtype, self.device, n_blocks=self.n_blocks)
 
     # ---------------------------------------------------------------- helpers
     def num_params(self) -> int:
