@@ -102,7 +102,19 @@ def allreduce_sequence_parallel_grads(module: nn.Module, group: Any = None) -> N
             dist.all_reduce(p.grad, group=group)
 
 
-class ColumnParallelLinear(nn.Module):
+class _TensorParallelLinear(nn.Module):
+    """Shared set-up of the parallel linears: the group and this rank's place in it."""
+
+    def __init__(self, in_features: int, out_features: int, group: Any):
+        super().__init__()
+        self.group = mappings.resolve_group(group)
+        self.tp_size = mappings.group_size(self.group)
+        self.tp_rank = mappings.group_rank(self.group)
+        self.in_features = in_features
+        self.out_features = out_features
+
+
+class ColumnParallelLinear(_TensorParallelLinear):
     """``y = x A^T + b`` with ``A`` split along its output dimension.
 
     Each rank produces ``out_features / tp`` output features. With
@@ -122,12 +134,7 @@ class ColumnParallelLinear(nn.Module):
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
     ):
-        super().__init__()
-        self.group = mappings.resolve_group(group)
-        self.tp_size = mappings.group_size(self.group)
-        self.tp_rank = mappings.group_rank(self.group)
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, group)
         self.out_per_rank = divide(out_features, self.tp_size)
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel and self.tp_size > 1
@@ -167,7 +174,7 @@ class ColumnParallelLinear(nn.Module):
         )
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_TensorParallelLinear):
     """``y = x A^T + b`` with ``A`` split along its input dimension.
 
     Each rank computes a partial product from its input slice; the partial
@@ -187,12 +194,7 @@ class RowParallelLinear(nn.Module):
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
     ):
-        super().__init__()
-        self.group = mappings.resolve_group(group)
-        self.tp_size = mappings.group_size(self.group)
-        self.tp_rank = mappings.group_rank(self.group)
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, group)
         self.in_per_rank = divide(in_features, self.tp_size)
         self.input_is_parallel = input_is_parallel
         self.sequence_parallel = sequence_parallel and self.tp_size > 1
