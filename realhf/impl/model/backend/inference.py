@@ -35,7 +35,7 @@ def packed_inputs(sample: SequenceSample, key: str = INPUT_KEY) -> Tuple[torch.T
     return sample.data[key], cu, max(lens, default=0)
 
 
-def _item_rows(out: torch.Tensor, mb: SequenceSample, key: str) -> List[int]:
+def item_output_rows(out: torch.Tensor, mb: SequenceSample, key: str) -> List[int]:
     """Rows of ``out`` belonging to each item: per token, per shifted token, or one per item."""
     tok = [sum(s) for s in mb.seqlens[key]]
     nseq = [len(s) for s in mb.seqlens[key]]
@@ -75,7 +75,7 @@ def micro_batched_forward(
             out = post_hook(out, mb)
         outputs.append(out)
         if isinstance(out, torch.Tensor):
-            rows.append(_item_rows(out, mb, key))
+            rows.append(item_output_rows(out, mb, key))
     if not all(isinstance(o, torch.Tensor) for o in outputs):
         if all(isinstance(o, SequenceSample) for o in outputs):
             return concat_outputs_in_order(outputs, split.backward_indices)
