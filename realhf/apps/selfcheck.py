@@ -34,6 +34,7 @@ def _random_intervals(n: int, total: int, gen: torch.Generator) -> torch.Tensor:
 
 def check_native_ops() -> List[Check]:
     from realhf.impl import ops
+    from realhf.impl.model.utils.functional import cu_seqlens_from_lengths
 
     gen = torch.Generator().manual_seed(0)
     results: List[Check] = []
@@ -50,7 +51,7 @@ def check_native_ops() -> List[Check]:
     results.append(("slice/set_intervals", ok, f"backends {backends}, 2000 intervals over 1M fp32"))
 
     lens = torch.randint(1, 64, (256,), generator=gen)
-    cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0))
+    cu = cu_seqlens_from_lengths(lens)
     values = torch.randn(int(lens.sum()), generator=gen)
     rewards = torch.randn(int(lens.sum()) - lens.numel(), generator=gen)
     trunc = torch.rand(lens.numel(), generator=gen) < 0.5
@@ -84,7 +85,7 @@ def check_data_and_training(steps: int) -> List[Check]:
     from realhf.api.from_hf.llama import LLAMA
     from realhf.impl.model.nn.real_llm_api import ReaLModel
     from realhf.impl.model.nn.real_llm_generate import generate
-    from realhf.impl.model.utils.functional import gather_packed_shifted_log_probs
+    from realhf.impl.model.utils.functional import cu_seqlens_from_lengths, gather_packed_shifted_log_probs
 
     config = LLAMA.config_from_hf(dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -95,7 +96,7 @@ def check_data_and_training(steps: int) -> List[Check]:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     ids = batch.data["packed_input_ids"]
-    cu = torch.nn.functional.pad(torch.tensor(lens).cumsum(0), (1, 0))
+    cu = cu_seqlens_from_lengths(lens)
     # Loss on answer tokens: token t+1 is predicted at t, within each sequence.
     answer = torch.cat([~m[1:] for m in batch.data["prompt_mask"].split(lens)]).float()
     losses = []
@@ -116,7 +117,7 @@ def check_data_and_training(steps: int) -> List[Check]:
                     f"({dt:.1f} s), {model.num_params()} params in one flat buffer"))
 
     prompts = [ids[cu[i]: cu[i] + int(m.sum())] for i, m in enumerate(batch.data["prompt_mask"].split(lens))][:4]
-    p_cu = torch.nn.functional.pad(torch.tensor([len(p) for p in prompts]).cumsum(0), (1, 0))
+    p_cu = cu_seqlens_from_lengths([len(p) for p in prompts])
     with torch.no_grad():
         out = generate(model, torch.cat(prompts), p_cu,
                        GenerationHyperparameters(max_new_tokens=16, min_new_tokens=0, greedy=True),

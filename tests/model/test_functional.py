@@ -212,3 +212,12 @@ def test_masked_normalization_all_reduce_over_ranks(tmp_path):
     torch.testing.assert_close(got, F.masked_normalization(x, mask, all_reduce=False))
     local0 = torch.load(f"{out}.0")["local"]
     assert not torch.allclose(local0, got[:3])
+
+
+def test_cu_seqlens_from_lengths_inverts_seqlens_from_cu():
+    lens = [3, 0, 5, 1]
+    cu = F.cu_seqlens_from_lengths(lens)
+    assert cu.tolist() == [0, 3, 3, 8, 9] and cu.dtype == torch.int64
+    assert F.seqlens_from_cu(cu).tolist() == lens
+    assert F.cu_seqlens_from_lengths(torch.tensor(lens), dtype=torch.int32).dtype == torch.int32
+    assert F.cu_seqlens_from_lengths([]).tolist() == [0]

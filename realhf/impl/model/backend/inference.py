@@ -14,6 +14,7 @@ import torch
 from realhf.api.core.data_api import SequenceSample
 from realhf.api.core.model_api import FinetuneSpec, MicroBatchSpec, Model, ModelBackend, register_backend
 from realhf.impl.model.parallelism.micro_batch import concat_outputs_in_order, split_packed_batch
+from realhf.impl.model.utils.functional import cu_seqlens_from_lengths
 
 INPUT_KEY = "packed_input_ids"
 
@@ -29,10 +30,7 @@ def packed_inputs(sample: SequenceSample, key: str = INPUT_KEY) -> Tuple[torch.T
     if sample.data is None or sample.data.get(key) is None:
         raise ValueError(f"Sample has no data for key '{key}'.")
     lens = [n for item in sample.seqlens[key] for n in item]
-    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
-    if lens:
-        cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
-    return sample.data[key], cu, max(lens, default=0)
+    return sample.data[key], cu_seqlens_from_lengths(lens, dtype=torch.int32), max(lens, default=0)
 
 
 def item_output_rows(out: torch.Tensor, mb: SequenceSample, key: str) -> List[int]:

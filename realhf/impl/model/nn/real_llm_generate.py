@@ -23,6 +23,7 @@ from typing import Optional, Union
 import torch
 
 from realhf.api.core.model_api import GenerationHyperparameters
+from realhf.impl.model.utils.functional import cu_seqlens_from_lengths
 from realhf.impl.model.utils.logits_warper import LogitsWarper, mask_tokens
 
 
@@ -76,7 +77,7 @@ class GenerationOutput:
     @property
     def cu_gen_lengths(self) -> torch.Tensor:
         """Cumulative answer boundaries, int64 [bs + 1]."""
-        return torch.nn.functional.pad(torch.cumsum(self.gen_lengths, 0), (1, 0))
+        return cu_seqlens_from_lengths(self.gen_lengths)
 
     @property
     def sequences(self) -> list[torch.Tensor]:
@@ -134,7 +135,7 @@ class GenerationOutput:
         seqlens = torch.tensor([p + g for p, g in zip(prompt_lens, gen_lens)], dtype=torch.long)
         return PackedPPOInputs(
             packed_input_ids=torch.cat(ids),
-            cu_seqlens=torch.nn.functional.pad(torch.cumsum(seqlens, 0), (1, 0)).to(device),
+            cu_seqlens=cu_seqlens_from_lengths(seqlens).to(device),
             prompt_mask=torch.cat(pmask),
             packed_logprobs=torch.cat(lps),
             packed_logits_mask=torch.cat(lmasks) if answer_masks is not None else None,
@@ -161,10 +162,6 @@ def _model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.devi
     if p is None:
         return torch.float32, torch.device("cpu")
     return p.dtype, p.device
-
-
-def _cu_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.pad(torch.cumsum(lengths.long(), 0), (1, 0))
 
 
 @torch.no_grad()
@@ -260,10 +257,10 @@ def generate(
         feed_lengths = torch.zeros(bs, dtype=torch.long, device=device)
         feed_lengths[active[still]] = 1
         active = active[still]
-        out = model(next_tok[still], _cu_from_lengths(feed_lengths), 1, kv_cache=cache)
+        out = model(next_tok[still], cu_seqlens_from_lengths(feed_lengths), 1, kv_cache=cache)
         last_logits = out.float()
 
-    cu_gen = _cu_from_lengths(gen_lengths)
+    cu_gen = cu_seqlens_from_lengths(gen_lengths)
     valid = torch.arange(max_new, device=device)[None, :] < gen_lengths[:, None]
     logits_mask = None
     if record_mask:

@@ -5,7 +5,7 @@ Sequences are concatenated along the first dimension and delimited by
 ``x[cu_seqlens[i]:cu_seqlens[i + 1]]``.
 """
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,13 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
 def seqlens_from_cu(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Per-sequence lengths (int64 [bs]) from cumulative boundaries."""
     return (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+
+
+def cu_seqlens_from_lengths(lengths: Union[torch.Tensor, Sequence[int]],
+                            dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Cumulative boundaries [bs + 1] (starting at 0) of sequences of the given lengths."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    return torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(dtype)
 
 
 def packed_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
