@@ -266,10 +266,19 @@ def shuffle_and_shard(records: Sequence[Any], seed: int, dp_rank: int, world_siz
     return [records[i] for i in mine]
 
 
+def load_rank_shard(dataset_path: str | None, dataset_builder: Callable[[], Sequence[dict]] | None,
+                    required: dict[str, FieldType], seed: int, dp_rank: int, world_size: int,
+                    check: RecordCheck | None = None) -> tuple[list[dict], str]:
+    """Validated records of one data-parallel rank, and the name of their source."""
+    records, source = load_records(dataset_path, dataset_builder, required, check)
+    return shuffle_and_shard(records, seed, dp_rank, world_size), source
+
+
 __all__ = [
     "DatasetFormatError",
     "FieldError",
     "load_json_records",
+    "load_rank_shard",
     "load_records",
     "shuffle_and_shard",
     "validate_records",

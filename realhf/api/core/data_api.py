@@ -30,7 +30,7 @@ import torch
 
 from realhf.api.core.config import DataLoaderAbstraction, DatasetAbstraction
 from realhf.base import datapack
-from realhf.base.json_records import load_records, shuffle_and_shard
+from realhf.base.json_records import load_rank_shard
 from realhf.base.namedarray import NamedArray
 from realhf.base.registry import Registry
 
@@ -582,8 +582,9 @@ def load_shuffle_split_dataset(util: DatasetUtility, dataset_path: Optional[str]
     line and field named. Every rank gets the same number of records (the
     remainder is dropped) so that data-parallel ranks run equal steps.
     """
-    records, _ = load_records(dataset_path, dataset_builder, required or {})
-    return shuffle_and_shard(records, util.seed, util.dp_rank, util.world_size)
+    records, _ = load_rank_shard(dataset_path, dataset_builder, required or {},
+                                 util.seed, util.dp_rank, util.world_size)
+    return records
 
 
 # --------------------------------------------------------------------------- #

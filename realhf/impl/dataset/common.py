@@ -1,18 +1,11 @@
-"""Loading, sharding, tokenization and reporting shared by the built-in datasets."""
+"""Tokenization and reporting shared by the built-in datasets."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from realhf.base.json_records import DatasetFormatError, RecordCheck, load_records, shuffle_and_shard
-
-
-def load_rank_records(util: Any, dataset_path: str | None, dataset_builder: Callable[[], Sequence[dict]] | None,
-                      required: dict, check: RecordCheck | None = None) -> tuple[list[dict], str]:
-    """Validated records of this data-parallel rank, and the name of their source."""
-    records, source = load_records(dataset_path, dataset_builder, required, check)
-    return shuffle_and_shard(records, util.seed, util.dp_rank, util.world_size), source
+from realhf.base.json_records import DatasetFormatError
 
 
 def report_dropped(logger: logging.Logger, source: str, n_dropped: int, n_records: int, n_kept: int,

@@ -13,7 +13,8 @@ import torch
 
 from realhf.api.core import data_api
 from realhf.base import logging
-from realhf.impl.dataset.common import encode_texts, load_rank_records, report_dropped
+from realhf.base.json_records import load_rank_shard
+from realhf.impl.dataset.common import encode_texts, report_dropped
 
 logger = logging.getLogger("PromptAnswerDataset")
 
@@ -40,7 +41,8 @@ class PromptAnswerDataset(torch.utils.data.Dataset):
     ) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
-        records, source = load_rank_records(util, dataset_path, dataset_builder, REQUIRED_FIELDS)
+        records, source = load_rank_shard(dataset_path, dataset_builder, REQUIRED_FIELDS,
+                                          util.seed, util.dp_rank, util.world_size)
         tok = util.tokenizer
 
         prompt_ids = encode_texts(tok, [r["prompt"] for r in records], append_eos=False)

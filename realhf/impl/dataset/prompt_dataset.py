@@ -13,7 +13,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from realhf.api.core import data_api
-from realhf.impl.dataset.common import encode_texts, load_rank_records
+from realhf.base.json_records import load_rank_shard
+from realhf.impl.dataset.common import encode_texts
 
 REQUIRED_FIELDS = {"prompt": str}
 
@@ -41,7 +42,8 @@ class PromptDataset(torch.utils.data.Dataset):
     ) -> None:
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
-        records, source = load_rank_records(util, dataset_path, dataset_builder, REQUIRED_FIELDS)
+        records, source = load_rank_shard(dataset_path, dataset_builder, REQUIRED_FIELDS,
+                                          util.seed, util.dp_rank, util.world_size)
         tok = util.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 

@@ -15,8 +15,8 @@ import torch
 
 from realhf.api.core import data_api
 from realhf.base import logging
-from realhf.base.json_records import FieldError
-from realhf.impl.dataset.common import encode_texts, load_rank_records, report_dropped
+from realhf.base.json_records import FieldError, load_rank_shard
+from realhf.impl.dataset.common import encode_texts, report_dropped
 
 logger = logging.getLogger("RewardModelingPairedDataset")
 
@@ -60,7 +60,8 @@ class RewardModelingPairedDataset(torch.utils.data.Dataset):
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         if max_pairs_per_prompt < 1:
             raise ValueError(f"max_pairs_per_prompt must be positive, got {max_pairs_per_prompt}")
-        records, source = load_rank_records(util, dataset_path, dataset_builder, REQUIRED_FIELDS, check_pairs)
+        records, source = load_rank_shard(dataset_path, dataset_builder, REQUIRED_FIELDS,
+                                          util.seed, util.dp_rank, util.world_size, check=check_pairs)
         tok = util.tokenizer
 
         prompt_ids = encode_texts(tok, [r["prompt"] for r in records], append_eos=False)
