@@ -140,3 +140,42 @@ def concat_outputs_in_order(
         raise ValueError(f"Outputs have {cat.shape[0]} rows but the item lengths sum to {sum(fwd_lens)}.")
     chunks = torch.split(cat, fwd_lens, dim=0)
     return torch.cat([chunks[j] for j in backward_indices], dim=0)
+
+
+def item_output_rows(out: torch.Tensor, mb: SequenceSample, key: str) -> List[int]:
+    """Rows of ``out`` belonging to each item: per token, per shifted token, or one per item."""
+    tok = [sum(s) for s in mb.seqlens[key]]
+    nseq = [len(s) for s in mb.seqlens[key]]
+    if out.shape[0] == sum(tok):
+        return tok
+    if out.shape[0] == sum(tok) - sum(nseq):
+        return [t - n for t, n in zip(tok, nseq)]
+    if out.shape[0] == mb.bs:
+        return [1] * mb.bs
+    raise ValueError(
+        f"Cannot attribute {out.shape[0]} output rows to the {mb.bs} items of a micro-batch "
+        f"({sum(tok)} tokens); return one row per token, per shifted token, or per item."
+    )
+
+
+def assemble_outputs(outputs: List[object], split: MicroBatchSplit, sample: SequenceSample, key: str) -> object:
+    """Per-micro-batch outputs of ``split`` put back into ``sample``'s item order.
+
+    Tensor outputs are concatenated along dim 0 in the original item order
+    (any other output type is returned as a per-micro-batch list when the
+    split kept the order, which counting splits always do).
+    """
+    in_order = split.forward_indices == list(range(sample.bs))
+    if not all(isinstance(o, torch.Tensor) for o in outputs):
+        if all(isinstance(o, SequenceSample) for o in outputs):
+            return concat_outputs_in_order(outputs, split.backward_indices)
+        if not in_order:
+            raise ValueError("Non-tensor post_hook outputs cannot be reordered; use n_mbs without a token budget.")
+        return outputs
+    if in_order:
+        return torch.cat(outputs, dim=0)
+    rows = [n for o, mb in zip(outputs, split.micro_batches) for n in item_output_rows(o, mb, key)]
+    per_item = [0] * sample.bs
+    for j, i in enumerate(split.forward_indices):
+        per_item[i] = rows[j]
+    return concat_outputs_in_order(outputs, split.backward_indices, item_lengths=per_item)

@@ -28,13 +28,9 @@ import torch.distributed as dist
 
 from realhf.api.core.data_api import SequenceSample
 from realhf.api.core.model_api import MicroBatchSpec
-from realhf.impl.model.backend.inference import INPUT_KEY, PostHook, item_output_rows, packed_inputs
+from realhf.impl.model.backend.inference import INPUT_KEY, PostHook, packed_inputs
 from realhf.impl.model.backend.train_engine import LossFn, WeightFn, token_weight
-from realhf.impl.model.parallelism.micro_batch import (
-    MicroBatchSplit,
-    concat_outputs_in_order,
-    split_packed_batch,
-)
+from realhf.impl.model.parallelism.micro_batch import MicroBatchSplit, assemble_outputs, split_packed_batch
 from realhf.impl.model.parallelism.pipeline_parallel import p2p
 from realhf.impl.model.parallelism.pipeline_parallel.instruction import (
     BackwardPass,
@@ -251,28 +247,9 @@ class PipelineRunner:
             self._run_schedule(InferenceSchedule(n_mbs, self.n_stages, self.stage_id))
             if not self.is_last_stage:
                 return None
-            return self._assemble([self._results[i] for i in range(n_mbs)], sample)
+            return assemble_outputs([self._results[i] for i in range(n_mbs)], self._split, sample, self.key)
         finally:
             self._reset()
-
-    def _assemble(self, outputs: List[Any], sample: SequenceSample) -> Any:
-        split = self._split
-        in_order = split.forward_indices == list(range(sample.bs))
-        if not all(isinstance(o, torch.Tensor) for o in outputs):
-            if all(isinstance(o, SequenceSample) for o in outputs):
-                return concat_outputs_in_order(outputs, split.backward_indices)
-            if not in_order:
-                raise ValueError(
-                    "Non-tensor post_hook outputs cannot be reordered; use n_mbs without a token budget."
-                )
-            return outputs
-        if in_order:
-            return torch.cat(outputs, dim=0)
-        rows = [n for o, mb in zip(outputs, split.micro_batches) for n in item_output_rows(o, mb, self.key)]
-        per_item = [0] * sample.bs
-        for j, i in enumerate(split.forward_indices):
-            per_item[i] = rows[j]
-        return concat_outputs_in_order(outputs, split.backward_indices, item_lengths=per_item)
 
     def train_batch(
         self,
