@@ -144,3 +144,27 @@ def write_json(name: str, results: Any, *, extra: Optional[Dict[str, Any]] = Non
 
 def gbps(nbytes: float, seconds: float) -> float:
     return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------- #
+# Workloads shared by the model benchmarks
+# --------------------------------------------------------------------------- #
+def llama_config(hidden: int, layers: int, vocab: int, heads: int, kv_heads: int, max_positions: int):
+    """A transformers ``LlamaConfig`` with a SwiGLU width of ~8/3 hidden (rounded to 64)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64 or 64,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def random_lengths(n: int, lo: int, hi: int, seed: int) -> List[int]:
+    """``n`` sequence lengths uniform in ``[lo, hi]``, reproducible by seed."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+

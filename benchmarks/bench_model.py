@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import print_table, timeit, write_json  # noqa: E402
+from _common import llama_config, print_table, random_lengths, timeit, write_json  # noqa: E402
 
 MODEL_MODULE = "realhf.impl.model.nn.real_llm_api"
 GENERATE_MODULE = "realhf.impl.model.nn.real_llm_generate"
@@ -90,18 +90,6 @@ def import_real_model() -> Tuple[Callable[[str], torch.nn.Module], Any]:
 # ---------------------------------------------------------------------------
 
 
-def llama_config(hidden: int, layers: int, vocab: int, heads: int, kv_heads: int,
-                 max_positions: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64 or 64,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-
-
 def build_pair(cfg, load_llama: Callable[[str], torch.nn.Module],
                workdir: Path) -> Tuple[torch.nn.Module, torch.nn.Module]:
     """A random HF Llama and a ReaLModel loaded from its checkpoint (same weights)."""
@@ -122,11 +110,6 @@ def matmul_params(model: torch.nn.Module) -> int:
     """Parameters that take part in matmuls: everything except the input embedding."""
     emb = model.get_input_embeddings().weight
     return sum(p.numel() for p in model.parameters() if p is not emb)
-
-
-def random_lengths(n: int, lo: int, hi: int, seed: int) -> List[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(lo, hi + 1, (n,), generator=g).tolist()
 
 
 def make_batch(lengths: List[int], vocab: int, seed: int) -> Dict[str, torch.Tensor]:

@@ -53,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import print_table, write_json  # noqa: E402
+from _common import llama_config, print_table, random_lengths, write_json  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Model, data, loss
@@ -62,19 +62,11 @@ from _common import print_table, write_json  # noqa: E402
 
 def real_config(hidden: int, layers: int, vocab: int, heads: int, kv_heads: int,
                 max_positions: int):
-    """A ReaLModelConfig converted from a transformers ``LlamaConfig``."""
-    from transformers import LlamaConfig
-
+    """A ReaLModelConfig converted from the shared benchmark ``LlamaConfig``."""
     import realhf.impl.model  # noqa: F401  (registers the HF families)
     from realhf.api.core.model_api import get_hf_family
 
-    hf = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden,
-        intermediate_size=hidden * 8 // 3 // 64 * 64 or 64,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
+    hf = llama_config(hidden, layers, vocab, heads, kv_heads, max_positions)
     return get_hf_family("llama").config_from_hf_converter(hf)
 
 
@@ -85,11 +77,6 @@ def full_model(cfg):
     model = ReaLModel(cfg, dtype=torch.float32, tp_size=1, tp_rank=0).instantiate()
     model.init_weights(std=0.02, seed=0)
     return model
-
-
-def random_lengths(n: int, lo: int, hi: int, seed: int) -> List[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(lo, hi + 1, (n,), generator=g).tolist()
 
 
 def global_tokens(lengths: List[int], vocab: int, seed: int = 1) -> torch.Tensor:
