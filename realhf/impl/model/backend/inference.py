@@ -1,18 +1,26 @@
-"""Inference-only engine: micro-batched, gradient-free forward of a ReaLModel.
+"""Inference-only engine: micro-batched, gradient-free forward and generation.
 
 Micro-batching bounds activation memory; outputs are put back into the input
-item order so callers never see how the batch was split.
+item order so callers never see how the batch was split. With pipeline
+parallelism the same calls run the pipeline schedules.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 
 from realhf.api.core.data_api import SequenceSample
-from realhf.api.core.model_api import FinetuneSpec, MicroBatchSpec, Model, ModelBackend, register_backend
+from realhf.api.core.model_api import (
+    FinetuneSpec,
+    GenerationHyperparameters,
+    MicroBatchSpec,
+    Model,
+    ModelBackend,
+    register_backend,
+)
 from realhf.impl.model.parallelism.micro_batch import assemble_outputs, split_packed_batch
 from realhf.impl.model.utils.functional import cu_seqlens_from_lengths
 
@@ -56,19 +64,60 @@ def micro_batched_forward(
     return assemble_outputs(outputs, split, sample, key)
 
 
-class InferenceModule:
-    """What an inference backend puts in ``Model.module``: the network plus a
-    micro-batched ``forward``."""
+class EngineModule:
+    """What a backend puts in ``Model.module``: the network plus micro-batched,
+    possibly pipelined, ``forward`` and ``generate``.
 
-    def __init__(self, module: torch.nn.Module):
+    With pipeline parallelism (from the model scope active at construction)
+    calls run the pipeline schedules; every stage calls the same method with
+    the same sample and only the last stage returns outputs (others ``None``).
+    """
+
+    def __init__(self, module: torch.nn.Module, dp_group: Any = None):
+        from realhf.impl.model.backend.parallel_context import ParallelContext
+
         self.module = module
+        self.par = ParallelContext.resolve(module, dp_group)
+        self.runner = None
+        if self.par.pp_size > 1:
+            from realhf.impl.model.parallelism.pipeline_parallel.runner import PipelineRunner
+
+            self.runner = PipelineRunner(module, self.par.pp_group, self.par.pp_ranks, self.par.stage_id,
+                                         self.par.pp_size)
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.par.is_last_stage
 
     def forward(self, sample: SequenceSample, mb_spec: Optional[MicroBatchSpec] = None,
                 post_hook: Optional[PostHook] = None) -> Any:
+        """Outputs (or ``post_hook(output, mb)`` results) in the input item order."""
         self.module.eval()
+        if self.runner is not None:
+            return self.runner.forward(sample, mb_spec, post_hook)
         return micro_batched_forward(self.module, sample, mb_spec or MicroBatchSpec(), post_hook)
 
     __call__ = forward
+
+    @torch.no_grad()
+    def generate(self, sample: SequenceSample, mb_spec: Optional[MicroBatchSpec],
+                 gconfig: GenerationHyperparameters, eos_token_id: Optional[Union[int, List[int]]],
+                 generator: Optional[torch.Generator] = None):
+        """Generate an answer per prompt item; a :class:`GenerationOutput` in input order."""
+        from realhf.impl.model.nn.real_llm_generate import concat_generation_outputs, generate
+
+        self.module.eval()
+        if self.runner is not None:
+            return self.runner.generate(sample, mb_spec, gconfig, eos_token_id, generator)
+        split = split_packed_batch(sample, mb_spec or MicroBatchSpec(), key=INPUT_KEY)
+        outs = []
+        for mb in split.micro_batches:
+            ids, cu, _ = packed_inputs(mb)
+            outs.append(generate(self.module, ids, cu, gconfig, eos_token_id, generator=generator))
+        return concat_generation_outputs(outs, split.backward_indices)
+
+
+InferenceModule = EngineModule
 
 
 @dataclasses.dataclass

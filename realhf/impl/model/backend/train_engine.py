@@ -16,9 +16,10 @@ import torch.distributed as dist
 
 from realhf.api.core.data_api import SequenceSample
 from realhf.api.core.model_api import FinetuneSpec, MicroBatchSpec, Model, ModelBackend, register_backend
-from realhf.impl.model.backend.inference import INPUT_KEY, PostHook, micro_batched_forward, packed_inputs
+from realhf.impl.model.backend.grad_sync import GradNormRanges, global_grad_norm, sync_tied_embedding_grads
+from realhf.impl.model.backend.inference import INPUT_KEY, EngineModule, PostHook, packed_inputs
 from realhf.impl.model.backend.optim import FlatAdamW, OptimizerConfig, make_lr_lambda
-from realhf.impl.model.parallelism.micro_batch import split_packed_batch
+from realhf.impl.model.parallelism.micro_batch import MicroBatchSplit, split_packed_batch
 
 LossFn = Callable[[torch.Tensor, SequenceSample], Tuple[torch.Tensor, Dict[str, Any]]]
 WeightFn = Callable[[SequenceSample], float]
@@ -35,18 +36,6 @@ def item_weight(mb: SequenceSample) -> float:
     return float(mb.bs)
 
 
-def _resolve_dp_group(group: Any) -> Any:
-    """Explicit group, else the current model's dp group, else the world (None if not distributed)."""
-    if group is not None or not dist.is_initialized():
-        return group
-    try:
-        from realhf.base import constants
-
-        return constants.data_parallel_group()
-    except Exception:
-        return dist.group.WORLD
-
-
 def _decay_mask(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """1 where weight decay applies (matrices), 0 for 1-D tensors (norms, biases)."""
     mask = torch.ones(model.flat_size, dtype=dtype, device=model.flat_param.device)
@@ -56,11 +45,12 @@ def _decay_mask(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return mask
 
 
-class TrainModule:
+class TrainModule(EngineModule):
     """What the training backend puts in ``Model.module``.
 
     Holds the network, the flat grad buffer, the fp32 master weights (only
     when the model is not fp32) and the (possibly sharded) AdamW states.
+    Forward and generation come from :class:`EngineModule`.
     """
 
     def __init__(
@@ -75,12 +65,12 @@ class TrainModule:
     ):
         if getattr(module, "flat_param", None) is None:
             raise TypeError("TrainModule needs an instantiated model with a flat parameter buffer.")
-        self.module = module
+        super().__init__(module, group)
         self.cfg = optimizer
-        self.group = _resolve_dp_group(group)
+        self.group = self.par.dp_group
         self.distributed = dist.is_initialized() and self.group is not None
-        self.dp_size = dist.get_world_size(self.group) if self.distributed else 1
-        self.dp_rank = dist.get_rank(self.group) if self.distributed else 0
+        self.dp_size = self.par.dp_size
+        self.dp_rank = self.par.dp_rank
         self.zero = use_zero_optimization and self.dp_size > 1
         self.gradient_clipping = gradient_clipping
         self.bucket_size = int(bucket_size)
@@ -114,6 +104,7 @@ class TrainModule:
         self.master = master if flat.dtype == torch.float32 else master.float().clone()
         mask = _decay_mask(module, torch.float32)[self.lo:self.hi]
         self.optim = FlatAdamW(self.master, optimizer, decay_mask=mask)
+        self.norm_ranges = GradNormRanges(module, self.par)
 
     # ------------------------------------------------------------------ utils
     @property
@@ -157,27 +148,69 @@ class TrainModule:
             flat.copy_(torch.cat(parts)[: self.numel])
 
     # -------------------------------------------------------------- interface
-    def forward(self, sample: SequenceSample, mb_spec: Optional[MicroBatchSpec] = None,
-                post_hook: Optional[PostHook] = None) -> Any:
-        self.module.eval()
-        return micro_batched_forward(self.module, sample, mb_spec or MicroBatchSpec(), post_hook)
+    def _weighted_split(self, sample: SequenceSample, mb_spec: Optional[MicroBatchSpec],
+                        loss_weight_fn: WeightFn) -> Tuple[MicroBatchSplit, List[float], float]:
+        """Micro-batches, their loss weights, and the weight summed over dp."""
+        split = split_packed_batch(sample, mb_spec or MicroBatchSpec(), key=INPUT_KEY)
+        weights = [float(loss_weight_fn(mb)) for mb in split.micro_batches]
+        total_w = float(self._all_reduce(torch.tensor(sum(weights), dtype=torch.float64)))
+        if total_w <= 0:
+            raise ValueError(f"Micro-batch loss weights must sum to a positive value, got {total_w}.")
+        return split, weights, total_w
 
-    __call__ = forward
+    def _finish_stats(self, sums: Dict[str, float], total_w: float) -> Dict[str, float]:
+        """Weighted sums of this rank -> weighted means over the global batch."""
+        keys = list(sums)
+        agg = self._all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+        return {k: float(agg[i]) / total_w for i, k in enumerate(keys)}
 
     @torch.no_grad()
     def eval_batch(self, sample: SequenceSample, mb_spec: Optional[MicroBatchSpec], loss_fn: LossFn,
                    loss_weight_fn: WeightFn = token_weight) -> Dict[str, float]:
-        """Weighted loss over the batch (averaged over dp) without touching weights."""
+        """Weighted loss over the global batch (every rank gets it) without touching weights."""
         self.module.eval()
-        split = split_packed_batch(sample, mb_spec or MicroBatchSpec())
-        tot = torch.zeros(2, dtype=torch.float64)
-        for mb in split.micro_batches:
+        split, weights, total_w = self._weighted_split(sample, mb_spec, loss_weight_fn)
+        if self.runner is not None:
+            losses = self.runner.forward(sample, mb_spec, post_hook=lambda out, mb: loss_fn(out, mb)[0],
+                                         split=split, assemble=False)
+            local = torch.zeros(1, dtype=torch.float64)
+            if self.is_last_stage:
+                local[0] = sum(float(l) * w for l, w in zip(losses, weights))
+            self.par.broadcast_from_last_stage(local)
+            return self._finish_stats({"loss": float(local[0])}, total_w)
+        loss_sum = 0.0
+        for mb, w in zip(split.micro_batches, weights):
             ids, cu, max_seqlen = packed_inputs(mb)
             loss, _ = loss_fn(self.module(ids, cu, max_seqlen), mb)
-            w = float(loss_weight_fn(mb))
-            tot += torch.tensor([float(loss) * w, w], dtype=torch.float64)
-        self._all_reduce(tot)
-        return {"loss": float(tot[0] / tot[1])}
+            loss_sum += float(loss) * w
+        return self._finish_stats({"loss": loss_sum}, total_w)
+
+    def _forward_backward(self, sample: SequenceSample, mb_spec: Optional[MicroBatchSpec], split: MicroBatchSplit,
+                          weights: List[float], total_w: float, loss_fn: LossFn) -> Dict[str, float]:
+        """Accumulate gradients of the weighted losses; weighted stat sums of this rank."""
+        # Gradients are averaged over dp afterwards, hence the dp_size factor.
+        scale = self.dp_size / total_w
+        if self.runner is not None:
+            return self.runner.run_train_schedule(sample, split, loss_fn, weights, scale)
+        sums: Dict[str, float] = {"loss": 0.0}
+        for mb, w in zip(split.micro_batches, weights):
+            ids, cu, max_seqlen = packed_inputs(mb)
+            loss, stats = loss_fn(self.module(ids, cu, max_seqlen), mb)
+            (loss * (w * scale)).backward()
+            self._collect_stray_grads()
+            sums["loss"] += float(loss.detach()) * w
+            for k, v in (stats or {}).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * w
+        return sums
+
+    def _reduce_grads(self) -> None:
+        """Complete this rank's flat gradient: SP partial sums, tied copies, dp average."""
+        self._collect_stray_grads()
+        reduce_sp = getattr(self.module, "reduce_sequence_parallel_grads", None)
+        if callable(reduce_sp):
+            reduce_sp()
+        sync_tied_embedding_grads(self.module, self.par)
+        self._all_reduce_grads()
 
     def train_batch(
         self,
@@ -192,31 +225,15 @@ class TrainModule:
         micro-batch losses are weighted by ``loss_weight_fn(mb)`` divided by the
         weight summed over all micro-batches of all dp ranks, so the step is
         the one a single process would take on the concatenated global batch.
+        Every rank (all stages) returns the same stats.
         """
         self.module.train()
-        split = split_packed_batch(sample, mb_spec or MicroBatchSpec())
-        mbs = split.micro_batches
-        weights = [float(loss_weight_fn(mb)) for mb in mbs]
-        total_w = float(self._all_reduce(torch.tensor(sum(weights), dtype=torch.float64)))
-        if total_w <= 0:
-            raise ValueError(f"Micro-batch loss weights must sum to a positive value, got {total_w}.")
-
+        split, weights, total_w = self._weighted_split(sample, mb_spec, loss_weight_fn)
         self.zero_grad()
-        loss_sum = 0.0
-        extra: Dict[str, float] = {}
-        for mb, w in zip(mbs, weights):
-            ids, cu, max_seqlen = packed_inputs(mb)
-            logits = self.module(ids, cu, max_seqlen)
-            loss, stats = loss_fn(logits, mb)
-            # Gradients are averaged over dp later, hence the dp_size factor.
-            (loss * (w * self.dp_size / total_w)).backward()
-            self._collect_stray_grads()
-            loss_sum += float(loss.detach()) * w
-            for k, v in (stats or {}).items():
-                extra[k] = extra.get(k, 0.0) + float(v) * w
-        self._all_reduce_grads()
+        sums = self._forward_backward(sample, mb_spec, split, weights, total_w, loss_fn)
+        self._reduce_grads()
 
-        grad_norm = float(self.flat_grad.float().norm())
+        grad_norm = global_grad_norm(self.flat_grad, self.norm_ranges, self.par)
         if self.gradient_clipping and self.gradient_clipping > 0 and grad_norm > self.gradient_clipping:
             self.flat_grad.mul_(self.gradient_clipping / (grad_norm + 1e-6))
 
@@ -230,11 +247,8 @@ class TrainModule:
                 flat.copy_(self.master)
         self.step_count += 1
 
-        agg = torch.tensor([loss_sum] + list(extra.values()), dtype=torch.float64)
-        self._all_reduce(agg)
-        out = {"loss": float(agg[0]) / total_w, "grad_norm": grad_norm, "lr": lr}
-        for i, k in enumerate(extra):
-            out[k] = float(agg[i + 1]) / total_w
+        out = self._finish_stats(sums, total_w)
+        out.update(grad_norm=grad_norm, lr=lr)
         return out
 
     # ---------------------------------------------------------------- states

@@ -18,7 +18,7 @@ those of the raw (EOS-masked) softmax.
 """
 
 import dataclasses
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -164,6 +164,201 @@ def _model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.devi
     return p.dtype, p.device
 
 
+def eos_id_list(eos_token_id: Optional[Union[int, list[int]]], vocab_size: Optional[int]) -> list[int]:
+    """``eos_token_id`` as a list, checked against the vocabulary."""
+    eos_ids = [] if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    if vocab_size is not None and any(not 0 <= e < vocab_size for e in eos_ids):
+        raise ValueError(f"eos_token_id {eos_ids} outside the vocabulary of size {vocab_size}.")
+    return eos_ids
+
+
+def check_prompts(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Prompt lengths of ``cu_seqlens``; every prompt must be non-empty."""
+    prompt_lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    if int(prompt_lens.numel()) == 0:
+        raise ValueError("generate() needs at least one prompt.")
+    if bool((prompt_lens <= 0).any()):
+        raise ValueError("Every prompt must contain at least one token.")
+    return prompt_lens
+
+
+TokenSync = Callable[[torch.Tensor], torch.Tensor]
+
+
+class DecodeState:
+    """Sampling state of one batch of rows, independent of how logits are computed.
+
+    The caller computes the logits of the last position of every active row,
+    in row order, and passes them to :meth:`step`, which samples one token
+    per active row and says what to feed next. Keeping this apart from the
+    forward pass lets a single process and a pipeline (where only the last
+    stage sees logits) share one sampler.
+
+    :param sync_tokens: called on the sampled tokens before they are used;
+        tensor-parallel ranks pass a broadcast so all ranks keep the same rows.
+    """
+
+    def __init__(
+        self,
+        bs: int,
+        gconfig: GenerationHyperparameters,
+        eos_ids: list[int],
+        device: torch.device,
+        generator: Optional[torch.Generator] = None,
+        sync_tokens: Optional[TokenSync] = None,
+    ):
+        self.bs = bs
+        self.gconfig = gconfig
+        self.max_new = gconfig.max_new_tokens
+        self.eos_ids = eos_ids
+        self.eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        self.device = device
+        self.generator = generator
+        self.sync_tokens = sync_tokens
+        self.tokens = torch.zeros(bs, self.max_new, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros(bs, self.max_new, dtype=torch.float32, device=device)
+        self.gen_lengths = torch.zeros(bs, dtype=torch.long, device=device)
+        self.ended_by_eos = torch.zeros(bs, dtype=torch.bool, device=device)
+        self.active = torch.arange(bs, device=device)  # rows still generating
+        self.n_steps = 0
+        self.finished = False
+        self.vocab: Optional[int] = None
+        self.warper: Optional[LogitsWarper] = None
+        self.record_mask = False
+        self.step_masks: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def _setup(self, vocab: int) -> None:
+        g = self.gconfig
+        self.vocab = vocab
+        if not g.greedy:
+            top_k = g.top_k if g.top_k < vocab else None
+            self.warper = LogitsWarper(temperature=g.temperature, top_k=top_k, top_p=g.top_p)
+        self.record_mask = self.warper is not None and not g.force_no_logits_mask and self.warper.truncates(vocab)
+
+    def step(self, last_logits: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Sample from ``last_logits`` [n_active, V] (active rows in order).
+
+        :return: None when every row is finished, else ``(next_tokens,
+            feed_lengths)``: the tokens to feed (one per still-active row, in
+            row order) and per-row input lengths (1 for active rows, 0 else).
+        """
+        if self.finished:
+            raise RuntimeError("DecodeState.step called after generation finished.")
+        step = self.n_steps
+        if self.vocab is None:
+            self._setup(last_logits.shape[-1])
+        lg = last_logits.float()
+        if step < self.gconfig.min_new_tokens and self.eos_ids:
+            lg = mask_tokens(lg, self.eos_tensor)
+        if self.warper is None:
+            next_tok = lg.argmax(dim=-1)
+            if self.sync_tokens is not None:
+                next_tok = self.sync_tokens(next_tok)
+            logp_all = torch.log_softmax(lg, dim=-1)
+        else:
+            warped, keep = self.warper(lg)
+            probs = torch.softmax(warped, dim=-1)
+            next_tok = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+            if self.sync_tokens is not None:
+                next_tok = self.sync_tokens(next_tok)
+            logp_all = torch.log_softmax(warped, dim=-1)
+            if self.record_mask:
+                self.step_masks.append((step, self.active, keep))
+        active = self.active
+        self.tokens[active, step] = next_tok
+        self.logprobs[active, step] = logp_all.gather(-1, next_tok[:, None]).squeeze(-1)
+        self.gen_lengths[active] += 1
+        self.n_steps += 1
+
+        if self.eos_ids:
+            hit_eos = torch.isin(next_tok, self.eos_tensor)
+        else:
+            hit_eos = torch.zeros_like(next_tok, dtype=torch.bool)
+        self.ended_by_eos[active[hit_eos]] = True
+        still = ~hit_eos
+        if step == self.max_new - 1 or not bool(still.any()):
+            self.finished = True
+            return None
+        # Feed one token per unfinished row; finished rows pass length 0.
+        feed_lengths = torch.zeros(self.bs, dtype=torch.long, device=self.device)
+        feed_lengths[active[still]] = 1
+        self.active = active[still]
+        return next_tok[still], feed_lengths
+
+    def output(self) -> GenerationOutput:
+        max_new = self.max_new
+        cu_gen = cu_seqlens_from_lengths(self.gen_lengths)
+        valid = torch.arange(max_new, device=self.device)[None, :] < self.gen_lengths[:, None]
+        logits_mask = None
+        if self.record_mask:
+            logits_mask = torch.ones(int(cu_gen[-1]), self.vocab, dtype=torch.bool, device=self.device)
+            for step, rows, keep in self.step_masks:
+                logits_mask[cu_gen[rows] + step] = keep
+        return GenerationOutput(
+            gen_tokens=self.tokens[valid],
+            gen_lengths=self.gen_lengths,
+            logprobs=self.logprobs[valid],
+            logits_mask=logits_mask,
+            no_eos=~self.ended_by_eos,
+        )
+
+
+def concat_generation_outputs(outputs: Sequence[GenerationOutput],
+                              order: Optional[Sequence[int]] = None) -> GenerationOutput:
+    """Rows of several outputs (e.g. micro-batches) as one output.
+
+    ``order[i]`` is the position, in the concatenated rows, of output row i
+    (the ``backward_indices`` of a micro-batch split); None keeps the order.
+    """
+    if len(outputs) == 0:
+        raise ValueError("No generation outputs to concatenate.")
+    masks = [o.logits_mask for o in outputs]
+    if any(m is None for m in masks) and not all(m is None for m in masks):
+        vocab = next(m.shape[-1] for m in masks if m is not None)
+        masks = [m if m is not None else torch.ones(int(o.gen_lengths.sum()), vocab, dtype=torch.bool,
+                                                    device=o.gen_tokens.device)
+                 for m, o in zip(masks, outputs)]
+    lengths = torch.cat([o.gen_lengths for o in outputs])
+    rows = list(range(int(lengths.numel()))) if order is None else list(order)
+
+    def per_row(t: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(t, lengths.tolist())
+        return torch.cat([parts[j] for j in rows]) if rows else t
+
+    mask = None if masks[0] is None else per_row(torch.cat(masks))
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    return GenerationOutput(
+        gen_tokens=per_row(torch.cat([o.gen_tokens for o in outputs])),
+        gen_lengths=lengths[idx.to(lengths.device)],
+        logprobs=per_row(torch.cat([o.logprobs for o in outputs])),
+        logits_mask=mask,
+        no_eos=torch.cat([o.no_eos for o in outputs])[idx.to(lengths.device)],
+    )
+
+
+def tensor_parallel_token_sync(model: torch.nn.Module) -> Optional[TokenSync]:
+    """Broadcast of sampled tokens from tp rank 0, for a tensor-parallel model."""
+    if getattr(model, "tp_size", 1) <= 1:
+        return None
+    import torch.distributed as dist
+
+    group = model.tp_info().group
+    src = dist.get_global_rank(group, 0)
+
+    def sync(tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.contiguous()
+        dist.broadcast(tokens, src=src, group=group)
+        return tokens
+
+    return sync
+
+
+def logits_kwargs(model: torch.nn.Module) -> dict:
+    """Forward kwargs that make a tensor-parallel actor return full-vocabulary logits."""
+    return {"gather_logits": True} if getattr(model, "tp_size", 1) > 1 else {}
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -176,7 +371,9 @@ def generate(
 ) -> GenerationOutput:
     """Generate answers for packed prompts.
 
-    :param model: follows the packed forward/KV-cache contract of ReaLModel.
+    :param model: follows the packed forward/KV-cache contract of ReaLModel
+        (a tensor-parallel ReaLModel samples from all-gathered logits and
+        broadcasts the tokens, so every tp rank returns the same output).
     :param input_ids: int64 [total_prompt_tokens], packed prompts (each non-empty).
     :param cu_seqlens: [bs + 1] prompt boundaries.
     :param gconfig: sampling hyperparameters.
@@ -195,82 +392,21 @@ def generate(
         raise ValueError("Cannot generate with a critic model (it outputs values, not logits).")
     device = input_ids.device
     cu_seqlens = cu_seqlens.to(device)
-    prompt_lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    prompt_lens = check_prompts(cu_seqlens)
     bs = int(prompt_lens.numel())
-    if bs == 0:
-        raise ValueError("generate() needs at least one prompt.")
-    if bool((prompt_lens <= 0).any()):
-        raise ValueError("Every prompt must contain at least one token.")
-    eos_ids = [] if eos_token_id is None else (
-        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    vocab_size = getattr(model.config, "vocab_size", None)
-    if vocab_size is not None and any(not 0 <= e < vocab_size for e in eos_ids):
-        raise ValueError(f"eos_token_id {eos_ids} outside the vocabulary of size {vocab_size}.")
+    eos_ids = eos_id_list(eos_token_id, getattr(model.config, "vocab_size", None))
 
-    max_new = gconfig.max_new_tokens
     max_prompt = int(prompt_lens.max())
     dtype, _ = _model_dtype_device(model)
-    cache = _allocate_cache(model, bs, max_prompt + max_new, dtype, device)
+    cache = _allocate_cache(model, bs, max_prompt + gconfig.max_new_tokens, dtype, device)
+    kw = logits_kwargs(model)
+    state = DecodeState(bs, gconfig, eos_ids, device, generator, tensor_parallel_token_sync(model))
 
-    logits = model(input_ids, cu_seqlens, max_prompt, kv_cache=cache)
-    vocab = logits.shape[-1]
-    last_logits = logits[cu_seqlens[1:].long() - 1].float()  # [n_active, V], active rows in order
-
-    warper = None
-    if not gconfig.greedy:
-        top_k = gconfig.top_k if gconfig.top_k < vocab else None
-        warper = LogitsWarper(temperature=gconfig.temperature, top_k=top_k, top_p=gconfig.top_p)
-    record_mask = warper is not None and not gconfig.force_no_logits_mask and warper.truncates(vocab)
-
-    tokens = torch.zeros(bs, max_new, dtype=torch.long, device=device)
-    logprobs = torch.zeros(bs, max_new, dtype=torch.float32, device=device)
-    gen_lengths = torch.zeros(bs, dtype=torch.long, device=device)
-    ended_by_eos = torch.zeros(bs, dtype=torch.bool, device=device)
-    active = torch.arange(bs, device=device)  # rows still generating
-    step_masks: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-
-    for step in range(max_new):
-        lg = last_logits
-        if step < gconfig.min_new_tokens and eos_ids:
-            lg = mask_tokens(lg, eos_tensor)
-        if warper is None:
-            next_tok = lg.argmax(dim=-1)
-            logp_all = torch.log_softmax(lg, dim=-1)
-        else:
-            warped, keep = warper(lg)
-            probs = torch.softmax(warped, dim=-1)
-            next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            logp_all = torch.log_softmax(warped, dim=-1)
-            if record_mask:
-                step_masks.append((step, active, keep))
-        tokens[active, step] = next_tok
-        logprobs[active, step] = logp_all.gather(-1, next_tok[:, None]).squeeze(-1)
-        gen_lengths[active] += 1
-
-        hit_eos = torch.isin(next_tok, eos_tensor) if eos_ids else torch.zeros_like(next_tok, dtype=torch.bool)
-        ended_by_eos[active[hit_eos]] = True
-        still = ~hit_eos
-        if step == max_new - 1 or not bool(still.any()):
-            break
-        # Feed one token per unfinished row; finished rows pass length 0.
-        feed_lengths = torch.zeros(bs, dtype=torch.long, device=device)
-        feed_lengths[active[still]] = 1
-        active = active[still]
-        out = model(next_tok[still], cu_seqlens_from_lengths(feed_lengths), 1, kv_cache=cache)
-        last_logits = out.float()
-
-    cu_gen = cu_seqlens_from_lengths(gen_lengths)
-    valid = torch.arange(max_new, device=device)[None, :] < gen_lengths[:, None]
-    logits_mask = None
-    if record_mask:
-        logits_mask = torch.ones(int(cu_gen[-1]), vocab, dtype=torch.bool, device=device)
-        for step, rows, keep in step_masks:
-            logits_mask[cu_gen[rows] + step] = keep
-    return GenerationOutput(
-        gen_tokens=tokens[valid],
-        gen_lengths=gen_lengths,
-        logprobs=logprobs[valid],
-        logits_mask=logits_mask,
-        no_eos=~ended_by_eos,
-    )
+    logits = model(input_ids, cu_seqlens, max_prompt, kv_cache=cache, **kw)
+    last_logits = logits[cu_seqlens[1:].long() - 1]  # [n_active, V], active rows in order
+    while True:
+        feed = state.step(last_logits)
+        if feed is None:
+            return state.output()
+        next_tok, feed_lengths = feed
+        last_logits = model(next_tok, cu_seqlens_from_lengths(feed_lengths), 1, kv_cache=cache, **kw)

@@ -21,13 +21,13 @@ micro-batch by itself; only activations (forward) and their gradients
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from realhf.api.core.data_api import SequenceSample
-from realhf.api.core.model_api import MicroBatchSpec
+from realhf.api.core.model_api import GenerationHyperparameters, MicroBatchSpec
 from realhf.impl.model.backend.inference import INPUT_KEY, PostHook, packed_inputs
 from realhf.impl.model.backend.train_engine import LossFn, WeightFn, token_weight
 from realhf.impl.model.parallelism.micro_batch import MicroBatchSplit, assemble_outputs, split_packed_batch
@@ -127,15 +127,17 @@ class PipelineRunner:
         self._train = False
         self._loss_fn: Optional[LossFn] = None
         self._weights: List[float] = []
-        self._total_w = 1.0
+        self._weight_scale = 1.0
         self._post_hook: Optional[PostHook] = None
         self._results: Dict[int, Any] = {}
         self._loss_sum = 0.0
         self._extra: Dict[str, float] = {}
 
-    def _prepare(self, sample: SequenceSample, mb_spec: Optional[MicroBatchSpec]) -> int:
+    def _prepare(self, sample: SequenceSample, mb_spec: Optional[MicroBatchSpec],
+                 split: Optional[MicroBatchSplit] = None) -> int:
         self._reset()
-        self._split = split_packed_batch(sample, mb_spec or MicroBatchSpec(), key=self.key)
+        self._split = split if split is not None else split_packed_batch(sample, mb_spec or MicroBatchSpec(),
+                                                                         key=self.key)
         self._packed = [packed_inputs(mb, self.key) for mb in self._split.micro_batches]
         return len(self._split.micro_batches)
 
@@ -185,7 +187,7 @@ class PipelineRunner:
             # Keep the loss graph for the backward pass of this micro-batch.
             loss, stats = self._loss_fn(out, mb)
             w = self._weights[mb_id]
-            self._outputs[mb_id] = loss * (w / self._total_w)
+            self._outputs[mb_id] = loss * (w * self._weight_scale)
             self._loss_sum += float(loss.detach()) * w
             for k, v in (stats or {}).items():
                 self._extra[k] = self._extra.get(k, 0.0) + float(v) * w
@@ -232,22 +234,57 @@ class PipelineRunner:
         sample: SequenceSample,
         mb_spec: Optional[MicroBatchSpec] = None,
         post_hook: Optional[PostHook] = None,
-    ) -> Optional[torch.Tensor]:
+        split: Optional[MicroBatchSplit] = None,
+        assemble: bool = True,
+    ) -> Any:
         """Pipelined, gradient-free forward of ``sample`` (the same on every stage).
 
         The last stage applies ``post_hook(output, mb)`` per micro-batch and
         returns the results concatenated in the input item order (rows per
         token, per shifted token or per item, as the inference engine
-        accepts); other stages return ``None``.
+        accepts), or the list of per-micro-batch results when ``assemble`` is
+        False; other stages return ``None``. ``split`` reuses a split the
+        caller already made with the same ``mb_spec``.
         """
         self.module.eval()
-        n_mbs = self._prepare(sample, mb_spec)
+        n_mbs = self._prepare(sample, mb_spec, split)
         self._post_hook = post_hook
         try:
             self._run_schedule(InferenceSchedule(n_mbs, self.n_stages, self.stage_id))
             if not self.is_last_stage:
                 return None
-            return assemble_outputs([self._results[i] for i in range(n_mbs)], self._split, sample, self.key)
+            results = [self._results[i] for i in range(n_mbs)]
+            if not assemble:
+                return results
+            return assemble_outputs(results, self._split, sample, self.key)
+        finally:
+            self._reset()
+
+    def run_train_schedule(
+        self,
+        sample: SequenceSample,
+        split: MicroBatchSplit,
+        loss_fn: LossFn,
+        weights: Sequence[float],
+        weight_scale: float,
+    ) -> Dict[str, float]:
+        """1F1B forward/backward; micro-batch ``i``'s loss is scaled by
+        ``weights[i] * weight_scale``. Every stage returns the last stage's
+        weighted sums ``sum_i weights[i] * stat_i`` (``loss`` included)."""
+        self.module.train()
+        n_mbs = self._prepare(sample, None, split)
+        if len(weights) != n_mbs:
+            raise ValueError(f"Got {len(weights)} weights for {n_mbs} micro-batches.")
+        self._train = True
+        self._loss_fn = loss_fn
+        self._weights = [float(w) for w in weights]
+        self._weight_scale = float(weight_scale)
+        try:
+            self._run_schedule(TrainSchedule(n_mbs, self.n_stages, self.stage_id))
+            sums: Optional[Dict[str, float]] = None
+            if self.is_last_stage:
+                sums = {"loss": self._loss_sum, **self._extra}
+            return self._share_stats(sums)
         finally:
             self._reset()
 
@@ -268,24 +305,29 @@ class PipelineRunner:
         reduced or stepped. Every stage returns the same stats: ``loss`` and
         the weighted means of ``loss_fn``'s stats.
         """
-        self.module.train()
-        n_mbs = self._prepare(sample, mb_spec)
-        self._train = True
-        self._loss_fn = loss_fn
-        self._weights = [float(loss_weight_fn(mb)) for mb in self._split.micro_batches]
-        self._total_w = sum(self._weights)
-        if self._total_w <= 0:
-            raise ValueError(f"Micro-batch loss weights must sum to a positive value, got {self._total_w}.")
-        try:
-            self._run_schedule(TrainSchedule(n_mbs, self.n_stages, self.stage_id))
-            stats: Optional[Dict[str, float]] = None
-            if self.is_last_stage:
-                stats = {"loss": self._loss_sum / self._total_w}
-                for k, v in self._extra.items():
-                    stats[k] = v / self._total_w
-            return self._share_stats(stats)
-        finally:
-            self._reset()
+        split = split_packed_batch(sample, mb_spec or MicroBatchSpec(), key=self.key)
+        weights = [float(loss_weight_fn(mb)) for mb in split.micro_batches]
+        total_w = sum(weights)
+        if total_w <= 0:
+            raise ValueError(f"Micro-batch loss weights must sum to a positive value, got {total_w}.")
+        sums = self.run_train_schedule(sample, split, loss_fn, weights, 1.0 / total_w)
+        return {k: v / total_w for k, v in sums.items()}
+
+    def generate(
+        self,
+        sample: SequenceSample,
+        mb_spec: Optional[MicroBatchSpec],
+        gconfig: GenerationHyperparameters,
+        eos_token_id: Optional[Union[int, List[int]]],
+        generator: Optional[torch.Generator] = None,
+    ):
+        """Pipelined generation (see :mod:`.generation`); the last stage returns
+        the :class:`GenerationOutput` in input order, other stages ``None``."""
+        from realhf.impl.model.parallelism.pipeline_parallel.generation import PipelineGenerator
+
+        self.module.eval()
+        gen = PipelineGenerator(self.module, self.group, self.pp_ranks, self.stage_id, self.n_stages, self.key)
+        return gen.generate(sample, mb_spec, gconfig, eos_token_id, generator)
 
     def _share_stats(self, stats: Optional[Dict[str, float]]) -> Dict[str, float]:
         """Give every stage the last stage's stats."""
