@@ -25,6 +25,18 @@ returns this rank's vocabulary slice of the logits [total_tokens, vocab / tp]
 (all of them with ``gather_logits=True``), and ``load_state_dict`` accepts
 shards or unsplit tensors.
 
+Sequence parallelism (``sequence_parallel``, tp_size > 1 only): inside a
+stage the residual stream is split over the tensor-parallel ranks along the
+token dimension (see ``tp_forward``); the stage interface is unchanged (full
+[total_tokens, ...] inputs and outputs). It is skipped when a ``KVCache`` is
+passed, so decoding always runs without it. After backward call
+:meth:`ReaLModel.reduce_sequence_parallel_grads` to complete the gradients
+of the replicated parameters that saw only this rank's tokens.
+
+Gradient checkpointing (``gradient_checkpointing``): in training mode with
+grad enabled and no cache, each block's activations are recomputed in
+backward (non-reentrant ``torch.utils.checkpoint``, RNG state preserved).
+
 Choose dtype and device at construction: ``module.to()``/``.half()`` would
 replace the views by standalone tensors and detach them from ``flat_param``.
 """
@@ -32,12 +44,14 @@ replace the views by standalone tensors and detach them from ``flat_param``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from realhf.api.core.model_api import ReaLModelConfig
 from realhf.base import constants
@@ -55,7 +69,13 @@ from realhf.impl.model.nn.real_llm_base import (
     partition_layers,
 )
 from realhf.impl.model.nn import tp_forward
-from realhf.impl.model.nn.tp_partition import cache_kv_heads, partition_tensor, shard_config
+from realhf.impl.model.nn.tp_partition import (
+    cache_kv_heads,
+    partition_tensor,
+    sequence_parallel_grad_keys,
+    shard_config,
+)
+from realhf.impl.model.parallelism.tensor_parallel import mappings
 from realhf.impl.model.parallelism.tensor_parallel.layers import kv_heads_partition
 
 
@@ -71,6 +91,16 @@ def _scope_tp() -> Tuple[int, int]:
         return constants.tensor_parallel_world_size(), constants.tensor_parallel_rank()
     except RuntimeError:
         return 1, 0
+
+
+def _scope_option(value: Optional[bool], option) -> bool:
+    """``value`` if given, else the active model scope's topology option (False without a scope)."""
+    if value is not None:
+        return bool(value)
+    try:
+        return bool(option())
+    except RuntimeError:
+        return False
 
 
 class ReaLModel(nn.Module):
@@ -89,6 +119,9 @@ class ReaLModel(nn.Module):
     ``forward(input_ids, cu_seqlens, max_seqlen, kv_cache=None)`` takes packed
     variable-length sequences (no padding); with a :class:`KVCache` the
     tokens of row i are appended after the row's cached tokens.
+
+    ``sequence_parallel`` and ``gradient_checkpointing`` default to the
+    active model scope's topology options (False without a scope).
     """
 
     def __init__(
@@ -102,6 +135,8 @@ class ReaLModel(nn.Module):
         tp_size: Optional[int] = None,
         tp_rank: Optional[int] = None,
         tp_group: Any = None,
+        sequence_parallel: Optional[bool] = None,
+        gradient_checkpointing: Optional[bool] = None,
     ):
         super().__init__()
         self.config = config
@@ -113,6 +148,9 @@ class ReaLModel(nn.Module):
             raise ValueError(f"tp_rank={tp_rank} out of range for tp_size={tp_size}.")
         self.tp_size, self.tp_rank = tp_size, tp_rank
         self._tp_group = tp_group
+        # Plain attributes, so they can be toggled after construction.
+        self.sequence_parallel = _scope_option(sequence_parallel, constants.sequence_parallel)
+        self.gradient_checkpointing = _scope_option(gradient_checkpointing, constants.gradient_checkpointing)
         # Layer shapes: the whole model, or this rank's shard of it.
         self.local_config = shard_config(config, tp_size)
         self.dtype = dtype
@@ -306,7 +344,10 @@ class ReaLModel(nn.Module):
                 x = layer(input_ids.to(self.device), ctx)
             elif isinstance(layer, TransformerBlock):
                 cache = None if kv_cache is None else (kv_cache.k[block], kv_cache.v[block])
-                x = layer(x, ctx, cache)
+                if self._checkpoint_blocks(kv_cache):
+                    x = checkpoint(layer, x, ctx, None, use_reentrant=False)
+                else:
+                    x = layer(x, ctx, cache)
                 block += 1
             else:
                 x = layer(x)
@@ -325,20 +366,61 @@ class ReaLModel(nn.Module):
         gather_logits: bool,
     ) -> torch.Tensor:
         tp = self.tp_info()
+        total = ctx.positions.shape[0]
+        # Decoding with a cache runs without SP; an empty batch has nothing to split.
+        sp = self.sequence_parallel and kv_cache is None and total > 0
         x = hidden_states
+        if sp:
+            pad = mappings.padded_length(total, tp.size) - total
+            tp = dataclasses.replace(tp, sequence_parallel=True, sp_pad=pad)
+            if input_ids is not None:
+                input_ids, _ = mappings.pad_to_multiple(input_ids, tp.size)
+            if not self.has_embedding:
+                x = tp_forward.scatter_stage_input(x, tp)
         block = 0
         for layer in self.layers:
             if isinstance(layer, EmbeddingLayer):
                 x = tp_forward.embedding_forward(layer, input_ids.to(self.device), ctx, tp)
             elif isinstance(layer, TransformerBlock):
                 cache = None if kv_cache is None else (kv_cache.k[block], kv_cache.v[block])
-                x = tp_forward.block_forward(layer, x, ctx, tp, cache)
+                if self._checkpoint_blocks(kv_cache):
+                    x = checkpoint(tp_forward.block_forward, layer, x, ctx, tp, None, use_reentrant=False)
+                else:
+                    x = tp_forward.block_forward(layer, x, ctx, tp, cache)
                 block += 1
             else:
                 x = tp_forward.head_forward(layer, x, tp, self.config.is_critic, gather_logits)
+        if sp and not self.has_head:
+            x = tp_forward.gather_stage_output(x, tp)
         if kv_cache is not None:
             kv_cache.seqlens += ctx.seqlens.to(kv_cache.seqlens.device)
         return x
+
+    def _checkpoint_blocks(self, kv_cache: Optional[KVCache]) -> bool:
+        """Recompute block activations in backward: only when training without a cache."""
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
+
+    @torch.no_grad()
+    def reduce_sequence_parallel_grads(self) -> None:
+        """All-reduce, in place over the tp group, the gradients that are partial under SP.
+
+        With sequence parallelism the replicated parameters listed by
+        ``sequence_parallel_grad_keys`` saw only this rank's tokens; call this
+        once after backward (after gradient accumulation) and before the
+        optimizer step. No-op without SP or with tp_size == 1.
+        """
+        if not self.sequence_parallel or self.tp_size == 1:
+            return
+        group = self.tp_info().group
+        seen = set()
+        for key in sequence_parallel_grad_keys(self.config):
+            if key not in self.param_spec:
+                continue
+            p = self.get_param(key)
+            if p.grad is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            dist.all_reduce(p.grad, group=group)
 
     def allocate_kv_cache(self, bs: int, capacity: int) -> KVCache:
         config = self.config

@@ -15,6 +15,11 @@ the key and holds a slice of the tensor:
 The shapes of a shard are exactly those of a model built from
 :func:`shard_config`, so the flat layout of a tensor-parallel stage is
 computed by the same code as an unsplit one.
+
+With sequence parallelism the replicated parameters that act on the
+residual stream see only this rank's token chunk;
+:func:`sequence_parallel_grad_keys` lists them, since their gradients must be
+all-reduced over the tensor-parallel group after backward.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from realhf.api.core.model_api import ReaLModelConfig
+from realhf.impl.model.nn.real_llm_base import layer_param_shapes
 from realhf.impl.model.parallelism.tensor_parallel.layers import kv_heads_partition, shard_weight
 
 COL = "col"
@@ -111,6 +117,25 @@ def param_kind(key: str, config: ReaLModelConfig) -> str:
     if name.endswith(_ROW_SUFFIXES):
         return ROW
     return REP
+
+
+def sequence_parallel_grad_keys(config: ReaLModelConfig) -> List[str]:
+    """Keys whose gradients are partial per rank under sequence parallelism.
+
+    These are the replicated (REP) parameters applied to the local token
+    chunk: the norms (incl. the final ``ln_f``), the row-parallel biases added
+    after the reduce-scatter and learned absolute positions. They must be
+    all-reduced over the tensor-parallel group after backward. The critic
+    head is excluded: it runs on the all-gathered tokens, so its gradient is
+    already complete, as are those of split or replicated K/V parameters.
+    """
+    head = config.n_layers + 1
+    return [
+        key
+        for i in range(head)
+        for key, _ in layer_param_shapes(config, i)
+        if param_kind(key, config) == REP
+    ]
 
 
 def partition_tensor(key: str, full: torch.Tensor, config: ReaLModelConfig, tp_size: int, tp_rank: int) -> torch.Tensor:
