@@ -104,10 +104,11 @@ def _gconfig() -> GenerationHyperparameters:
     return GenerationHyperparameters(max_new_tokens=MAX_NEW, min_new_tokens=1, greedy=True)
 
 
-def _worker(rank: int, world: int, family: str, dp: int, tp: int, pp: int, eos: List[int], zero: bool):
+def _worker(rank: int, world: int, family: str, dp: int, tp: int, pp: int, eos: List[int], zero: bool,
+            sp: bool = False):
     config = _config(family)
     full = _full_state(config)
-    setup_mesh(dp, tp, pp)
+    setup_mesh(dp, tp, pp, sequence_parallel=sp, gradient_checkpointing=sp)
     out: Dict = {}
     with constants.model_scope(MODEL):
         out["coords"] = coords()
@@ -175,15 +176,18 @@ def _assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, rel: 
     assert err <= rel, f"{name}: max error {err:.2e} (relative to max {scale:.3g}) > {rel:.0e}"
 
 
-CASES = [(f, *layout) for f in ("llama", "qwen2") for layout in LAYOUTS]
-CASES += [("gpt2", 1, 1, 2), ("gpt2", 2, 2, 2)]
+CASES = [(f, *layout, False) for f in ("llama", "qwen2") for layout in LAYOUTS]
+CASES += [("gpt2", 1, 1, 2, False), ("gpt2", 2, 2, 2, False)]
+# Sequence parallelism and gradient checkpointing, switched on by the mesh's topology.
+CASES += [("llama", 1, 2, 2, True), ("qwen2", 2, 2, 1, True), ("gpt2", 2, 2, 2, True)]
 
 
-@pytest.mark.parametrize("family,dp,tp,pp", CASES, ids=[f"{f}-dp{d}tp{t}pp{p}" for f, d, t, p in CASES])
-def test_layout_matches_single_process(family: str, dp: int, tp: int, pp: int):
+@pytest.mark.parametrize("family,dp,tp,pp,sp", CASES,
+                         ids=[f"{f}-dp{d}tp{t}pp{p}{'-sp' if sp else ''}" for f, d, t, p, sp in CASES])
+def test_layout_matches_single_process(family: str, dp: int, tp: int, pp: int, sp: bool):
     eos, (ref_logits, ref_gen, ref_stats, ref_params, ref_grads) = _ref(family)
     zero = dp > 1 and tp > 1  # ZeRO-1 in the mixed layouts
-    results = run_distributed(_worker, dp * tp * pp, timeout=120, args=(family, dp, tp, pp, eos, zero))
+    results = run_distributed(_worker, dp * tp * pp, timeout=120, args=(family, dp, tp, pp, eos, zero, sp))
     config = _config(family)
     sample = _sample(config.vocab_size)
 
