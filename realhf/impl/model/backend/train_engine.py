@@ -9,6 +9,7 @@ grad norm a single reduction, and ZeRO-1 sharding a contiguous slice per rank.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -18,6 +19,7 @@ from realhf.api.core.data_api import SequenceSample
 from realhf.api.core.model_api import FinetuneSpec, MicroBatchSpec, Model, ModelBackend, register_backend
 from realhf.impl.model.backend.grad_sync import GradNormRanges, global_grad_norm, sync_tied_embedding_grads
 from realhf.impl.model.backend.inference import INPUT_KEY, EngineModule, PostHook, packed_inputs
+from realhf.impl.model.backend.loss_scaler import DynamicLossScaler
 from realhf.impl.model.backend.optim import FlatAdamW, OptimizerConfig, make_lr_lambda
 from realhf.impl.model.parallelism.micro_batch import MicroBatchSplit, split_packed_batch
 
@@ -62,6 +64,7 @@ class TrainModule(EngineModule):
         use_zero_optimization: bool = False,
         gradient_clipping: float = 1.0,
         bucket_size: int = 4 * 1024 * 1024,
+        loss_scaler: Optional[DynamicLossScaler] = None,
     ):
         if getattr(module, "flat_param", None) is None:
             raise TypeError("TrainModule needs an instantiated model with a flat parameter buffer.")
@@ -105,6 +108,11 @@ class TrainModule(EngineModule):
         mask = _decay_mask(module, torch.float32)[self.lo:self.hi]
         self.optim = FlatAdamW(self.master, optimizer, decay_mask=mask)
         self.norm_ranges = GradNormRanges(module, self.par)
+        # Loss scaling only matters for fp16 parameters (and gradients).
+        if flat.dtype == torch.float16:
+            self.scaler: Optional[DynamicLossScaler] = loss_scaler or DynamicLossScaler()
+        else:
+            self.scaler = None
 
     # ------------------------------------------------------------------ utils
     @property
@@ -190,6 +198,8 @@ class TrainModule(EngineModule):
         """Accumulate gradients of the weighted losses; weighted stat sums of this rank."""
         # Gradients are averaged over dp afterwards, hence the dp_size factor.
         scale = self.dp_size / total_w
+        if self.scaler is not None:
+            scale *= self.scaler.scale
         if self.runner is not None:
             return self.runner.run_train_schedule(sample, split, loss_fn, weights, scale)
         sums: Dict[str, float] = {"loss": 0.0}
@@ -233,12 +243,21 @@ class TrainModule(EngineModule):
         sums = self._forward_backward(sample, mb_spec, split, weights, total_w, loss_fn)
         self._reduce_grads()
 
-        grad_norm = global_grad_norm(self.flat_grad, self.norm_ranges, self.par)
-        if self.gradient_clipping and self.gradient_clipping > 0 and grad_norm > self.gradient_clipping:
-            self.flat_grad.mul_(self.gradient_clipping / (grad_norm + 1e-6))
-
+        grads = self.flat_grad
         lr = self.lr
-        self.optim.step(self.flat_grad[self.lo:self.hi], lr)
+        if self.scaler is not None:
+            grads = self.flat_grad.float().div_(self.scaler.scale)
+            if self._found_inf(grads):
+                # Overflow: no update, no LR step; retry later with a smaller scale.
+                out = self._finish_stats(sums, total_w)
+                out.update(grad_norm=float("nan"), lr=lr, loss_scale=self.scaler.scale, skipped_step=1.0)
+                self.scaler.update(True)
+                return out
+        grad_norm = global_grad_norm(grads, self.norm_ranges, self.par)
+        if self.gradient_clipping and self.gradient_clipping > 0 and grad_norm > self.gradient_clipping:
+            grads.mul_(self.gradient_clipping / (grad_norm + 1e-6))
+
+        self.optim.step(grads[self.lo:self.hi], lr)
         flat = self.module.flat_param
         if self.zero:
             self._all_gather_params()
@@ -249,30 +268,61 @@ class TrainModule(EngineModule):
 
         out = self._finish_stats(sums, total_w)
         out.update(grad_norm=grad_norm, lr=lr)
+        if self.scaler is not None:
+            out.update(loss_scale=self.scaler.scale, skipped_step=0.0)
+            self.scaler.update(False)
         return out
+
+    def _found_inf(self, grads: torch.Tensor) -> bool:
+        """Whether any rank of the model holds a non-finite gradient."""
+        flag = torch.tensor([0.0 if bool(torch.isfinite(grads).all()) else 1.0], device=grads.device)
+        for group in (self.par.tp_group, self.par.pp_group, self.group):
+            self.par.all_reduce(flag, group, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
     # ---------------------------------------------------------------- states
     def state_dict(self) -> Dict[str, Any]:
-        return {"optim": self.optim.state_dict(), "master": self.master, "step": self.step_count}
+        state = {"optim": self.optim.state_dict(), "master": self.master, "step": self.step_count}
+        if self.scaler is not None:
+            state["loss_scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.optim.load_state_dict(state["optim"])
         with torch.no_grad():
             self.master.copy_(state["master"])
         self.step_count = int(state["step"])
+        if self.scaler is not None and "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])
+
+
+def _state_file(module: TrainModule) -> str:
+    """One file per stage, tp shard and (with ZeRO) dp shard; plain dp replicas share dp0's."""
+    par = module.par
+    dp = module.dp_rank if module.zero else 0
+    return f"engine_state_pp{par.stage_id}_tp{par.tp_rank}_dp{dp}.pt"
+
+
+def _layout_meta(module: TrainModule) -> Dict[str, Any]:
+    par = module.par
+    return {"pp": par.pp_size, "tp": par.tp_size, "dp": module.dp_size if module.zero else 1,
+            "zero": module.zero, "numel": module.numel}
 
 
 @dataclasses.dataclass
 class TrainEngine(ModelBackend):
-    """Backend that makes a model trainable with AdamW over data parallelism.
+    """Backend that makes a model trainable with AdamW over 3D parallelism.
 
     :param optimizer: optimizer and LR schedule settings.
     :param use_zero_optimization: shard Adam states and master weights over dp
         (ZeRO-1); each rank updates 1/dp of the buffer, then all-gathers.
     :param gradient_clipping: max global grad norm (<= 0 disables clipping).
-    :param gradient_checkpointing: accepted for config compatibility; the
-        model does not recompute activations yet, so it has no effect.
+    :param gradient_checkpointing: recompute block activations in backward
+        (also switched on by the mesh topology's option).
     :param bucket_size: elements per gradient all-reduce.
+    :param initial_loss_scale: starting loss scale for fp16 parameters
+        (dynamic: halves on overflow, doubles after ``loss_scale_window``
+        clean steps, never below ``min_loss_scale``); unused otherwise.
     :param group: dp process group; defaults to the current model's.
     """
 
@@ -281,6 +331,9 @@ class TrainEngine(ModelBackend):
     gradient_clipping: float = 1.0
     gradient_checkpointing: bool = False
     bucket_size: int = 4 * 1024 * 1024
+    initial_loss_scale: float = 4096.0
+    loss_scale_window: int = 1000
+    min_loss_scale: float = 1.0
     group: Any = None
 
     def __post_init__(self):
@@ -288,10 +341,18 @@ class TrainEngine(ModelBackend):
             self.optimizer = OptimizerConfig(**self.optimizer)
         if self.bucket_size < 1:
             raise ValueError(f"TrainEngine.bucket_size must be >= 1, got {self.bucket_size}.")
+        if self.initial_loss_scale <= 0:
+            raise ValueError(f"TrainEngine.initial_loss_scale must be positive, got {self.initial_loss_scale}.")
+        if self.loss_scale_window < 1:
+            raise ValueError(f"TrainEngine.loss_scale_window must be >= 1, got {self.loss_scale_window}.")
 
     def _initialize(self, model: Model, spec: FinetuneSpec) -> Model:
         if model.module is None:
             raise ValueError(f"Model {model.name} has no module to train.")
+        if self.gradient_checkpointing and hasattr(model.module, "gradient_checkpointing"):
+            model.module.gradient_checkpointing = True
+        scaler = DynamicLossScaler(scale=self.initial_loss_scale, growth_interval=self.loss_scale_window,
+                                   min_scale=self.min_loss_scale)
         model.module = TrainModule(
             model.module,
             self.optimizer,
@@ -300,21 +361,31 @@ class TrainEngine(ModelBackend):
             use_zero_optimization=self.use_zero_optimization,
             gradient_clipping=self.gradient_clipping,
             bucket_size=self.bucket_size,
+            loss_scaler=scaler,
         )
         return model
 
     def save(self, model: Model, save_dir: str) -> None:
-        import os
-
+        """Write this rank's optimizer state atomically (tmp file, then rename)."""
+        module: TrainModule = model.module
+        if not module.zero and module.dp_rank != 0:
+            return
         os.makedirs(save_dir, exist_ok=True)
-        rank = model.module.dp_rank
-        torch.save(model.module.state_dict(), os.path.join(save_dir, f"engine_state_dp{rank}.pt"))
+        path = os.path.join(save_dir, _state_file(module))
+        tmp = f"{path}.tmp.{os.getpid()}"
+        torch.save({"layout": _layout_meta(module), **module.state_dict()}, tmp)
+        os.replace(tmp, path)
 
     def load(self, model: Model, load_dir: str) -> None:
-        import os
-
-        rank = model.module.dp_rank
-        model.module.load_state_dict(torch.load(os.path.join(load_dir, f"engine_state_dp{rank}.pt")))
+        module: TrainModule = model.module
+        path = os.path.join(load_dir, _state_file(module))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No optimizer state {path}; was it saved with the same parallel layout?")
+        state = torch.load(path, map_location=module.flat_grad.device)
+        saved, now = state.pop("layout", None), _layout_meta(module)
+        if saved is not None and saved != now:
+            raise ValueError(f"Optimizer state in {load_dir} was saved with layout {saved}, this engine has {now}.")
+        module.load_state_dict(state)
 
 
 register_backend("train", TrainEngine)
