@@ -68,7 +68,7 @@ from realhf.impl.model.nn.real_llm_base import (
     make_layer,
     partition_layers,
 )
-from realhf.impl.model.nn import tp_forward
+from realhf.impl.model.nn import offload, tp_forward
 from realhf.impl.model.nn.tp_partition import (
     cache_kv_heads,
     partition_tensor,
@@ -329,6 +329,10 @@ class ReaLModel(nn.Module):
         logits (no effect without tensor parallelism).
         """
         if not self.instantiated:
+            if offload.is_offloaded(self):
+                raise offload.ModelOffloadedError(
+                    "ReaLModel is offloaded; call realhf.impl.model.nn.offload.reload(model) before forward."
+                )
             raise RuntimeError("Call instantiate() (or load weights) before forward.")
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
@@ -339,7 +343,8 @@ class ReaLModel(nn.Module):
             return self._tp_forward(input_ids, ctx, kv_cache, hidden_states, gather_logits)
         x = hidden_states
         block = 0
-        for layer in self.layers:
+        for idx, layer in zip(self.layer_indices, self.layers):
+            offload.wait_layer(self, idx)  # overlapped reload: wait for this layer's copy only
             if isinstance(layer, EmbeddingLayer):
                 x = layer(input_ids.to(self.device), ctx)
             elif isinstance(layer, TransformerBlock):
@@ -378,7 +383,8 @@ class ReaLModel(nn.Module):
             if not self.has_embedding:
                 x = tp_forward.scatter_stage_input(x, tp)
         block = 0
-        for layer in self.layers:
+        for idx, layer in zip(self.layer_indices, self.layers):
+            offload.wait_layer(self, idx)  # overlapped reload: wait for this layer's copy only
             if isinstance(layer, EmbeddingLayer):
                 x = tp_forward.embedding_forward(layer, input_ids.to(self.device), ctx, tp)
             elif isinstance(layer, TransformerBlock):
@@ -421,6 +427,14 @@ class ReaLModel(nn.Module):
                 continue
             seen.add(id(p))
             dist.all_reduce(p.grad, group=group)
+
+    def async_offload(self, **kwargs) -> bool:
+        """Release the parameter memory until :meth:`reload` (see ``offload.offload``)."""
+        return offload.offload(self, **kwargs)
+
+    def reload(self, overlap: bool = False):
+        """Restore offloaded parameters (no-op when loaded); see ``offload.reload``."""
+        return offload.reload(self, overlap)
 
     def allocate_kv_cache(self, bs: int, capacity: int) -> KVCache:
         config = self.config
