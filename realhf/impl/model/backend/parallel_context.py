@@ -10,7 +10,7 @@ pipeline.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Optional
+from typing import Any, List
 
 import torch
 import torch.distributed as dist

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from realhf.api.core.data_api import SequenceSample
 from realhf.api.core.model_api import FinetuneSpec, MicroBatchSpec, Model, ModelBackend, register_backend
 from realhf.impl.model.backend.grad_sync import GradNormRanges, global_grad_norm, sync_tied_embedding_grads
-from realhf.impl.model.backend.inference import INPUT_KEY, EngineModule, PostHook, packed_inputs
+from realhf.impl.model.backend.inference import INPUT_KEY, EngineModule, packed_inputs
 from realhf.impl.model.backend.loss_scaler import DynamicLossScaler
 from realhf.impl.model.backend.optim import FlatAdamW, OptimizerConfig, make_lr_lambda
 from realhf.impl.model.parallelism.micro_batch import MicroBatchSplit, split_packed_batch

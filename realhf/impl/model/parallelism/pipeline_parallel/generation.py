@@ -24,14 +24,14 @@ logits and broadcasts the tokens over its tensor-parallel group.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from realhf.api.core.data_api import SequenceSample
 from realhf.api.core.model_api import GenerationHyperparameters, MicroBatchSpec
-from realhf.impl.model.backend.inference import INPUT_KEY, packed_inputs
+from realhf.impl.model.backend.inference import packed_inputs
 from realhf.impl.model.nn.real_llm_generate import (
     DecodeState,
     GenerationOutput,
@@ -54,6 +54,9 @@ from realhf.impl.model.parallelism.pipeline_parallel.instruction import (
 from realhf.impl.model.parallelism.pipeline_parallel.static_schedule import GenerateSchedule
 from realhf.impl.model.utils.functional import cu_seqlens_from_lengths
 
+if TYPE_CHECKING:
+    from realhf.impl.model.parallelism.pipeline_parallel.runner import PipelineRunner
+
 
 class _MicroBatch:
     """Per-stage state of one micro-batch during generation."""
@@ -69,31 +72,19 @@ class _MicroBatch:
 
 
 class PipelineGenerator:
-    """Runs :class:`GenerateSchedule` for one stage; see the module docstring."""
+    """Runs :class:`GenerateSchedule` for the stage of ``runner``; see the module docstring."""
 
-    def __init__(
-        self,
-        module: torch.nn.Module,
-        pp_group,
-        pp_ranks: Sequence[int],
-        stage_id: int,
-        n_stages: int,
-        key: str = INPUT_KEY,
-    ):
-        self.module = module
-        self.group = pp_group
-        self.pp_ranks = list(pp_ranks)
-        self.stage_id = stage_id
-        self.n_stages = n_stages
-        self.key = key
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.stage_id == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.stage_id == self.n_stages - 1
+    def __init__(self, runner: "PipelineRunner"):
+        self.runner = runner
+        self.module = runner.module
+        self.group = runner.group
+        self.pp_ranks = runner.pp_ranks
+        self.stage_id = runner.stage_id
+        self.n_stages = runner.n_stages
+        self.key = runner.key
+        self.is_first_stage = runner.is_first_stage
+        self.is_last_stage = runner.is_last_stage
+        self._device = runner._device
 
     # ------------------------------------------------------------ instructions
     def _forward(self, cmd: PipeInstruction) -> None:
@@ -159,11 +150,6 @@ class PipelineGenerator:
     }
 
     # ------------------------------------------------------------------ setup
-    @property
-    def _device(self) -> torch.device:
-        dev = getattr(self.module, "device", None)
-        return torch.device(dev) if dev is not None else next(self.module.parameters()).device
-
     def _sync_flags(self, finished: bool) -> bool:
         """Share termination flags; True once every stage has finished its schedule."""
         if self.n_stages == 1:

@@ -326,7 +326,7 @@ class PipelineRunner:
         from realhf.impl.model.parallelism.pipeline_parallel.generation import PipelineGenerator
 
         self.module.eval()
-        gen = PipelineGenerator(self.module, self.group, self.pp_ranks, self.stage_id, self.n_stages, self.key)
+        gen = PipelineGenerator(self)
         return gen.generate(sample, mb_spec, gconfig, eos_token_id, generator)
 
     def _share_stats(self, stats: Optional[Dict[str, float]]) -> Dict[str, float]:
