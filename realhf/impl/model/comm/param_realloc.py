@@ -95,7 +95,31 @@ __all__ = [
 # ----------------------------------------------------------------------------
 
 
+def _single_range(intervals) -> Optional[Tuple[int, int]]:
+    """(start, end) when ``intervals`` is one range, else None."""
+    if len(intervals) != 1:
+        return None
+    return int(intervals[0][0]), int(intervals[0][1])
+
+
+def _direct_src(flat: torch.Tensor, t: Transfer) -> Optional[torch.Tensor]:
+    """A view of ``flat`` holding all of ``t`` when its source is one range (no gather copy)."""
+    r = _single_range(t.segments[0].src_intervals) if len(t.segments) == 1 else None
+    return None if r is None else flat[r[0]:r[1]]
+
+
+def _direct_dst(flat: torch.Tensor, t: Transfer, eta: float) -> Optional[torch.Tensor]:
+    """A view of ``flat`` to receive ``t`` into when its destination is one range (no scatter)."""
+    if eta != 1.0 or len(t.segments) != 1:
+        return None
+    r = _single_range(t.segments[0].dst_intervals)
+    return None if r is None else flat[r[0]:r[1]]
+
+
 def _gather(flat: torch.Tensor, t: Transfer) -> torch.Tensor:
+    direct = _direct_src(flat, t)
+    if direct is not None:
+        return direct
     parts = [slice_intervals(flat, s.src_intervals, output_size=s.numel) for s in t.segments]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -215,8 +239,9 @@ def reallocate(
         ops.append(dist.P2POp(dist.isend, buf, t.receiver, group))
         stats["bytes_sent"] += buf.numel() * buf.element_size()
     for t in recvs:
-        buf = torch.empty(t.numel, dtype=dst_flat.dtype, device=dst_flat.device)
-        recv_bufs.append(buf)
+        in_place = _direct_dst(dst_flat, t, eta)
+        buf = in_place if in_place is not None else torch.empty(t.numel, dtype=dst_flat.dtype, device=dst_flat.device)
+        recv_bufs.append(None if in_place is not None else buf)  # None: nothing to scatter
         ops.append(dist.P2POp(dist.irecv, buf, t.sender, group))
         stats["bytes_received"] += buf.numel() * buf.element_size()
     stats["n_sends"], stats["n_recvs"] = len(sends), len(recvs)
@@ -224,12 +249,17 @@ def reallocate(
 
     # Local copies overlap with communication.
     for t in plan.locals_of(me) if in_dst else []:
-        _scatter(_gather(src_flat, t), dst_flat, t, eta)
+        direct = _direct_dst(dst_flat, t, eta)
+        if direct is not None:
+            direct.copy_(_gather(src_flat, t))
+        else:
+            _scatter(_gather(src_flat, t), dst_flat, t, eta)
         stats["bytes_local"] += t.numel * dst_flat.element_size()
     for w in works:
         w.wait()
     for t, buf in zip(recvs, recv_bufs):
-        _scatter(buf, dst_flat, t, eta)
+        if buf is not None:
+            _scatter(buf, dst_flat, t, eta)
     if in_dst:
         # set_intervals may write without bumping the tensor version; an
         # offload store of the destination is stale now.
