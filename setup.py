@@ -30,6 +30,7 @@ INSTALL_REQUIRES = [
     "tokenizers",
     "safetensors",
     "filelock",
+    "networkx",
 ]
 
 EXTRAS_REQUIRE = {
