@@ -31,6 +31,10 @@ INSTALL_REQUIRES = [
     "safetensors",
     "filelock",
     "networkx",
+    "pyzmq",
+    "psutil",
+    "omegaconf>=2.3",
+    "hydra-core>=1.3",
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,0 +1,93 @@
+"""Helpers shared by model interfaces.
+
+Logits of a tensor-parallel model are sharded over the vocabulary, so the
+log-probability of a label needs the vocabulary-parallel kernel and the
+model's tensor-parallel group; a whole-vocabulary model uses the plain one.
+:func:`packed_shifted_log_probs` picks between them from the active model
+scope (and, when given, the full vocabulary size).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from realhf.api.core.data_api import SequenceSample
+from realhf.base import constants
+from realhf.impl.model.backend.inference import packed_inputs
+from realhf.impl.model.utils.functional import gather_packed_shifted_log_probs, shifted_label_indices
+
+
+def in_model_scope() -> bool:
+    """Whether a model scope (``constants.model_scope``) is active."""
+    try:
+        constants.model_name()
+        return True
+    except RuntimeError:
+        return False
+
+
+def scope_tp_group() -> Optional[Any]:
+    """The active model's tensor-parallel group if it has more than one rank, else ``None``."""
+    if not dist.is_initialized() or not in_model_scope():
+        return None
+    if constants.tensor_parallel_world_size() <= 1:
+        return None
+    return constants.tensor_parallel_group()
+
+
+def packed_shifted_log_probs(
+    logits: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    input_ids: torch.Tensor,
+    vocab_size: Optional[int] = None,
+) -> torch.Tensor:
+    """``log p(input_ids[t+1] | logits[t])`` of packed sequences, shape ``[sum(L_i - 1)]``.
+
+    Uses the vocabulary-parallel kernel over the scope's tensor-parallel group
+    when logits are a vocab shard (tp > 1 and, if ``vocab_size`` is given,
+    ``logits.shape[-1] != vocab_size``), the plain one otherwise.
+    """
+    group = scope_tp_group()
+    if group is not None and (vocab_size is None or logits.shape[-1] != vocab_size):
+        from realhf.impl.model.parallelism.tensor_parallel.cross_entropy import (
+            vocab_parallel_packed_shifted_log_probs,
+        )
+
+        return vocab_parallel_packed_shifted_log_probs(logits, cu_seqlens, input_ids, group)
+    return gather_packed_shifted_log_probs(logits, cu_seqlens, input_ids)
+
+
+def shifted_answer_mask(prompt_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Which shifted positions are trained on: the label (next token) is not a prompt token.
+
+    ``prompt_mask`` is aligned with the packed input ids (True on prompt and
+    padding tokens). Entry ``t`` of the result pairs the logits at ``t`` with
+    token ``t + 1`` of the same sequence, like the shifted log-probs; the
+    first token of a sequence is never a label.
+    """
+    _, lab = shifted_label_indices(cu_seqlens.to(prompt_mask.device))
+    return prompt_mask.bool()[lab].logical_not()
+
+
+def answer_token_count(mb: SequenceSample, mask_key: str = "prompt_mask") -> int:
+    """Number of label tokens that are not prompt tokens in ``mb``."""
+    ids, cu, _ = packed_inputs(mb)
+    return int(shifted_answer_mask(mb.data[mask_key], cu).sum())
+
+
+def masked_nll(
+    logits: torch.Tensor,
+    mb: SequenceSample,
+    vocab_size: Optional[int] = None,
+    mask_key: str = "prompt_mask",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum of answer-token NLL as a tensor with grad, number of answer tokens)."""
+    ids, cu, _ = packed_inputs(mb)
+    cu = cu.to(logits.device)
+    lp = packed_shifted_log_probs(logits, cu, ids.to(logits.device), vocab_size)
+    mask = shifted_answer_mask(mb.data[mask_key].to(logits.device), cu)
+    nll_sum = -(lp.float() * mask.float()).sum()
+    return nll_sum, mask.sum()

@@ -1,0 +1,199 @@
+"""Scheduler interface: submit worker jobs, watch them, stop them.
+
+A scheduler client belongs to one trial (``run_name = <exp>_<trial>``) and
+tracks jobs named ``<run_name>:<worker_type>/<index>``. Use :func:`make` to
+get a client for a mode; ``local`` is implemented here, ``slurm`` and ``ray``
+keep their names registered but raise :class:`SchedulerUnavailableError`.
+
+Commands may contain the placeholders ``{jobstep_id}``, ``{n_jobsteps}``,
+``{worker_submission_index}``, ``{wprocs_per_jobstep}``, ``{wprocs_in_job}``
+and ``{wproc_offset}``; they are replaced per job (other braces are kept).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import signal as signal_lib
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+Command = Union[str, Sequence[str]]
+
+
+class JobState(enum.Enum):
+    NOT_FOUND = 0
+    PENDING = 1
+    RUNNING = 2
+    COMPLETED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    def active(self) -> bool:
+        return self in (JobState.PENDING, JobState.RUNNING)
+
+
+@dataclasses.dataclass
+class JobInfo:
+    name: str
+    state: JobState
+    worker_type: Optional[str] = None
+    worker_index: Optional[int] = None
+    host: Optional[str] = None
+    pid: Optional[int] = None
+    submit_time: Optional[float] = None
+    start_time: Optional[float] = None
+    end_time: Optional[float] = None
+    exit_code: Optional[int] = None
+    log_path: Optional[str] = None
+
+
+class JobException(Exception):
+    """A job failed (or was cancelled / lost) while the trial was being watched."""
+
+    def __init__(self, run_name: str, worker_type: str, host: Optional[str], reason: str,
+                 worker_index: Optional[int] = None, exit_code: Optional[int] = None,
+                 log_tail: Optional[str] = None):
+        self.run_name = run_name
+        self.worker_type = worker_type
+        self.worker_index = worker_index
+        self.host = host
+        self.reason = reason
+        self.exit_code = exit_code
+        self.log_tail = log_tail
+        worker = worker_type if worker_index is None else f"{worker_type}-{worker_index}"
+        msg = f"Job {run_name}:{worker} failed on host {host or '?'}: {reason}"
+        if log_tail:
+            msg += f"\n--- last lines of its log ---\n{log_tail}"
+        super().__init__(msg)
+
+
+class SchedulerError(RuntimeError):
+    pass
+
+
+class SchedulerUnavailableError(SchedulerError, NotImplementedError):
+    """The requested scheduler mode is not available in this installation."""
+
+
+_PLACEHOLDERS = ("jobstep_id", "n_jobsteps", "worker_submission_index",
+                 "wprocs_per_jobstep", "wprocs_in_job", "wproc_offset")
+
+
+def format_command(cmd: Command, **values) -> Command:
+    """Replace known ``{placeholder}``s in a command string or argument list."""
+
+    def fill(s: str) -> str:
+        for k in _PLACEHOLDERS:
+            if k in values:
+                s = s.replace("{" + k + "}", str(values[k]))
+        return s
+
+    return fill(cmd) if isinstance(cmd, str) else [fill(a) for a in cmd]
+
+
+class SchedulerClient(abc.ABC):
+    """Submits and watches the jobs of one trial."""
+
+    def __init__(self, expr_name: str, trial_name: str):
+        self.expr_name = expr_name
+        self.trial_name = trial_name
+        self.run_name = f"{expr_name}_{trial_name}"
+
+    def job_name(self, worker_type: str, index: int) -> str:
+        return f"{self.run_name}:{worker_type}/{index}"
+
+    def submit(self, worker_type: str, cmd: Command, count: int = 1,
+               env: Optional[Dict[str, str]] = None, **kwargs) -> List[str]:
+        """Submit ``count`` jobs of ``worker_type``; returns their job names."""
+        return self.submit_array(worker_type, cmd, count, env=env, **kwargs)
+
+    @abc.abstractmethod
+    def submit_array(self, worker_type: str, cmd: Command, count: int,
+                     env: Optional[Dict[str, str]] = None, **kwargs) -> List[str]:
+        """Submit ``count`` jobs (indices continue after earlier submissions)."""
+
+    @abc.abstractmethod
+    def stop(self, job_name: str, signal: int = signal_lib.SIGTERM) -> None:
+        """Stop one job."""
+
+    @abc.abstractmethod
+    def stop_all(self, signal: int = signal_lib.SIGTERM) -> None:
+        """Stop every job of this client; must not return before they are gone."""
+
+    @abc.abstractmethod
+    def find(self, job_name: str) -> JobInfo:
+        """Info of one job (state NOT_FOUND if unknown)."""
+
+    @abc.abstractmethod
+    def find_all(self, job_name_regex: str = ".*") -> List[JobInfo]:
+        """Infos of every job whose name matches ``job_name_regex``."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: Optional[float] = None,
+             check_status: Iterable[JobState] = (JobState.CANCELLED, JobState.FAILED,
+                                                 JobState.NOT_FOUND),
+             remove_status: Iterable[JobState] = (JobState.COMPLETED,),
+             update: bool = False) -> List[JobInfo]:
+        """Block until every job reached a ``remove_status`` state.
+
+        A job entering a ``check_status`` state stops all jobs and raises
+        :class:`JobException`. Raises TimeoutError after ``timeout`` seconds
+        (jobs keep running). Returns the final infos of the removed jobs.
+        """
+
+
+# ---------------------------------------------------------------------- #
+# Registry.
+# ---------------------------------------------------------------------- #
+SchedulerFactory = Callable[..., SchedulerClient]
+_SCHEDULERS: Dict[str, SchedulerFactory] = {}
+
+
+def register_scheduler(mode: str, factory: SchedulerFactory) -> None:
+    _SCHEDULERS[mode] = factory
+
+
+def registered_modes() -> List[str]:
+    return sorted(_SCHEDULERS)
+
+
+def make(mode: str, expr_name: str, trial_name: str, **kwargs) -> SchedulerClient:
+    """Scheduler client for ``mode`` (``local``; ``slurm``/``ray`` raise)."""
+    if mode not in _SCHEDULERS:
+        raise ValueError(f"Unknown scheduler mode {mode!r}; known: {registered_modes()}.")
+    return _SCHEDULERS[mode](expr_name, trial_name, **kwargs)
+
+
+def _make_local(expr_name: str, trial_name: str, **kwargs) -> SchedulerClient:
+    from realhf.scheduler.local.client import LocalSchedulerClient
+
+    return LocalSchedulerClient(expr_name, trial_name, **kwargs)
+
+
+def _unavailable(mode: str, what: str) -> SchedulerFactory:
+    def factory(expr_name: str, trial_name: str, **kwargs) -> SchedulerClient:
+        raise SchedulerUnavailableError(
+            f"Scheduler mode {mode!r} is not available in this installation ({what}); "
+            f"use mode='local'. Available modes: "
+            f"{[m for m in registered_modes() if m not in ('slurm', 'ray')]}."
+        )
+
+    return factory
+
+
+register_scheduler("local", _make_local)
+register_scheduler("slurm", _unavailable("slurm", "no srun/pyxis launcher is implemented"))
+register_scheduler("ray", _unavailable("ray", "no Ray controller is implemented"))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)

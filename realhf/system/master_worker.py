@@ -1,0 +1,329 @@
+"""Master worker: walks the dataflow graph once per step and drives the model workers.
+
+The master holds only metadata. Per step it asks the data heads for the
+next batch (``fetch``), then for each call in graph order: runs its pre-hooks,
+assigns the batch's items to the call's dp ranks (each data head keeps its
+own items on the source model; elsewhere items are spread to balance
+tokens), tells workers which stored items to send to which ranks
+(``transfer``: tensors go worker to worker, never through the master), runs
+the call (``mfc``), records where the outputs now live, and runs its
+post-hooks. Calls run one at a time in topological order, so calls on one
+model always see parameters in version order. After each step: save /
+evaluate triggers, a log line, and the step's items are dropped.
+
+:class:`MasterCore` is transport-agnostic: ``transport.call_all(handle,
+data)`` sends a request to every model worker (``data`` a list gives each
+rank its own) and returns the replies in rank order, raising if a worker
+failed or timed out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pickle
+import time
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Set, Tuple
+
+import networkx as nx
+
+from realhf.api.core.config import ModelName
+from realhf.api.core.data_api import SequenceSample
+from realhf.api.core.dfg import MFCDef
+from realhf.api.core.model_api import FinetuneSpec
+from realhf.api.core.system_api import ExperimentConfig
+from realhf.base import constants, logging, timeutil
+from realhf.system.model_worker import data_head_ranks, source_rpc
+
+logger = logging.getLogger("master_worker")
+
+
+class WorkerTransport(Protocol):
+    n_workers: int
+
+    def call_all(self, handle: str, data: Any = None) -> List[Any]:
+        ...
+
+
+@dataclasses.dataclass
+class _Item:
+    """Where the keys of one sample item live: key -> ranks holding it (first = owner)."""
+
+    lengths: Dict[str, int]
+    holders: Dict[str, List[int]]
+
+
+@dataclasses.dataclass
+class StepLog:
+    epoch: int
+    epoch_step: int
+    global_step: int
+    seconds: float
+    n_tokens: int
+    stats: Dict[str, Dict[str, float]]
+
+
+class MasterCore:
+    """Runs an experiment to completion over ``transport``; see the module docstring."""
+
+    def __init__(self, cfg: ExperimentConfig, transport: WorkerTransport, experiment_name: str,
+                 trial_name: str, recover_dir: Optional[str] = None, save_recover_states: bool = False):
+        self.cfg = cfg
+        self.t = transport
+        self.exp, self.trial = experiment_name, trial_name
+        self.order = [next(r for r in cfg.model_rpcs if r.name == n) for n in nx.topological_sort(cfg.graph)]
+        self.src = source_rpc(cfg)
+        self.heads = data_head_ranks(cfg, self.src.model_name)
+        ctl = cfg.exp_ctrl
+        self.save_ctl = timeutil.EpochStepTimeFreqCtl(ctl.save_freq_epochs, ctl.save_freq_steps, ctl.save_freq_secs)
+        self.eval_ctl = timeutil.EpochStepTimeFreqCtl(ctl.eval_freq_epochs, ctl.eval_freq_steps, ctl.eval_freq_secs)
+        self.epoch = self.epoch_step = self.global_step = 0
+        self.recover_dir = recover_dir
+        self.save_recover_states = save_recover_states
+        self.history: List[StepLog] = []
+
+    # ----------------------------------------------------------------- layout
+    def _dp_ranks(self, name: ModelName) -> List[List[int]]:
+        """Global ranks of each dp group of ``name`` (all its tp and pp ranks)."""
+        layout = self.cfg.model_layouts[name]
+        topo = layout.topology
+        out: List[List[int]] = [[] for _ in range(topo.get_dim("data"))]
+        for local in range(topo.world_size()):
+            out[topo.get_coord(local).data].append(layout.to_global(local))
+        return out
+
+    def _last_stage_ranks(self, name: ModelName, dp_rank: int) -> List[int]:
+        layout = self.cfg.model_layouts[name]
+        topo = layout.topology
+        pp = topo.get_dim("pipe")
+        return [layout.to_global(topo.get_rank(pipe=pp - 1, data=dp_rank, model=t))
+                for t in range(topo.get_dim("model"))]
+
+    # ------------------------------------------------------------------ setup
+    def initialize(self) -> FinetuneSpec:
+        sizes = [s for s in self.t.call_all("spec") if s is not None]
+        if not sizes:
+            raise RuntimeError("No data head reported a dataset; check the model workers' datasets.")
+        spec = FinetuneSpec(self.cfg.exp_ctrl.total_train_epochs, sum(sizes), self.src.n_seqs)
+        for name in self.cfg.model_layouts:
+            self.t.call_all("initialize", {"model_name": name, "ft_spec": spec})
+        self.ft_spec = spec
+        return spec
+
+    # ------------------------------------------------------------------- data
+    def _fetch(self) -> Tuple[Dict[Any, _Item], Dict[int, List[Any]], bool]:
+        replies = self.t.call_all("fetch")
+        items: Dict[Any, _Item] = {}
+        by_head: Dict[int, List[Any]] = {}
+        epoch_done = False
+        for d, rank in enumerate(self.heads):
+            r = replies[rank]
+            meta: SequenceSample = r["meta"]
+            by_head[d] = list(meta.ids)
+            epoch_done = epoch_done or r["epoch_done"]
+            for i, id_ in enumerate(meta.ids):
+                lengths = {k: sum(meta.seqlens[k][i]) for k in meta.keys}
+                items[id_] = _Item(lengths, {k: [rank] for k in meta.keys})
+        return items, by_head, epoch_done
+
+    def _assign(self, rpc: MFCDef, items: Dict[Any, _Item], by_head: Dict[int, List[Any]]) -> List[List[Any]]:
+        """Item ids per dp rank of the call's model."""
+        dp = len(self._dp_ranks(rpc.model_name))
+        if rpc.model_name == self.src.model_name and len(by_head) == dp:
+            return [by_head[d] for d in range(dp)]
+        ids = [i for d in sorted(by_head) for i in by_head[d]]
+        if rpc.balanced_dp:
+            k = math.ceil(len(ids) / dp)
+            return [ids[j * k:(j + 1) * k] for j in range(dp)]
+        key = max(rpc.input_keys, key=lambda k: sum(items[i].lengths.get(k, 0) for i in ids)) if rpc.input_keys else None
+        load = [0] * dp
+        parts: List[List[Any]] = [[] for _ in range(dp)]
+        for i in sorted(ids, key=lambda i: -(items[i].lengths.get(key, 1) if key else 1)):
+            j = min(range(dp), key=lambda j: (load[j], len(parts[j])))
+            parts[j].append(i)
+            load[j] += items[i].lengths.get(key, 1) if key else 1
+        order = {i: n for n, i in enumerate(ids)}
+        return [sorted(p, key=order.__getitem__) for p in parts]
+
+    def _transfer_plan(self, rpc: MFCDef, assignment: List[List[Any]], items: Dict[Any, _Item]):
+        groups = self._dp_ranks(rpc.model_name)
+        plan: Dict[Tuple[int, Tuple[int, ...], Tuple[str, ...]], List[Any]] = defaultdict(list)
+        for d, ids in enumerate(assignment):
+            for i in ids:
+                it = items[i]
+                per_src: Dict[Tuple[int, Tuple[int, ...]], List[str]] = defaultdict(list)
+                for k in rpc.input_keys:
+                    if k not in it.holders:
+                        raise RuntimeError(f"MFC {rpc.name} needs key {k!r} of item {i!r}, which nobody holds.")
+                    dsts = tuple(r for r in groups[d] if r not in it.holders[k])
+                    if dsts:
+                        per_src[(it.holders[k][0], dsts)].append(k)
+                        it.holders[k].extend(dsts)
+                for (src, dsts), keys in per_src.items():
+                    plan[(src, dsts, tuple(keys))].append(i)
+        return [(src, list(dsts), ids, list(keys)) for (src, dsts, keys), ids in plan.items()]
+
+    # ------------------------------------------------------------------- step
+    def _run_hooks(self, rpc: MFCDef, hooks) -> None:
+        for h in hooks:
+            self.t.call_all("hook", {"hook": h, "call": rpc.model_name})
+
+    def _run_rpc(self, rpc: MFCDef, items: Dict[Any, _Item], by_head) -> Dict[str, float]:
+        self._run_hooks(rpc, rpc.pre_hooks)
+        assignment = self._assign(rpc, items, by_head)
+        plan = self._transfer_plan(rpc, assignment, items)
+        if plan:
+            self.t.call_all("transfer", plan)
+        replies = self.t.call_all("mfc", {"rpc": rpc.name, "ids": assignment})
+        stats: Dict[str, float] = {}
+        for rank, r in enumerate(replies):
+            if r is None:
+                continue
+            if r["meta"] is not None:
+                meta: SequenceSample = r["meta"]
+                holders = self._last_stage_ranks(rpc.model_name, r["dp_rank"])
+                holders = [rank] + [h for h in holders if h != rank]
+                for n, id_ in enumerate(meta.ids):
+                    for k in meta.keys:
+                        items[id_].holders[k] = list(holders)
+                        items[id_].lengths[k] = sum(meta.seqlens[k][n])
+            if isinstance(r["stats"], dict) and not stats:
+                stats = {k: float(v) for k, v in r["stats"].items() if isinstance(v, (int, float))}
+        self._run_hooks(rpc, rpc.post_hooks)
+        return stats
+
+    def _train_rpcs(self) -> List[MFCDef]:
+        return [r for r in self.order if r.is_train]
+
+    def save(self) -> List[str]:
+        dirs = []
+        for rpc in self._train_rpcs():
+            d = os.path.join(constants.get_save_path(self.exp, self.trial), rpc.role,
+                             f"epoch{self.epoch}epochstep{self.epoch_step}globalstep{self.global_step}")
+            self.t.call_all("save", {"model_name": rpc.model_name, "rpc": rpc.name, "save_dir": d})
+            dirs.append(d)
+            logger.info(f"Saved {rpc.role} to {d}")
+        return dirs
+
+    def evaluate(self) -> Dict[str, Dict[str, float]]:
+        out = {}
+        for rpc in self._train_rpcs():
+            replies = self.t.call_all("evaluate", {"model_name": rpc.model_name, "rpc": rpc.name})
+            stats = next((r for r in replies if r), None)
+            if stats:
+                out[rpc.name] = stats
+                logger.info(f"Evaluation {rpc.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+        self.last_eval = out
+        return out
+
+    # --------------------------------------------------------------- recovery
+    def _recover_state(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "epoch_step": self.epoch_step, "global_step": self.global_step,
+                "save_ctl": self.save_ctl.state_dict(), "eval_ctl": self.eval_ctl.state_dict()}
+
+    def dump_recover(self) -> None:
+        os.makedirs(self.recover_dir, exist_ok=True)
+        self.t.call_all("state", {"dir": self.recover_dir})
+        path = os.path.join(self.recover_dir, "recover_info.pkl")
+        with open(path + ".tmp", "wb") as f:
+            pickle.dump(self._recover_state(), f)
+        os.replace(path + ".tmp", path)
+
+    def load_recover(self) -> bool:
+        path = os.path.join(self.recover_dir or "", "recover_info.pkl")
+        if not self.recover_dir or not os.path.exists(path):
+            return False
+        with open(path, "rb") as f:
+            st = pickle.load(f)
+        self.t.call_all("load_state", {"dir": self.recover_dir})
+        self.epoch, self.epoch_step, self.global_step = st["epoch"], st["epoch_step"], st["global_step"]
+        self.save_ctl.load_state_dict(st["save_ctl"])
+        self.eval_ctl.load_state_dict(st["eval_ctl"])
+        logger.info(f"Resumed from {self.recover_dir} at global step {self.global_step}.")
+        return True
+
+    # -------------------------------------------------------------------- run
+    def total_steps(self) -> int:
+        total = self.ft_spec.total_train_steps
+        bench = self.cfg.exp_ctrl.benchmark_steps
+        return min(total, bench) if bench else total
+
+    def step(self) -> StepLog:
+        t0 = time.perf_counter()
+        items, by_head, epoch_done = self._fetch()
+        stats = {}
+        for rpc in self.order:
+            stats[rpc.name] = self._run_rpc(rpc, items, by_head)
+        n_tokens = sum(max(it.lengths.values(), default=0) for it in items.values())
+        self.t.call_all("clear", list(items))
+        self.global_step += 1
+        self.epoch_step += 1
+        if epoch_done:
+            self.epoch += 1
+            self.epoch_step = 0
+        log = StepLog(self.epoch, self.epoch_step, self.global_step, time.perf_counter() - t0, n_tokens, stats)
+        self.history.append(log)
+        return log
+
+    def run(self) -> List[StepLog]:
+        if not hasattr(self, "ft_spec"):
+            self.initialize()
+        self.load_recover()
+        total = self.total_steps()
+        start = time.perf_counter()
+        while self.global_step < total:
+            epoch_before = self.epoch
+            log = self.step()
+            new_epochs = self.epoch - epoch_before
+            elapsed = time.perf_counter() - start
+            done = self.global_step
+            eta = elapsed / max(1, len(self.history)) * (total - done)
+            parts = [f"{k}: " + ", ".join(f"{n}={v:.4g}" for n, v in s.items()) for k, s in log.stats.items() if s]
+            logger.info(
+                f"epoch {log.epoch + 1}/{self.cfg.exp_ctrl.total_train_epochs} step {log.epoch_step} "
+                f"global step {done}/{total} | {log.seconds:.2f}s, {log.n_tokens} tokens, "
+                f"{log.n_tokens / max(log.seconds, 1e-9):.0f} tokens/s, ETA {eta:.0f}s | " + " | ".join(parts)
+            )
+            last = done >= total
+            if self.eval_ctl.check(epochs=new_epochs, steps=1) or (last and self._has_eval()):
+                self.evaluate()
+            if self.save_ctl.check(epochs=new_epochs, steps=1) or last:
+                self.save()
+            if self.save_recover_states and self.recover_dir:
+                self.dump_recover()
+        return self.history
+
+    def _has_eval(self) -> bool:
+        ctl = self.cfg.exp_ctrl
+        return any(v is not None for v in (ctl.eval_freq_epochs, ctl.eval_freq_steps, ctl.eval_freq_secs))
+
+
+class PipeTransport:
+    """``call_all`` over multiprocessing connections to workers running ``serve_pipe`` (tests, single host)."""
+
+    def __init__(self, conns: Sequence[Any], timeout: float = 300.0):
+        self.conns = list(conns)
+        self.n_workers = len(self.conns)
+        self.timeout = timeout
+
+    def call_all(self, handle: str, data: Any = None) -> List[Any]:
+        for c in self.conns:
+            c.send((handle, data))
+        out = []
+        for rank, c in enumerate(self.conns):
+            if not c.poll(self.timeout):
+                raise TimeoutError(f"Model worker {rank} did not answer {handle!r} within {self.timeout}s.")
+            status, value = c.recv()
+            if status == "error":
+                raise RuntimeError(f"Model worker {rank} failed in {handle!r}:\n{value}")
+            out.append(value)
+        return out
+
+    def close(self) -> None:
+        for c in self.conns:
+            try:
+                c.send(("exit", None))
+            except (BrokenPipeError, OSError):
+                pass

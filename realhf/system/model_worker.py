@@ -1,0 +1,341 @@
+"""Model worker: owns model shards on one device and executes the master's requests.
+
+Every model worker is one rank of a torch.distributed world spanning all
+model workers. :class:`ModelWorkerCore` holds this rank's shards (model,
+backend, interfaces), the dataset shard when the rank is a *data head* (tp
+rank 0 on the last pipeline stage of the first call's model, one per dp
+rank), and a local store of sample items keyed by id. The master never sees
+tensors: it tells workers which items to send to whom (``transfer``), which
+call to run on which ids (``mfc``), and gets back metadata and statistics.
+
+Handlers (``handle(name, data)``):
+
+* ``spec`` -> dataset size on data heads (None elsewhere);
+* ``initialize`` -> the backend wraps the model for its FinetuneSpec;
+* ``fetch`` -> next batch of the data head's loader, kept locally, metadata returned;
+* ``transfer`` -> point-to-point exchange of stored items between ranks;
+* ``mfc`` -> run a call's interface on the given ids; outputs are stored
+  where they are produced; dp heads return output metadata and stats;
+* ``hook`` -> parameter reallocation / offload hooks;
+* ``evaluate`` / ``save`` -> the interface's evaluate / save;
+* ``clear`` -> forget items; ``state`` / ``load_state`` -> recovery states.
+
+Calls that are collective (mfc over a model's mesh, transfer, hooks) are
+sent to every worker; ranks without a part return at once.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+import realhf.impl.dataset  # noqa: F401  (registers datasets)
+import realhf.impl.model  # noqa: F401  (registers model families)
+import realhf.impl.model.backend  # noqa: F401  (registers backends)
+import realhf.impl.model.interface  # noqa: F401  (registers interfaces)
+import realhf.impl.model.real_model_factory  # noqa: F401  (registers "real_model")
+from realhf.api.core import model_api
+from realhf.api.core.config import ModelInterfaceType, ModelName
+from realhf.api.core.data_api import PackedDataLoader, SequenceSample, make_dataset
+from realhf.api.core.dfg import MFCDef
+from realhf.api.core.model_api import FinetuneSpec, MicroBatchSpec
+from realhf.api.core.system_api import ExperimentConfig
+from realhf.base import constants, logging, seeding
+from realhf.impl.model.comm import global_comm
+from realhf.impl.model.comm.realloc_hooks import Replica, run_hook
+from realhf.impl.model.parallelism.pipeline_parallel import p2p
+
+logger = logging.getLogger("model_worker")
+
+
+def data_head_ranks(cfg: ExperimentConfig, model_name: ModelName) -> List[int]:
+    """Global rank of (last pp stage, tp 0) for each dp rank of ``model_name``, in dp order."""
+    layout = cfg.model_layouts[model_name]
+    topo = layout.topology
+    pp, dp = topo.get_dim("pipe"), topo.get_dim("data")
+    return [layout.to_global(topo.get_rank(pipe=pp - 1, data=d, model=0)) for d in range(dp)]
+
+
+def source_rpc(cfg: ExperimentConfig) -> MFCDef:
+    """The first call in graph order that reads dataset keys: its model's data heads load the data."""
+    import networkx as nx
+
+    order = list(nx.topological_sort(cfg.graph))
+    by_name = {r.name: r for r in cfg.model_rpcs}
+    for n in order:
+        r = by_name[n]
+        if r.is_src:
+            return r
+    return by_name[order[0]]
+
+
+def _to_bytes(obj: Any) -> torch.Tensor:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def _from_bytes(t: torch.Tensor) -> Any:
+    return torch.load(io.BytesIO(t.numpy().tobytes()), weights_only=False)
+
+
+class ModelWorkerCore:
+    """One model worker's state and request handlers (transport-agnostic)."""
+
+    def __init__(self, cfg: ExperimentConfig, rank: int, experiment_name: str, trial_name: str):
+        self.cfg = cfg
+        self.rank = rank
+        self.experiment_name = experiment_name
+        self.trial_name = trial_name
+        self.spec = cfg.model_worker[rank]
+        self.models: Dict[ModelName, model_api.Model] = {}
+        self.backends: Dict[ModelName, model_api.ModelBackend] = {}
+        self.interfaces: Dict[str, model_api.ModelInterface] = {}
+        self.store: Dict[Any, SequenceSample] = {}
+        self.dataset = None
+        self.loader: Optional[PackedDataLoader] = None
+        self.eval_loaders: Dict[ModelName, Any] = {}
+        self._handlers: Dict[str, Callable[[Any], Any]] = {
+            "spec": self._spec, "initialize": self._initialize, "fetch": self._fetch, "transfer": self._transfer,
+            "mfc": self._mfc, "hook": self._hook, "evaluate": self._evaluate, "save": self._save,
+            "clear": self._clear, "state": self._state, "load_state": self._load_state, "ping": lambda d: "pong",
+        }
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Create groups and models; torch.distributed must already span all model workers."""
+        cfg = self.cfg
+        constants.set_experiment_trial_names(self.experiment_name, self.trial_name)
+        global_comm.setup_global_comm(cfg.model_layouts)
+        seeding.set_random_seed(cfg.seed, f"model_worker{self.rank}")
+        for shard in self.spec.shards:
+            name = shard.id.model_name
+            with constants.model_scope(name):
+                args = dict(shard.model.args)
+                if shard.model.type_ == "real_model":
+                    args.setdefault("instantiate", shard.should_instantiate)
+                    args.setdefault("seed", cfg.seed)
+                mcfg = type(shard.model)(shard.model.type_, args=args, wrappers=shard.model.wrappers)
+                self.models[name] = model_api.make_model(mcfg, name, device=self.spec.device)
+                self.backends[name] = model_api.make_backend(shard.backend)
+        for rpc in cfg.model_rpcs:
+            if rpc.model_name in self.models:
+                self.interfaces[rpc.name] = model_api.make_interface(rpc.interface_impl)
+        src = source_rpc(cfg)
+        heads = data_head_ranks(cfg, src.model_name)
+        if self.rank in heads and self.spec.datasets:
+            dp_rank, dp = heads.index(self.rank), len(heads)
+            tok = self.models[src.model_name].tokenizer or self.spec.tokenizer_name_or_path
+            self.dataset = make_dataset(self.spec.datasets[0], cfg.seed, dp_rank, dp, tok,
+                                        self.experiment_name, self.trial_name)
+            self.loader = PackedDataLoader(self.dataset, batch_size=max(1, src.n_seqs // dp), shuffle=True,
+                                           seed=cfg.seed + dp_rank)
+            self._batches = iter(())
+        for shard in self.spec.shards:
+            if shard.eval_dataset is not None:
+                name = shard.id.model_name
+                with constants.model_scope(name):
+                    d = constants.data_parallel_rank()
+                    n = constants.data_parallel_world_size()
+                tok = self.models[name].tokenizer or self.spec.tokenizer_name_or_path
+                ds = make_dataset(shard.eval_dataset, cfg.seed, d, n, tok)
+                self.eval_loaders[name] = PackedDataLoader(ds, batch_size=max(1, shard.eval_bs // n), shuffle=False)
+
+    def handle(self, name: str, data: Any) -> Any:
+        if name not in self._handlers:
+            raise KeyError(f"Model worker has no handler {name!r}; known: {sorted(self._handlers)}.")
+        return self._handlers[name](data)
+
+    # --------------------------------------------------------------- handlers
+    def _spec(self, _: Any) -> Optional[int]:
+        return None if self.dataset is None else len(self.dataset)
+
+    def _initialize(self, data: Dict[str, Any]) -> None:
+        name, ft_spec = data["model_name"], data["ft_spec"]
+        if name not in self.models:
+            return None
+        with constants.model_scope(name):
+            model = self.models[name]
+            if model.module is not None and getattr(model.module, "instantiated", True):
+                self.models[name] = self.backends[name].initialize(model, ft_spec)
+            else:
+                model.ft_spec = ft_spec
+        return None
+
+    def _fetch(self, _: Any) -> Optional[Dict[str, Any]]:
+        if self.loader is None:
+            return None
+        epoch = self.loader.epoch
+        batch = next(iter(self.loader), None)
+        if batch is None:  # the previous call ended the epoch
+            batch = next(iter(self.loader))
+        items = batch.unpack()
+        for it in items:
+            self.store[it.ids[0]] = it
+        return {"meta": batch.meta(), "epoch": epoch, "epoch_done": self.loader.epoch != epoch}
+
+    def _transfer(self, plan: Sequence[Tuple[int, Sequence[int], List[Any], List[str]]]) -> None:
+        """``plan``: (src rank, dst ranks, ids, keys); this rank sends or receives its part."""
+        sends, srcs = [], []
+        for src, dsts, ids, keys in plan:
+            if src == self.rank:
+                payload = _to_bytes(SequenceSample.gather([self.store[i] for i in ids]).select(keys))
+                sends += [(payload, d) for d in dsts if d != self.rank]
+            elif self.rank in dsts:
+                srcs.append(src)
+        if not sends and not srcs:
+            return None
+        for t in p2p.batch_send_recv(sends, srcs):
+            for it in _from_bytes(t).unpack():
+                self._put(it)
+        return None
+
+    def _put(self, item: SequenceSample) -> None:
+        i = item.ids[0]
+        if i in self.store:
+            missing = [k for k in item.keys if k not in self.store[i].keys]
+            if missing:
+                self.store[i].update_(item.select(missing))
+        else:
+            self.store[i] = item
+
+    def _input(self, rpc: MFCDef, ids: Sequence[Any]) -> SequenceSample:
+        missing = [(i, k) for i in ids for k in rpc.input_keys if i not in self.store or k not in self.store[i].keys]
+        if missing:
+            raise RuntimeError(f"MFC {rpc.name} on rank {self.rank}: items/keys not here: {missing[:5]}.")
+        sample = SequenceSample.gather([self.store[i] for i in ids]).select(list(rpc.input_keys))
+        if rpc.input_key_remap:
+            sample.remap_keys_(rpc.input_key_remap)
+        return sample
+
+    def _mfc(self, data: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        rpc = next(r for r in self.cfg.model_rpcs if r.name == data["rpc"])
+        name = rpc.model_name
+        if name not in self.models:
+            return None
+        with constants.model_scope(name):
+            d = constants.data_parallel_rank()
+            is_head = constants.is_last_pipe_stage() and constants.tensor_parallel_rank() == 0
+            last_stage = constants.is_last_pipe_stage()
+            sample = self._input(rpc, data["ids"][d])
+            model, iface = self.models[name], self.interfaces[rpc.name]
+            mb_spec = MicroBatchSpec(n_mbs=rpc.n_mbs or 1)
+            kind = rpc.interface_type
+            if kind == ModelInterfaceType.TRAIN_STEP:
+                out = iface.train_step(model, sample, mb_spec)
+                model.inc_version()
+            elif kind == ModelInterfaceType.INFERENCE:
+                out = iface.inference(model, sample, mb_spec)
+            elif kind == ModelInterfaceType.GENERATE:
+                out = iface.generate(model, sample, mb_spec)
+            else:
+                out = iface.evaluate(model, self.eval_loaders.get(name))
+        meta = None
+        if isinstance(out, SequenceSample):
+            if rpc.output_key_remap:
+                out.remap_keys_(rpc.output_key_remap)
+            if last_stage:
+                for it in out.unpack():
+                    self._put(it)
+            meta = out.meta()
+            out = None
+        if not is_head:
+            return None
+        return {"dp_rank": d, "meta": meta, "stats": out}
+
+    def _replicas(self) -> Dict[ModelName, Replica]:
+        trainable = {r.model_name for r in self.cfg.model_rpcs if r.is_train}
+        reps = {}
+        for name, layout in self.cfg.model_layouts.items():
+            m = self.models.get(name)
+            module = None if m is None else m.module
+            module = getattr(module, "module", module)  # engines wrap the ReaLModel
+            config = module.config if module is not None else self._config_of(name)
+            reps[name] = Replica(name, config, layout, module, trainable=name in trainable)
+        return reps
+
+    def _config_of(self, name: ModelName):
+        """Config of a replica this rank does not host (any host has it; all share one config per role)."""
+        for other, m in self.models.items():
+            if other.role == name.role and m.module is not None:
+                return getattr(m.module, "module", m.module).config
+        return None
+
+    def _hook(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        return run_hook(data["hook"], data["call"], self._replicas())
+
+    def _evaluate(self, data: Dict[str, Any]) -> Optional[Dict[str, float]]:
+        name = data["model_name"]
+        if name not in self.models or name not in self.eval_loaders:
+            return None
+        with constants.model_scope(name):
+            stats = self.interfaces[data["rpc"]].evaluate(self.models[name], self.eval_loaders[name])
+            head = constants.is_last_pipe_stage() and constants.tensor_parallel_rank() == 0 \
+                and constants.data_parallel_rank() == 0
+        return stats if head else None
+
+    def _save(self, data: Dict[str, Any]) -> None:
+        name = data["model_name"]
+        if name not in self.models:
+            return None
+        with constants.model_scope(name):
+            self.interfaces[data["rpc"]].save(self.models[name], data["save_dir"])
+        return None
+
+    def _clear(self, ids: Sequence[Any]) -> None:
+        for i in ids:
+            self.store.pop(i, None)
+        return None
+
+    # --------------------------------------------------------------- recovery
+    def _state(self, data: Dict[str, Any]) -> None:
+        """Save this rank's trainable engine states and loader position under ``data['dir']``."""
+        out = os.path.join(data["dir"], f"model_worker{self.rank}")
+        os.makedirs(out, exist_ok=True)
+        state: Dict[str, Any] = {"rng": seeding.get_rng_state()}
+        if self.loader is not None:
+            state["loader"] = self.loader.state_dict()
+        for name, m in self.models.items():
+            eng = m.module
+            if hasattr(eng, "state_dict") and hasattr(eng, "optim"):
+                state[f"engine/{name}"] = eng.state_dict()
+                state[f"params/{name}"] = eng.module.flat_param.detach().clone()
+                state[f"version/{name}"] = (m.version.epoch, m.version.epoch_step, m.version.global_step)
+        tmp = os.path.join(out, f"state.pt.tmp{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(out, "state.pt"))
+        return None
+
+    def _load_state(self, data: Dict[str, Any]) -> None:
+        path = os.path.join(data["dir"], f"model_worker{self.rank}", "state.pt")
+        state = torch.load(path, weights_only=False)
+        if self.loader is not None and "loader" in state:
+            self.loader.load_state_dict(state["loader"])
+        seeding.set_rng_state(state["rng"])
+        for name, m in self.models.items():
+            if f"engine/{name}" in state:
+                with torch.no_grad():
+                    m.module.module.flat_param.copy_(state[f"params/{name}"])
+                m.module.load_state_dict(state[f"engine/{name}"])
+                m.version.epoch, m.version.epoch_step, m.version.global_step = state[f"version/{name}"]
+        return None
+
+
+def serve_pipe(core: ModelWorkerCore, conn) -> None:
+    """Serve requests arriving on a multiprocessing connection until ``exit`` (tests, in-process runs)."""
+    import traceback
+
+    while True:
+        name, data = conn.recv()
+        if name == "exit":
+            conn.send(("ok", None))
+            return
+        try:
+            conn.send(("ok", core.handle(name, data)))
+        except Exception:  # reported to the master with the traceback
+            conn.send(("error", traceback.format_exc()))
