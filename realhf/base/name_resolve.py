@@ -210,10 +210,17 @@ class FileNameRecordRepository(NameRecordRepository):
 
     def __init__(self, fileroot: Optional[str] = None):
         super().__init__()
-        if fileroot is None:
-            fileroot = os.path.join(constants.get_fileroot(), "name_resolve")
-        self.fileroot = os.path.abspath(fileroot)
+        # Without an explicit root, follow $REAL_FILEROOT at each use, so a
+        # process that launches several trials under different roots (tests)
+        # writes where its workers will read.
+        self._explicit_root = None if fileroot is None else os.path.abspath(fileroot)
         os.makedirs(self.fileroot, exist_ok=True)
+
+    @property
+    def fileroot(self) -> str:
+        if self._explicit_root is not None:
+            return self._explicit_root
+        return os.path.abspath(os.path.join(constants.get_fileroot(), "name_resolve"))
 
     def _dir(self, key: str) -> str:
         parts = key.split("/")

@@ -42,6 +42,17 @@ class ProcessTopology:
         self._strides: List[int] = [math.prod(dims[i + 1 :]) for i in range(len(dims))]
         self._world_size = math.prod(dims)
 
+    # The coordinate namedtuple class is made per instance, so it cannot be
+    # pickled by reference; rebuild it when a topology crosses processes.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("ProcessCoord", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.ProcessCoord = collections.namedtuple("ProcessCoord", self.axes)
+
     # ------------------------------------------------------------------ #
     # Basic maps.
     # ------------------------------------------------------------------ #

@@ -224,12 +224,22 @@ class MasterCore:
                 "save_ctl": self.save_ctl.state_dict(), "eval_ctl": self.eval_ctl.state_dict()}
 
     def dump_recover(self) -> None:
+        """Worker states go to a per-step directory; ``recover_info.pkl`` (written last,
+        atomically) names it, so a crash mid-dump leaves the previous state usable."""
+        import shutil
+
         os.makedirs(self.recover_dir, exist_ok=True)
-        self.t.call_all("state", {"dir": self.recover_dir})
+        step_dir = os.path.join(self.recover_dir, f"globalstep{self.global_step}")
+        self.t.call_all("state", {"dir": step_dir})
+        info = dict(self._recover_state(), dir=step_dir)
         path = os.path.join(self.recover_dir, "recover_info.pkl")
         with open(path + ".tmp", "wb") as f:
-            pickle.dump(self._recover_state(), f)
+            pickle.dump(info, f)
         os.replace(path + ".tmp", path)
+        for name in os.listdir(self.recover_dir):
+            full = os.path.join(self.recover_dir, name)
+            if name.startswith("globalstep") and full != step_dir:
+                shutil.rmtree(full, ignore_errors=True)
 
     def load_recover(self) -> bool:
         path = os.path.join(self.recover_dir or "", "recover_info.pkl")
@@ -237,11 +247,11 @@ class MasterCore:
             return False
         with open(path, "rb") as f:
             st = pickle.load(f)
-        self.t.call_all("load_state", {"dir": self.recover_dir})
+        self.t.call_all("load_state", {"dir": st["dir"]})
         self.epoch, self.epoch_step, self.global_step = st["epoch"], st["epoch_step"], st["global_step"]
         self.save_ctl.load_state_dict(st["save_ctl"])
         self.eval_ctl.load_state_dict(st["eval_ctl"])
-        logger.info(f"Resumed from {self.recover_dir} at global step {self.global_step}.")
+        logger.info(f"Resumed from {st['dir']} at global step {self.global_step}.")
         return True
 
     # -------------------------------------------------------------------- run
@@ -286,6 +296,7 @@ class MasterCore:
                 f"global step {done}/{total} | {log.seconds:.2f}s, {log.n_tokens} tokens, "
                 f"{log.n_tokens / max(log.seconds, 1e-9):.0f} tokens/s, ETA {eta:.0f}s | " + " | ".join(parts)
             )
+            self._write_stats(log, eta)
             last = done >= total
             if self.eval_ctl.check(epochs=new_epochs, steps=1) or (last and self._has_eval()):
                 self.evaluate()
@@ -294,6 +305,17 @@ class MasterCore:
             if self.save_recover_states and self.recover_dir:
                 self.dump_recover()
         return self.history
+
+    def _write_stats(self, log: StepLog, eta: float) -> None:
+        """One JSON line per step in ``<log dir>/stats.jsonl`` (full precision, for tools and tests)."""
+        import json
+
+        d = constants.get_log_path(self.exp, self.trial)
+        os.makedirs(d, exist_ok=True)
+        rec = dataclasses.asdict(log)
+        rec["eta_s"] = eta
+        with open(os.path.join(d, "stats.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def _has_eval(self) -> bool:
         ctl = self.cfg.exp_ctrl
@@ -327,3 +349,42 @@ class PipeTransport:
                 c.send(("exit", None))
             except (BrokenPipeError, OSError):
                 pass
+
+
+# ---------------------------------------------------------------------------
+# The master worker process (launched by realhf.apps.remote, type "master_worker")
+# ---------------------------------------------------------------------------
+from realhf.system.worker_base import PollResult, Worker, WorkerExit, register_worker  # noqa: E402
+
+
+class MasterWorker(Worker):
+    """Runs :class:`MasterCore` over a ZeroMQ :class:`MasterStream` to all model workers.
+
+    Config: ``{"experiment_config": path, "recover_dir": str or None,
+    "save_recover_states": bool, "request_timeout": seconds}``.
+    """
+
+    def _configure(self, config: Dict[str, Any]) -> None:
+        from realhf.system.request_reply_stream import MasterStream
+
+        with open(config["experiment_config"], "rb") as f:
+            cfg: ExperimentConfig = pickle.load(f)
+        names = [f"model_worker/{i}" for i in range(cfg.n_model_workers)]
+        self.stream = MasterStream(self.experiment_name, self.trial_name, names,
+                                   timeout_s=config.get("request_timeout", 3600.0))
+        self.core = MasterCore(cfg, self.stream, self.experiment_name, self.trial_name,
+                               recover_dir=config.get("recover_dir"),
+                               save_recover_states=bool(config.get("save_recover_states", False)))
+
+    def _poll(self) -> PollResult:
+        self.core.run()
+        self.stream.call_all("exit")
+        raise WorkerExit()
+
+    def _exit_hook(self, status) -> None:
+        stream = getattr(self, "stream", None)
+        if stream is not None:
+            stream.close()
+
+
+register_worker("master_worker", MasterWorker)

@@ -339,3 +339,66 @@ def serve_pipe(core: ModelWorkerCore, conn) -> None:
             conn.send(("ok", core.handle(name, data)))
         except Exception:  # reported to the master with the traceback
             conn.send(("error", traceback.format_exc()))
+
+
+# ---------------------------------------------------------------------------
+# The model worker process (launched by realhf.apps.remote, type "model_worker")
+# ---------------------------------------------------------------------------
+from realhf.system.worker_base import PollResult, Worker, WorkerExit, register_worker  # noqa: E402
+
+
+def rendezvous_key(experiment: str, trial: str) -> str:
+    return f"{constants.get_user()}/{experiment}/{trial}/distributed/master"
+
+
+class ModelWorker(Worker):
+    """Serves :class:`ModelWorkerCore` handlers over a ZeroMQ :class:`WorkerStream`.
+
+    Config: ``{"experiment_config": path to the pickled ExperimentConfig}``.
+    Rank 0 publishes the torch.distributed rendezvous address through
+    name_resolve; every worker joins the gloo (CPU) or NCCL (GPU) world.
+    """
+
+    def _configure(self, config: Dict[str, Any]) -> None:
+        from realhf.base import name_resolve, network
+        from realhf.system.request_reply_stream import WorkerStream
+
+        with open(config["experiment_config"], "rb") as f:
+            cfg: ExperimentConfig = pickle.load(f)
+        rank, world = self.worker_index, cfg.n_model_workers
+        key = rendezvous_key(self.experiment_name, self.trial_name)
+        if rank == 0:
+            addr = f"{network.gethostip()}:{network.find_free_port()}"
+            name_resolve.add(key, addr, replace=True)
+        else:
+            addr = name_resolve.wait(key, timeout=300)
+        torch.set_num_threads(int(os.environ.get("REAL_WORKER_THREADS", "1")))
+        backend = "nccl" if cfg.model_worker[rank].device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{addr}", rank=rank, world_size=world)
+        self.core = ModelWorkerCore(cfg, rank, self.experiment_name, self.trial_name)
+        self.core.setup()
+        self.stream = WorkerStream(self.experiment_name, self.trial_name, self.name)
+
+    def _poll(self) -> PollResult:
+        req = self.stream.poll(block=True, timeout=0.05)
+        if req is None:
+            return PollResult()
+        if req.handle_name == "exit":
+            self.stream.reply(req, None)
+            raise WorkerExit()
+        try:
+            self.stream.reply(req, self.core.handle(req.handle_name, req.data))
+        except Exception as e:
+            self.stream.reply(req, exception=e)
+            raise
+        return PollResult(sample_count=1, batch_count=1)
+
+    def _exit_hook(self, status) -> None:
+        stream = getattr(self, "stream", None)
+        if stream is not None:
+            stream.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+register_worker("model_worker", ModelWorker)

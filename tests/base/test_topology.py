@@ -199,3 +199,13 @@ def test_invalid_inputs():
         topo.get_coord(8)
     with pytest.raises(ValueError, match="Unknown axis"):
         topo.get_dim("tensor")
+
+
+def test_topology_pickles_across_processes():
+    import pickle
+
+    from realhf.base.topology import PipeDataModelParallelTopology
+
+    t = PipeDataModelParallelTopology(2, 2, 2, sequence_parallel=True)
+    u = pickle.loads(pickle.dumps(t))
+    assert u.get_coord(5) == t.get_coord(5) and u.sequence_parallel and u.get_dim_dict() == t.get_dim_dict()

@@ -1,0 +1,47 @@
+"""Quickstart experiment configs, allocation modes and the command line.
+
+``PPOHyperparameters`` is loaded lazily (its module imports torch).
+"""
+
+import importlib
+from typing import Any
+
+from realhf.api.quickstart.allocation import (
+    AllocationMode,
+    check_parallel_fits,
+    parse_allocation_mode,
+    resolve_allocations,
+)
+from realhf.api.quickstart.base import ConfigError
+from realhf.api.quickstart.dataset import (
+    PairedComparisonDatasetConfig,
+    PromptAnswerDatasetConfig,
+    PromptOnlyDatasetConfig,
+)
+from realhf.api.quickstart.experiment import CommonExperimentConfig, ExperimentSaveEvalControl, SFTConfig
+from realhf.api.quickstart.model import (
+    AllocationConfig,
+    LoRAConfig,
+    MFCConfig,
+    ModelTrainEvalConfig,
+    OptimizerConfig,
+    ParallelismConfig,
+)
+
+_LAZY = {"PPOHyperparameters": "realhf.api.quickstart.ppo"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'realhf.api.quickstart' has no attribute {name!r}")
+
+
+__all__ = [
+    "AllocationConfig", "AllocationMode", "CommonExperimentConfig", "ConfigError", "ExperimentSaveEvalControl",
+    "LoRAConfig", "MFCConfig", "ModelTrainEvalConfig", "OptimizerConfig", "PPOHyperparameters",
+    "PairedComparisonDatasetConfig", "ParallelismConfig", "PromptAnswerDatasetConfig", "PromptOnlyDatasetConfig",
+    "SFTConfig", "check_parallel_fits", "parse_allocation_mode", "resolve_allocations",
+]

@@ -1,0 +1,258 @@
+"""Experiment-level configs: the common base of every quickstart experiment and SFT.
+
+Contract differences from ReaLHF v0.3 (``realhf-reference.md`` section 2):
+``mode`` defaults to ``"local"``; on CPU a "GPU" is one worker process, so
+``n_gpus_per_node`` counts worker processes per node.
+
+An experiment subclass adds its models, allocations and dataset as fields and
+describes its model function calls (MFCs) through the properties
+``mfc_names``, ``train_mfc_names``, ``allocations``, ``allocation_keys`` and
+``mfc_models``; its ``validate()`` first calls ``super().validate()``, then
+validates its own fields, then ``self.resolved_allocations()`` (see
+:class:`SFTConfig`).
+"""
+
+import dataclasses
+import datetime
+import importlib.util
+import re
+import shutil
+from typing import Dict, Optional, Sequence, Tuple
+
+from omegaconf import MISSING
+
+from realhf.api.quickstart.allocation import _expand_nodelist, parse_allocation_mode, resolve_allocations
+from realhf.api.quickstart.base import (
+    ConfigError,
+    check_choice,
+    check_positive_int,
+    check_range,
+    cuda_available,
+    join_key,
+)
+from realhf.api.quickstart.dataset import PromptAnswerDatasetConfig
+from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig, load_real_config
+
+MODES = ("local", "ray", "slurm")
+RECOVER_MODES = ("auto", "save", "resume", "disabled")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def default_trial_name() -> str:
+    """``run<timestamp>``, e.g. ``run20240101120000`` (valid: no ``_``)."""
+    return "run" + datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+
+
+def _is_missing(value) -> bool:
+    return value is None or value == MISSING
+
+
+@dataclasses.dataclass
+class ExperimentSaveEvalControl:
+    """When to save, evaluate and stop. Any trigger that is set fires; a step is one pass over the dataflow graph.
+
+    :param total_train_epochs: epochs over the training data.
+    :param save_freq_epochs / save_freq_steps / save_freq_secs: save triggers (None = off).
+    :param eval_freq_epochs / eval_freq_steps / eval_freq_secs: evaluation triggers (None = off).
+    :param benchmark_steps: stop after this many steps (None = run all epochs).
+    """
+
+    total_train_epochs: int = 1
+    save_freq_epochs: Optional[int] = None
+    save_freq_steps: Optional[int] = None
+    save_freq_secs: Optional[int] = None
+    eval_freq_epochs: Optional[int] = None
+    eval_freq_steps: Optional[int] = None
+    eval_freq_secs: Optional[int] = None
+    benchmark_steps: Optional[int] = None
+
+    def validate(self, prefix: str = "exp_ctrl") -> None:
+        check_positive_int(join_key(prefix, "total_train_epochs"), self.total_train_epochs)
+        for f in dataclasses.fields(self):
+            if f.name != "total_train_epochs":
+                check_positive_int(join_key(prefix, f.name), getattr(self, f.name), allow_none=True)
+
+
+@dataclasses.dataclass
+class CommonExperimentConfig:
+    """Fields shared by all quickstart experiments.
+
+    :param experiment_name: required; no ``_`` or ``/``.
+    :param trial_name: required (the CLI fills ``run<timestamp>``); no ``_`` or ``/``.
+    :param mode: launcher: "local" (default; subprocesses on this machine),
+        "ray" or "slurm".
+    :param debug: False runs workers with ``python -O`` (asserts off).
+    :param partition: Slurm partition.
+    :param wandb_mode: "online", "offline" or "disabled".
+    :param image_name: Slurm container image override.
+    :param recover_mode: "auto", "save", "resume" or "disabled".
+    :param recover_retries: relaunches in "auto" recover mode.
+    :param ignore_worker_error: keep going when a worker fails (recover_mode
+        must be "disabled").
+    :param allocation_mode: see :mod:`realhf.api.quickstart.allocation`.
+    :param allocation_use_cache: reuse a cached searched allocation.
+    :param n_nodes: number of nodes ("local" needs 1).
+    :param n_gpus_per_node: devices per node; on CPU, worker processes per node.
+    :param nodelist: Slurm nodelist, e.g. ``NODE[01-02]``.
+    :param seed: random seed.
+    :param cache_clear_freq: empty the CUDA cache every N steps (None = never).
+    :param exp_ctrl: save / evaluation / stop control.
+    """
+
+    experiment_name: str = MISSING
+    trial_name: str = MISSING
+    mode: str = "local"
+    debug: bool = True
+    partition: str = "dev"
+    wandb_mode: str = "disabled"
+    image_name: Optional[str] = None
+    recover_mode: str = "disabled"
+    recover_retries: int = 1
+    ignore_worker_error: bool = False
+    allocation_mode: str = "pipe_model"
+    allocation_use_cache: bool = False
+    n_nodes: int = 1
+    n_gpus_per_node: int = 8
+    nodelist: Optional[str] = None
+    seed: int = 1
+    cache_clear_freq: Optional[int] = 10
+    exp_ctrl: ExperimentSaveEvalControl = dataclasses.field(default_factory=ExperimentSaveEvalControl)
+
+    # ---- description of the experiment's MFCs (overridden by subclasses) ----
+    @property
+    def n_workers(self) -> int:
+        """Model worker processes (devices) of the whole cluster."""
+        return self.n_nodes * self.n_gpus_per_node
+
+    @property
+    def allocations(self) -> Dict[str, MFCConfig]:
+        """MFC name -> its MFCConfig field (used by ``manual`` and for ``n_mbs``)."""
+        return {}
+
+    @property
+    def mfc_names(self) -> Sequence[str]:
+        return tuple(self.allocations)
+
+    @property
+    def train_mfc_names(self) -> Sequence[str]:
+        return ()
+
+    @property
+    def allocation_keys(self) -> Dict[str, str]:
+        """MFC name -> dotted key of its MFCConfig field (for messages)."""
+        return {n: n for n in self.mfc_names}
+
+    @property
+    def mfc_models(self) -> Dict[str, Tuple[str, ModelTrainEvalConfig]]:
+        """MFC name -> (dotted key, model config) of the model it runs."""
+        return {}
+
+    # ---- validation ----
+    def validate(self) -> None:
+        for name in ("experiment_name", "trial_name"):
+            value = getattr(self, name)
+            if _is_missing(value) or not str(value):
+                hint = "my-exp" if name == "experiment_name" else "run1"
+                raise ConfigError(f"{name} is required; pass e.g. {name}={hint}.")
+            bad = re.findall(r"[_/]", str(value))
+            if bad:
+                raise ConfigError(
+                    f"{name}={value!r} contains {sorted(set(bad))}; '_' and '/' are not allowed "
+                    "(they separate names in logs and name_resolve keys); use '-' instead."
+                )
+        check_choice("mode", self.mode, MODES)
+        check_choice("wandb_mode", self.wandb_mode, WANDB_MODES)
+        check_choice("recover_mode", self.recover_mode, RECOVER_MODES)
+        check_range("recover_retries", self.recover_retries, 0)
+        if self.ignore_worker_error and self.recover_mode != "disabled":
+            raise ConfigError(
+                f"ignore_worker_error=True needs recover_mode='disabled', got recover_mode={self.recover_mode!r}."
+            )
+        check_positive_int("n_nodes", self.n_nodes)
+        check_positive_int("n_gpus_per_node", self.n_gpus_per_node)
+        check_range("seed", self.seed, 0)
+        check_positive_int("cache_clear_freq", self.cache_clear_freq, allow_none=True)
+        if self.nodelist is not None:
+            _expand_nodelist(self.nodelist, "nodelist")
+        if self.mode == "local":
+            if self.n_nodes != 1:
+                raise ConfigError(f"n_nodes={self.n_nodes} with mode='local'; local runs use one node (n_nodes=1).")
+            if cuda_available():
+                import torch
+
+                n_dev = torch.cuda.device_count()
+                if self.n_gpus_per_node > n_dev:
+                    raise ConfigError(
+                        f"n_gpus_per_node={self.n_gpus_per_node} but this machine has {n_dev} CUDA devices."
+                    )
+        elif self.mode == "slurm":
+            if shutil.which("sbatch") is None:
+                raise ConfigError(
+                    "mode='slurm' needs a Slurm cluster, but 'sbatch' is not on PATH here; "
+                    "use mode=local (this machine) or mode=ray, or run from a Slurm login node."
+                )
+        elif self.mode == "ray":
+            if importlib.util.find_spec("ray") is None:
+                raise ConfigError("mode='ray' needs the 'ray' package (pip install ray); or use mode=local.")
+        self.exp_ctrl.validate("exp_ctrl")
+        parse_allocation_mode(self.allocation_mode)
+
+    def resolved_allocations(self) -> Dict[str, MFCConfig]:
+        """Per-MFC allocations after applying ``allocation_mode`` (checks the layouts fit the models)."""
+        model_configs = {}
+        for mfc, (key, model) in self.mfc_models.items():
+            try:
+                real = load_real_config(model)
+            except Exception as e:  # a checkpoint config the family cannot read
+                raise ConfigError(f"{key}.path={model.path!r}: cannot read its config.json as family "
+                    f"{key}.type._class={model.type._class!r} ({type(e).__name__}: {e}); does the family match "
+                    "the checkpoint?") from None
+            if real is not None:
+                model_configs[mfc] = real
+        return resolve_allocations(
+            self,
+            self.mfc_names,
+            train_mfc_names=self.train_mfc_names,
+            model_configs=model_configs,
+            allocation_keys=self.allocation_keys,
+        )
+
+
+@dataclasses.dataclass
+class SFTConfig(CommonExperimentConfig):
+    """Supervised fine-tuning: one MFC ``trainDefault`` training ``model`` on prompt/answer pairs.
+
+    :param model: the trained model.
+    :param allocation: layout of ``trainDefault`` (used by ``allocation_mode=manual``; its ``n_mbs`` always).
+    :param dataset: prompt/answer JSONL data.
+    """
+
+    model: ModelTrainEvalConfig = dataclasses.field(default_factory=ModelTrainEvalConfig)
+    allocation: MFCConfig = dataclasses.field(default_factory=MFCConfig)
+    dataset: PromptAnswerDatasetConfig = dataclasses.field(default_factory=PromptAnswerDatasetConfig)
+
+    @property
+    def allocations(self) -> Dict[str, MFCConfig]:
+        return {"trainDefault": self.allocation}
+
+    @property
+    def train_mfc_names(self) -> Sequence[str]:
+        return ("trainDefault",)
+
+    @property
+    def allocation_keys(self) -> Dict[str, str]:
+        return {"trainDefault": "allocation"}
+
+    @property
+    def mfc_models(self) -> Dict[str, Tuple[str, ModelTrainEvalConfig]]:
+        return {"trainDefault": ("model", self.model)}
+
+    def validate(self, *, check_paths: bool = True) -> None:
+        super().validate()
+        self.model.validate("model", check_path=check_paths)
+        self.dataset.validate("dataset", check_paths=check_paths)
+        self.allocation.validate("allocation")
+        self.resolved_allocations()
+
+
+__all__ = ["CommonExperimentConfig", "ExperimentSaveEvalControl", "SFTConfig", "default_trial_name"]

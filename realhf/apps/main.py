@@ -1,0 +1,109 @@
+"""Launching an experiment: one master worker and one model worker per device.
+
+:func:`launch` takes a resolved :class:`ExperimentConfig`, writes it to the
+trial's log directory, publishes each worker's config through name_resolve,
+starts the workers with the scheduler of ``mode`` (``local``: one subprocess
+each) and waits. When any worker fails, every other worker is stopped and
+:class:`~realhf.scheduler.client.JobException` names the failed one; with
+``recover_mode="auto"`` the run is started again from the last recover
+state, up to ``recover_retries`` times.
+
+:func:`main_start` is what the quickstart CLI calls with a parsed
+experiment config (anything with ``initial_setup() -> ExperimentConfig``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from typing import Any, Dict, Optional
+
+from realhf.api.core.system_api import ExperimentConfig
+from realhf.base import constants, logging, name_resolve
+from realhf.scheduler import client as sched_client
+from realhf.system import worker_control
+
+logger = logging.getLogger("main")
+
+RECOVER_MODES = ("disabled", "save", "auto", "resume")
+
+
+def _trial_root(exp: str, trial: str) -> str:
+    return f"{constants.get_user()}/{exp}/{trial}"
+
+
+def launch(
+    cfg: ExperimentConfig,
+    experiment_name: str,
+    trial_name: str,
+    mode: str = "local",
+    recover_mode: str = "disabled",
+    recover_retries: int = 1,
+    request_timeout: float = 3600.0,
+    wait_timeout: Optional[float] = None,
+) -> None:
+    """Run ``cfg`` to completion; raises JobException if a worker fails (after retries)."""
+    if recover_mode not in RECOVER_MODES:
+        raise ValueError(f"recover_mode must be one of {RECOVER_MODES}, got {recover_mode!r}.")
+    constants.set_experiment_trial_names(experiment_name, trial_name)
+    log_dir = constants.get_log_path(experiment_name, trial_name)
+    os.makedirs(log_dir, exist_ok=True)
+    cfg_path = os.path.join(log_dir, "experiment_config.pkl")
+    with open(cfg_path + ".tmp", "wb") as f:
+        pickle.dump(cfg, f)
+    os.replace(cfg_path + ".tmp", cfg_path)
+    recover_dir = constants.get_recover_path(experiment_name, trial_name)
+    save_states = recover_mode in ("save", "auto")
+    attempts = 1 + (recover_retries if recover_mode == "auto" else 0)
+    for attempt in range(attempts):
+        resume = recover_mode == "resume" or attempt > 0
+        try:
+            _launch_once(cfg, cfg_path, experiment_name, trial_name, mode, request_timeout, wait_timeout,
+                         recover_dir if (resume or save_states) else None, save_states)
+            return
+        except sched_client.JobException as e:
+            if attempt + 1 >= attempts:
+                raise
+            logger.warning(f"Run failed ({e.reason}); recovering from {recover_dir} "
+                           f"(retry {attempt + 1}/{attempts - 1}).")
+
+
+def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout, recover_dir, save_states) -> None:
+    name_resolve.clear_subtree(_trial_root(exp, trial))
+    n = cfg.n_model_workers
+    for i in range(n):
+        worker_control.publish_worker_config(exp, trial, f"model_worker/{i}", {"experiment_config": cfg_path})
+    worker_control.publish_worker_config(exp, trial, "master_worker/0", {
+        "experiment_config": cfg_path, "recover_dir": recover_dir, "save_recover_states": save_states,
+        "request_timeout": request_timeout,
+    })
+    sched = sched_client.make(mode, exp, trial)
+    base = [sys.executable, "-m", "realhf.apps.remote", "worker", "-e", exp, "-f", trial, "-i", "{jobstep_id}"]
+    env = {"REAL_FILEROOT": constants.get_fileroot()}
+    for var in ("REAL_NAME_RESOLVE", "REAL_NO_EXT", "PYTHONPATH"):
+        if var in os.environ:
+            env[var] = os.environ[var]
+    try:
+        sched.submit_array("model_worker", base[:4] + ["-w", "model_worker"] + base[4:], count=n, env=env)
+        sched.submit_array("master_worker", base[:4] + ["-w", "master_worker"] + base[4:], count=1, env=env)
+        sched.wait(timeout=wait_timeout)
+    except BaseException:
+        sched.stop_all()
+        raise
+
+
+def main_start(config: Any) -> int:
+    """Build the experiment from a quickstart config and run it; returns the exit code."""
+    cfg = config.initial_setup()
+    exp, trial = config.experiment_name, config.trial_name
+    try:
+        launch(cfg, exp, trial, mode=getattr(config, "mode", "local"),
+               recover_mode=getattr(config, "recover_mode", "disabled"),
+               recover_retries=getattr(config, "recover_retries", 1))
+    except sched_client.JobException as e:
+        logger.error(str(e))
+        print(f"realhf: experiment {exp}/{trial} failed: {e}", file=sys.stderr)
+        return 1
+    logger.info(f"Experiment {exp}/{trial} finished. Logs: {constants.get_log_path(exp, trial)}")
+    return 0
