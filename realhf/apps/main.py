@@ -87,10 +87,43 @@ def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout,
     try:
         sched.submit_array("model_worker", base[:4] + ["-w", "model_worker"] + base[4:], count=n, env=env)
         sched.submit_array("master_worker", base[:4] + ["-w", "master_worker"] + base[4:], count=1, env=env)
-        sched.wait(timeout=wait_timeout)
+        _wait_and_echo(sched, os.path.join(constants.get_log_path(exp, trial), "master_worker-0"), wait_timeout)
     except BaseException:
         sched.stop_all()
         raise
+
+
+def _wait_and_echo(sched, master_log: str, timeout: Optional[float], echo: bool = True) -> None:
+    """Wait for the jobs, copying the master's new log lines to stdout meanwhile (step logs, progress)."""
+    import time
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pos = 0
+
+    def echo_new() -> None:
+        nonlocal pos
+        if not echo or not os.path.exists(master_log):
+            return
+        with open(master_log, "r", errors="replace") as f:
+            f.seek(pos)
+            chunk = f.read()
+            pos = f.tell()
+        if chunk:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    while True:
+        try:
+            sched.wait(timeout=0.5)
+            echo_new()
+            return
+        except TimeoutError:
+            echo_new()
+            if deadline is not None and time.monotonic() > deadline:
+                raise
+        except BaseException:
+            echo_new()
+            raise
 
 
 def main_start(config: Any) -> int:

@@ -216,6 +216,8 @@ class MasterCore:
                 out[rpc.name] = stats
                 logger.info(f"Evaluation {rpc.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
         self.last_eval = out
+        if out:
+            self._append_stats({"global_step": self.global_step, "eval": out})
         return out
 
     # --------------------------------------------------------------- recovery
@@ -291,8 +293,10 @@ class MasterCore:
             done = self.global_step
             eta = elapsed / max(1, len(self.history)) * (total - done)
             parts = [f"{k}: " + ", ".join(f"{n}={v:.4g}" for n, v in s.items()) for k, s in log.stats.items() if s]
+            width = 20
+            bar = "#" * (width * done // total) + "." * (width - width * done // total)
             logger.info(
-                f"epoch {log.epoch + 1}/{self.cfg.exp_ctrl.total_train_epochs} step {log.epoch_step} "
+                f"[{bar}] epoch {log.epoch + 1}/{self.cfg.exp_ctrl.total_train_epochs} step {log.epoch_step} "
                 f"global step {done}/{total} | {log.seconds:.2f}s, {log.n_tokens} tokens, "
                 f"{log.n_tokens / max(log.seconds, 1e-9):.0f} tokens/s, ETA {eta:.0f}s | " + " | ".join(parts)
             )
@@ -308,12 +312,15 @@ class MasterCore:
 
     def _write_stats(self, log: StepLog, eta: float) -> None:
         """One JSON line per step in ``<log dir>/stats.jsonl`` (full precision, for tools and tests)."""
+        rec = dataclasses.asdict(log)
+        rec["eta_s"] = eta
+        self._append_stats(rec)
+
+    def _append_stats(self, rec: Dict[str, Any]) -> None:
         import json
 
         d = constants.get_log_path(self.exp, self.trial)
         os.makedirs(d, exist_ok=True)
-        rec = dataclasses.asdict(log)
-        rec["eta_s"] = eta
         with open(os.path.join(d, "stats.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
 

@@ -38,6 +38,8 @@ def _stats(root, exp, trial):
     by_step = {}
     for line in open(path):
         rec = json.loads(line)
+        if "stats" not in rec:
+            continue  # evaluation records
         by_step[rec["global_step"]] = rec["stats"]["trainDefault"]["loss"]  # a re-run step keeps its last value
     return by_step
 

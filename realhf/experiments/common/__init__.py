@@ -1,0 +1,3 @@
+"""Built-in experiments; importing registers them with the quickstart CLI."""
+
+from realhf.experiments.common import sft_exp  # noqa: F401

@@ -1,0 +1,62 @@
+"""Helpers shared by experiments: configs -> topologies, shards, workers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional
+
+from realhf.api.core import system_api as sa
+from realhf.api.core.config import ModelName
+from realhf.api.quickstart.allocation import device_mesh_size
+from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig
+from realhf.base.topology import PipeDataModelParallelTopology
+
+
+def topology_of(alloc: MFCConfig, model: ModelTrainEvalConfig, train: bool) -> PipeDataModelParallelTopology:
+    p = alloc.parallel
+    return PipeDataModelParallelTopology(
+        num_pp=p.pipeline_parallel_size, num_dp=p.data_parallel_size, num_mp=p.model_parallel_size,
+        sequence_parallel=p.use_sequence_parallel and p.model_parallel_size > 1,
+        gradient_checkpointing=train and model.gradient_checkpointing,
+    )
+
+
+def mesh_ranks(alloc: MFCConfig, n_nodes: int, n_gpus_per_node: int) -> List[int]:
+    """Global worker ranks of an allocation's device mesh (``host:i,j`` or whole nodes; None = all)."""
+    n = device_mesh_size(alloc.device_mesh, n_nodes, n_gpus_per_node, "device_mesh")
+    mesh = alloc.device_mesh
+    if mesh is None:
+        return list(range(n_nodes * n_gpus_per_node))
+    if ":" in mesh:
+        return [int(x) for x in mesh.partition(":")[2].split(",")]
+    return list(range(n))
+
+
+def real_model(model: ModelTrainEvalConfig, instantiate: bool = True) -> sa.Model:
+    return sa.Model("real_model", args=dict(
+        family=model.type._class, path=model.path, init_from_scratch=model.init_from_scratch,
+        is_critic=model.type.is_critic, init_critic_from_actor=model.init_critic_from_actor,
+        dtype=model.dtype, instantiate=instantiate,
+    ))
+
+
+def exp_ctrl(ctrl) -> sa.ExperimentSaveEvalControl:
+    return sa.ExperimentSaveEvalControl(**dataclasses.asdict(ctrl))
+
+
+def device() -> str:
+    from realhf.api.quickstart.base import cuda_available
+
+    return "cuda" if cuda_available() else "cpu"
+
+
+def workers_from_shards(n_workers: int, shards: Dict[int, List[sa.StandaloneModelShard]], seed: int,
+                        datasets: List[sa.Dataset], tokenizer: Optional[str], dev: str) -> List[sa.ModelWorker]:
+    return [sa.ModelWorker(base_seed=seed, shards=shards.get(r, []), datasets=datasets,
+                           tokenizer_name_or_path=tokenizer, device=dev) for r in range(n_workers)]
+
+
+def add_shards(out: Dict[int, List[sa.StandaloneModelShard]], name: ModelName, topo, ranks: List[int],
+               model: sa.Model, backend: sa.ModelBackend, **kw) -> None:
+    for rank, shard in sa.make_layout_shards(name, topo, ranks, model, backend, **kw).items():
+        out.setdefault(rank, []).append(shard)

@@ -1,0 +1,75 @@
+"""The README's main command (quickstart SFT) run as a CLI, shortened, plus manual (pp2, tp2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytestmark = pytest.mark.distributed
+
+
+def _readme_quickstart_args():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = re.findall(r"```bash\n(.*?)\n```", text, re.S)[0]
+    cmd = block.split("&&")[-1].strip()
+    args = shlex.split(cmd)
+    assert args[:3] == ["python", "-m", "realhf.apps.quickstart"]
+    return args[3:]
+
+
+def _run(args, root, trial):
+    env = dict(os.environ, REAL_FILEROOT=str(root))
+    args = [a for a in args if not a.startswith("trial_name=")] + [f"trial_name={trial}"]
+    return subprocess.run([sys.executable, "-m", "realhf.apps.quickstart", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _records(root, trial):
+    from realhf.base import constants
+
+    path = os.path.join(root, "logs", constants.get_user(), "quickstart-sft", trial, "stats.jsonl")
+    return [json.loads(l) for l in open(path)]
+
+
+@pytest.mark.parametrize("extra,trial", [
+    ([], "readme"),
+    (["allocation_mode=manual", "allocation.parallel.pipeline_parallel_size=2",
+      "allocation.parallel.model_parallel_size=2"], "manual-pp2-tp2"),
+])
+def test_quickstart_sft(tmp_path, extra, trial):
+    import torch
+    import transformers
+
+    args = [a for a in _readme_quickstart_args() if not a.startswith("exp_ctrl.eval_freq_steps")]
+    args += ["exp_ctrl.benchmark_steps=8", "exp_ctrl.eval_freq_steps=8"] + extra
+    if extra:
+        args = [a for a in args if not a.startswith("allocation_mode=")] + extra
+    res = _run(args, tmp_path, trial)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "global step 8/8" in res.stdout  # step logs reach the console
+    recs = _records(tmp_path, trial)
+    losses = [r["stats"]["trainDefault"]["loss"] for r in recs if "stats" in r]
+    evals = [r["eval"]["trainDefault"] for r in recs if "eval" in r]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.5
+    assert evals and evals[-1]["loss"] < losses[0]
+    ckpt = os.path.join(tmp_path, "checkpoints", _user(), "quickstart-sft", trial, "default",
+                        "epoch0epochstep8globalstep8")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    ids = torch.tensor([tok.encode("What is 2 + 3?")])
+    with torch.no_grad():
+        assert torch.isfinite(hf(ids).logits).all()
+
+
+def _user():
+    from realhf.base import constants
+
+    return constants.get_user()
