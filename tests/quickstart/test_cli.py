@@ -1,5 +1,6 @@
 """The quickstart command line: exit codes, one-line errors, launching and user scripts."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -103,10 +104,17 @@ def test_main_launches_valid_config(fake_launcher, good_overrides, launchable_sf
 
 
 def test_main_refuses_config_without_initial_setup(fake_launcher, good_overrides, capsys):
-    cls = QUICKSTART_EXPS.get("sft")
-    if callable(getattr(cls, "initial_setup", None)):
-        pytest.skip("a full SFT experiment is registered")
-    assert main(["sft", *good_overrides]) == 1
+    from realhf.api.quickstart import SFTConfig
+
+    @dataclasses.dataclass
+    class BareSFT(SFTConfig):  # fields only, no initial_setup
+        pass
+
+    QUICKSTART_EXPS.register("bare-sft", BareSFT, override=True)
+    try:
+        assert main(["bare-sft", *good_overrides]) == 1
+    finally:
+        QUICKSTART_EXPS.unregister("bare-sft")
     assert "has no initial_setup()" in capsys.readouterr().err
     assert not fake_launcher
 

@@ -103,11 +103,15 @@ def test_builtin_sft_can_be_replaced():
         pass
 
     saved = dict(entrypoint._BUILTIN_DEFAULTS)
+    saved_cls = QUICKSTART_EXPS.get("sft")  # whatever is registered now (maybe the full experiment)
     try:
+        # Start from the built-in field-only config, as before any experiment module is imported.
+        QUICKSTART_EXPS.register("sft", SFTConfig, override=True)
+        entrypoint._BUILTIN_DEFAULTS["sft"] = SFTConfig
         register_quickstart_exp("sft", FullSFT)
         assert get_quickstart_exp("sft") is FullSFT
     finally:
-        QUICKSTART_EXPS.register("sft", SFTConfig, override=True)
+        QUICKSTART_EXPS.register("sft", saved_cls, override=True)
         entrypoint._BUILTIN_DEFAULTS.clear()
         entrypoint._BUILTIN_DEFAULTS.update(saved)
 
