@@ -316,8 +316,31 @@ class MasterCore:
         rec["eta_s"] = eta
         self._append_stats(rec)
 
+    def _tensorboard(self):
+        """A SummaryWriter under ``<log dir>/tensorboard`` when the tensorboard package is installed."""
+        if not hasattr(self, "_tb"):
+            self._tb = None
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(constants.get_log_path(self.exp, self.trial), "tensorboard"))
+            except ImportError:
+                logger.info("tensorboard is not installed; step statistics go to stats.jsonl only.")
+        return self._tb
+
     def _append_stats(self, rec: Dict[str, Any]) -> None:
         import json
+
+        tb = self._tensorboard()
+        if tb is not None:
+            groups = rec.get("stats") or {f"eval/{k}": v for k, v in rec.get("eval", {}).items()}
+            for call, stats in groups.items():
+                for k, v in stats.items():
+                    tb.add_scalar(f"{call}/{k}", v, rec["global_step"])
+            if "seconds" in rec:
+                tb.add_scalar("step/seconds", rec["seconds"], rec["global_step"])
+                tb.add_scalar("step/tokens_per_s", rec["n_tokens"] / max(rec["seconds"], 1e-9), rec["global_step"])
+            tb.flush()
 
         d = constants.get_log_path(self.exp, self.trial)
         os.makedirs(d, exist_ok=True)

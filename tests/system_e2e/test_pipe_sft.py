@@ -1,5 +1,7 @@
 """SFT through the master and model workers (pipes as transport)."""
 
+import os
+
 import pytest
 
 from realhf.system.pipe_runner import run_with_pipes
@@ -30,3 +32,17 @@ def test_resume_gives_the_same_losses(tmp_path):
     b = [h.stats["trainDefault"]["loss"] for h in first.history + resumed.history]
     assert len(resumed.history) == 3 and resumed.history[0].global_step == 4
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+
+
+def test_step_statistics_reach_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_with_pipes(sft_experiment(2, 1, 1, benchmark_steps=3, eval_steps=3), "tb", "t", fileroot=str(tmp_path))
+    from realhf.base import constants
+
+    acc = EventAccumulator(os.path.join(tmp_path, "logs", constants.get_user(), "tb", "t", "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "trainDefault/loss" in tags and "eval/trainDefault/loss" in tags
+    assert [e.step for e in acc.Scalars("trainDefault/loss")] == [1, 2, 3]
