@@ -128,8 +128,17 @@ def _wait_and_echo(sched, master_log: str, timeout: Optional[float], echo: bool 
 
 def main_start(config: Any) -> int:
     """Build the experiment from a quickstart config and run it; returns the exit code."""
-    cfg = config.initial_setup()
+    from realhf.api.core.dfg import GraphError
+    from realhf.api.core.system_api import ExperimentConfigError
+    from realhf.base.json_records import DatasetFormatError
+
     exp, trial = config.experiment_name, config.trial_name
+    try:
+        cfg = config.initial_setup()
+    except (DatasetFormatError, GraphError, ExperimentConfigError) as e:
+        # Refused before any worker starts, in one line.
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
+        return 2
     try:
         launch(cfg, exp, trial, mode=getattr(config, "mode", "local"),
                recover_mode=getattr(config, "recover_mode", "disabled"),

@@ -73,3 +73,23 @@ def _user():
     from realhf.base import constants
 
     return constants.get_user()
+
+
+@pytest.mark.parametrize("bad,expect", [
+    ("malformed", "line 3"),
+    ("maxlen", "max_length=4"),
+])
+def test_bad_datasets_fail_before_workers_start(tmp_path, bad, expect):
+    args = _readme_quickstart_args()
+    if bad == "malformed":
+        path = tmp_path / "bad.jsonl"
+        path.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d"}\n{"prompt": "e", "answ\n')
+        args = [a for a in args if not a.startswith("dataset.train_path=")] + [f"dataset.train_path={path}"]
+    else:
+        args += ["dataset.max_seqlen=4"]
+    res = _run(args, tmp_path, f"bad-{bad}")
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    err = res.stderr.strip().splitlines()[-1]
+    assert err.startswith("error:") and expect in err, err
+    logs = os.path.join(tmp_path, "logs", _user(), "quickstart-sft", f"bad-{bad}")
+    assert not os.path.exists(os.path.join(logs, "model_worker-0"))

@@ -24,6 +24,7 @@ class SFTExperiment(SFTConfig):
         data_args = dict(max_length=ds.max_seqlen, pad_to_max_length=ds.pad_to_max_length)
         train = sa.Dataset("prompt_answer", args=dict(dataset_path=ds.train_path, **data_args))
         valid = sa.Dataset("prompt_answer", args=dict(dataset_path=ds.valid_path, **data_args)) if ds.valid_path else None
+        utils.preflight_datasets([train, valid], self.model.path, self.seed)
         shards: dict = {}
         utils.add_shards(shards, name, topo, ranks, utils.real_model(self.model),
                          sa.ModelBackend("train", args=self.model.backend_args()),
