@@ -61,7 +61,8 @@ class ExperimentSaveEvalControl:
     eval_freq_secs: Optional[int] = None
     benchmark_steps: Optional[int] = None
 
-    def __post_init__(self):
+    def check(self) -> None:
+        """Raise ExperimentConfigError naming a non-positive trigger (the CLI validates earlier)."""
         if self.total_train_epochs < 1:
             raise ExperimentConfigError(f"exp_ctrl.total_train_epochs must be >= 1, got {self.total_train_epochs}.")
         for f in dataclasses.fields(self):
@@ -123,6 +124,7 @@ class ExperimentConfig:
     def __post_init__(self):
         if not self.model_worker:
             raise ExperimentConfigError("An experiment needs at least one model worker.")
+        self.exp_ctrl.check()
         self.resolve()
 
     # ---------------------------------------------------------------- derived

@@ -21,6 +21,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from omegaconf import MISSING
 
+from realhf.api.core.system_api import ExperimentSaveEvalControl as _SystemSaveEvalControl
 from realhf.api.quickstart.allocation import _expand_nodelist, parse_allocation_mode, resolve_allocations
 from realhf.api.quickstart.base import (
     ConfigError,
@@ -48,23 +49,8 @@ def _is_missing(value) -> bool:
 
 
 @dataclasses.dataclass
-class ExperimentSaveEvalControl:
-    """When to save, evaluate and stop. Any trigger that is set fires; a step is one pass over the dataflow graph.
-
-    :param total_train_epochs: epochs over the training data.
-    :param save_freq_epochs / save_freq_steps / save_freq_secs: save triggers (None = off).
-    :param eval_freq_epochs / eval_freq_steps / eval_freq_secs: evaluation triggers (None = off).
-    :param benchmark_steps: stop after this many steps (None = run all epochs).
-    """
-
-    total_train_epochs: int = 1
-    save_freq_epochs: Optional[int] = None
-    save_freq_steps: Optional[int] = None
-    save_freq_secs: Optional[int] = None
-    eval_freq_epochs: Optional[int] = None
-    eval_freq_steps: Optional[int] = None
-    eval_freq_secs: Optional[int] = None
-    benchmark_steps: Optional[int] = None
+class ExperimentSaveEvalControl(_SystemSaveEvalControl):
+    """:class:`realhf.api.core.system_api.ExperimentSaveEvalControl` with CLI-style validation."""
 
     def validate(self, prefix: str = "exp_ctrl") -> None:
         check_positive_int(join_key(prefix, "total_train_epochs"), self.total_train_epochs)
