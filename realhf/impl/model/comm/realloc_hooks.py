@@ -79,7 +79,7 @@ def run_hook(hook: RPCHook, call: ModelName, replicas: Dict[ModelName, Replica],
     this = replicas[call]
     if isinstance(hook, OffloadHook):
         if this.model is not None and this.model.instantiated:
-            this.model.async_offload()
+            this.model.async_offload(auto_reload=True)  # the next call reloads it
         return {}
     if not isinstance(hook, ParamReallocHook):
         raise TypeError(f"Unknown hook {hook!r}.")

@@ -1,0 +1,140 @@
+"""Quickstart configs of the reward-modeling, DPO and generation experiments (reference §2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Sequence, Tuple
+
+from realhf.api.core.model_api import GenerationHyperparameters
+from realhf.api.quickstart.base import ConfigError
+from realhf.api.quickstart.dataset import PairedComparisonDatasetConfig, PromptOnlyDatasetConfig
+from realhf.api.quickstart.experiment import CommonExperimentConfig
+from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig
+from realhf.api.quickstart.ppo import validate_generation
+
+
+def _critic_model() -> ModelTrainEvalConfig:
+    m = ModelTrainEvalConfig()
+    m.type = dataclasses.replace(m.type, is_critic=True)
+    return m
+
+
+@dataclasses.dataclass
+class RWConfig(CommonExperimentConfig):
+    """Reward modeling on preference pairs: one MFC ``rwTrain`` training a critic.
+
+    ``model`` must be a critic (``model.type.is_critic=True``); an LM
+    checkpoint gets a fresh scalar head (``model.init_critic_from_actor``).
+    """
+
+    is_sft_lora: bool = False
+    sft_lora_path: Optional[str] = None
+    model: ModelTrainEvalConfig = dataclasses.field(default_factory=_critic_model)
+    allocation: MFCConfig = dataclasses.field(default_factory=MFCConfig)
+    dataset: PairedComparisonDatasetConfig = dataclasses.field(default_factory=PairedComparisonDatasetConfig)
+
+    @property
+    def allocations(self) -> Dict[str, MFCConfig]:
+        return {"rwTrain": self.allocation}
+
+    @property
+    def train_mfc_names(self) -> Sequence[str]:
+        return ("rwTrain",)
+
+    @property
+    def allocation_keys(self) -> Dict[str, str]:
+        return {"rwTrain": "allocation"}
+
+    @property
+    def mfc_models(self) -> Dict[str, Tuple[str, ModelTrainEvalConfig]]:
+        return {"rwTrain": ("model", self.model)}
+
+    def validate(self, *, check_paths: bool = True) -> None:
+        super().validate()
+        if self.is_sft_lora or self.sft_lora_path:
+            raise ConfigError("is_sft_lora / sft_lora_path: LoRA is not available yet; unset them.")
+        if not self.model.type.is_critic:
+            raise ConfigError("model.type.is_critic=False: reward modeling trains a critic; set model.type.is_critic=True.")
+        self.model.validate("model", check_path=check_paths)
+        self.dataset.validate("dataset", check_paths=check_paths)
+        self.allocation.validate("allocation")
+        self.resolved_allocations()
+
+
+@dataclasses.dataclass
+class DPOConfig(CommonExperimentConfig):
+    """Direct preference optimization: ``ref_inf`` (frozen reference) then ``actor_train``."""
+
+    is_sft_lora: bool = False
+    sft_lora_path: Optional[str] = None
+    actor: ModelTrainEvalConfig = dataclasses.field(default_factory=ModelTrainEvalConfig)
+    ref: ModelTrainEvalConfig = dataclasses.field(default_factory=ModelTrainEvalConfig)
+    actor_train: MFCConfig = dataclasses.field(default_factory=MFCConfig)
+    ref_inf: MFCConfig = dataclasses.field(default_factory=MFCConfig)
+    dataset: PairedComparisonDatasetConfig = dataclasses.field(default_factory=PairedComparisonDatasetConfig)
+    beta: float = 0.1
+
+    @property
+    def allocations(self) -> Dict[str, MFCConfig]:
+        return {"actor_train": self.actor_train, "ref_inf": self.ref_inf}
+
+    @property
+    def train_mfc_names(self) -> Sequence[str]:
+        return ("actor_train",)
+
+    @property
+    def mfc_models(self) -> Dict[str, Tuple[str, ModelTrainEvalConfig]]:
+        return {"actor_train": ("actor", self.actor), "ref_inf": ("ref", self.ref)}
+
+    def validate(self, *, check_paths: bool = True) -> None:
+        super().validate()
+        if self.is_sft_lora or self.sft_lora_path:
+            raise ConfigError("is_sft_lora / sft_lora_path: LoRA is not available yet; unset them.")
+        if not self.beta > 0:
+            raise ConfigError(f"beta={self.beta}: the DPO temperature must be positive.")
+        for key in ("actor", "ref"):
+            m = getattr(self, key)
+            if m.type.is_critic:
+                raise ConfigError(f"{key}.type.is_critic=True: DPO needs language models (is_critic=False).")
+            m.validate(key, check_path=check_paths)
+        self.dataset.validate("dataset", check_paths=check_paths)
+        for key in ("actor_train", "ref_inf"):
+            getattr(self, key).validate(key)
+        self.resolved_allocations()
+
+
+@dataclasses.dataclass
+class GenerationConfig(CommonExperimentConfig):
+    """Generate answers for a prompt file with ``model``; writes ``output_file`` (JSONL) in the log dir."""
+
+    model: ModelTrainEvalConfig = dataclasses.field(default_factory=ModelTrainEvalConfig)
+    gen: GenerationHyperparameters = dataclasses.field(default_factory=GenerationHyperparameters)
+    dataset: PromptOnlyDatasetConfig = dataclasses.field(default_factory=PromptOnlyDatasetConfig)
+    allocation: MFCConfig = dataclasses.field(default_factory=MFCConfig)
+    output_file: str = "output.jsonl"
+
+    @property
+    def allocations(self) -> Dict[str, MFCConfig]:
+        return {"gen": self.allocation}
+
+    @property
+    def allocation_keys(self) -> Dict[str, str]:
+        return {"gen": "allocation"}
+
+    @property
+    def mfc_models(self) -> Dict[str, Tuple[str, ModelTrainEvalConfig]]:
+        return {"gen": ("model", self.model)}
+
+    def validate(self, *, check_paths: bool = True) -> None:
+        super().validate()
+        if not self.output_file.endswith(".jsonl") or "/" in self.output_file:
+            raise ConfigError(f"output_file={self.output_file!r} must be a file name ending in .jsonl (no '/'); "
+                              "it is written in the trial's log directory.")
+        self.model.validate("model", check_path=check_paths)
+        validate_generation(self.gen, "gen")
+        self.dataset.validate("dataset", check_paths=check_paths)
+        self.allocation.validate("allocation")
+        self.resolved_allocations()
+
+
+__all__ = ["DPOConfig", "GenerationConfig", "RWConfig"]

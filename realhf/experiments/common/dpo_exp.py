@@ -1,0 +1,45 @@
+"""``dpo``: a frozen reference scores the pairs (``ref_inf``), then the actor trains (``actor_train``)."""
+
+from __future__ import annotations
+
+from realhf.api.core import dfg
+from realhf.api.core import system_api as sa
+from realhf.api.core.config import ModelInterfaceType, ModelName
+from realhf.api.quickstart.algorithms import DPOConfig
+from realhf.api.quickstart.entrypoint import register_quickstart_exp
+from realhf.experiments.common import utils
+
+
+class DPOExperiment(DPOConfig):
+    def initial_setup(self) -> sa.ExperimentConfig:
+        allocs = self.resolved_allocations()
+        ds = self.dataset
+        train = sa.Dataset("rw_pair", args=dict(dataset_path=ds.train_path, max_length=ds.max_seqlen,
+                                                max_pairs_per_prompt=ds.max_pairs_per_prompt))
+        utils.preflight_datasets([train], self.actor.path, self.seed)
+        actor, ref = ModelName("actor", 0), ModelName("ref", 0)
+        shards: dict = {}
+        a_ranks = utils.mesh_ranks(allocs["actor_train"], self.n_nodes, self.n_gpus_per_node)
+        r_ranks = utils.mesh_ranks(allocs["ref_inf"], self.n_nodes, self.n_gpus_per_node)
+        utils.add_shards(shards, actor, utils.topology_of(allocs["actor_train"], self.actor, train=True), a_ranks,
+                         utils.real_model(self.actor), sa.ModelBackend("train", args=self.actor.backend_args()))
+        utils.add_shards(shards, ref, utils.topology_of(allocs["ref_inf"], self.ref, train=False), r_ranks,
+                         utils.real_model(self.ref), sa.ModelBackend("inference"))
+        workers = utils.workers_from_shards(self.n_workers, shards, self.seed, [train], self.actor.path,
+                                            utils.device())
+        ref_inf = dfg.MFCDef("ref_inf", n_seqs=ds.train_bs_n_seqs, interface_type=ModelInterfaceType.INFERENCE,
+                             interface_impl=dfg.ModelInterface("dpo", args=dict(beta=self.beta, enable_save=False)),
+                             model_name=ref, input_keys=["packed_input_ids", "prompt_lens"],
+                             output_keys=["seqlogp"], n_mbs=allocs["ref_inf"].n_mbs)
+        if set(a_ranks) & set(r_ranks):
+            ref_inf.post_hooks.append(dfg.OffloadHook())  # the frozen reference shares devices
+        actor_train = dfg.MFCDef("actor_train", n_seqs=ds.train_bs_n_seqs,
+                                 interface_type=ModelInterfaceType.TRAIN_STEP,
+                                 interface_impl=dfg.ModelInterface("dpo", args=dict(beta=self.beta, enable_save=True)),
+                                 model_name=actor, input_keys=["packed_input_ids", "seqlogp", "prompt_lens"],
+                                 n_mbs=allocs["actor_train"].n_mbs, log_return_value=True)
+        return sa.ExperimentConfig(utils.exp_ctrl(self.exp_ctrl), [ref_inf, actor_train], workers,
+                                   dataset_keys=["packed_input_ids", "prompt_lens"], seed=self.seed)
+
+
+register_quickstart_exp("dpo", DPOExperiment)
