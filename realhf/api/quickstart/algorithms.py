@@ -10,7 +10,7 @@ from realhf.api.quickstart.base import ConfigError
 from realhf.api.quickstart.dataset import PairedComparisonDatasetConfig, PromptOnlyDatasetConfig
 from realhf.api.quickstart.experiment import CommonExperimentConfig
 from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig
-from realhf.api.quickstart.ppo import validate_generation
+from realhf.api.quickstart.ppo import PPOHyperparameters, validate_generation
 
 
 def _critic_model() -> ModelTrainEvalConfig:
@@ -138,3 +138,62 @@ class GenerationConfig(CommonExperimentConfig):
 
 
 __all__ = ["DPOConfig", "GenerationConfig", "RWConfig"]
+
+
+PPO_MFCS = ("actor_gen", "rew_inf", "ref_inf", "critic_inf", "actor_train", "critic_train")
+
+
+@dataclasses.dataclass
+class PPOConfig(CommonExperimentConfig):
+    """RLHF with PPO: actor, critic, frozen reference and reward models; six MFCs (reference §4)."""
+
+    is_sft_lora: bool = False
+    sft_lora_path: Optional[str] = None
+    is_rew_lora: bool = False
+    rew_lora_path: Optional[str] = None
+    rew_head_path: Optional[str] = None
+    actor: ModelTrainEvalConfig = dataclasses.field(default_factory=ModelTrainEvalConfig)
+    critic: ModelTrainEvalConfig = dataclasses.field(default_factory=_critic_model)
+    ref: ModelTrainEvalConfig = dataclasses.field(default_factory=ModelTrainEvalConfig)
+    rew: ModelTrainEvalConfig = dataclasses.field(default_factory=_critic_model)
+    actor_train: MFCConfig = dataclasses.field(default_factory=MFCConfig)
+    critic_train: MFCConfig = dataclasses.field(default_factory=MFCConfig)
+    actor_gen: MFCConfig = dataclasses.field(default_factory=MFCConfig)
+    critic_inf: MFCConfig = dataclasses.field(default_factory=MFCConfig)
+    rew_inf: MFCConfig = dataclasses.field(default_factory=MFCConfig)
+    ref_inf: MFCConfig = dataclasses.field(default_factory=MFCConfig)
+    dataset: PromptOnlyDatasetConfig = dataclasses.field(default_factory=PromptOnlyDatasetConfig)
+    ppo: PPOHyperparameters = dataclasses.field(default_factory=PPOHyperparameters)
+
+    @property
+    def allocations(self) -> Dict[str, MFCConfig]:
+        return {n: getattr(self, n) for n in PPO_MFCS}
+
+    @property
+    def train_mfc_names(self) -> Sequence[str]:
+        return ("actor_train", "critic_train")
+
+    @property
+    def mfc_models(self) -> Dict[str, Tuple[str, ModelTrainEvalConfig]]:
+        return {"actor_gen": ("actor", self.actor), "actor_train": ("actor", self.actor),
+                "critic_inf": ("critic", self.critic), "critic_train": ("critic", self.critic),
+                "ref_inf": ("ref", self.ref), "rew_inf": ("rew", self.rew)}
+
+    def validate(self, *, check_paths: bool = True) -> None:
+        super().validate()
+        if self.is_sft_lora or self.sft_lora_path or self.is_rew_lora or self.rew_lora_path:
+            raise ConfigError("LoRA options (is_sft_lora, sft_lora_path, is_rew_lora, rew_lora_path) are not available yet.")
+        for key, critic in (("actor", False), ("ref", False), ("critic", True), ("rew", True)):
+            m = getattr(self, key)
+            if m.type.is_critic != critic:
+                raise ConfigError(f"{key}.type.is_critic={m.type.is_critic}: the {key} model must "
+                                  f"{'be' if critic else 'not be'} a critic.")
+            m.validate(key, check_path=check_paths)
+        self.dataset.validate("dataset", check_paths=check_paths)
+        self.ppo.validate("ppo")
+        for n in PPO_MFCS:
+            getattr(self, n).validate(n)
+        self.resolved_allocations()
+
+
+__all__ = ["DPOConfig", "GenerationConfig", "PPOConfig", "RWConfig"]
