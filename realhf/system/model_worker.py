@@ -159,10 +159,16 @@ class ModelWorkerCore:
         name, ft_spec = data["model_name"], data["ft_spec"]
         if name not in self.models:
             return None
+        from realhf.impl.model.backend.inference import InferenceEngine
+
         with constants.model_scope(name):
             model = self.models[name]
-            if model.module is not None and getattr(model.module, "instantiated", True):
-                self.models[name] = self.backends[name].initialize(model, ft_spec)
+            backend = self.backends[name]
+            has_weights = model.module is not None and getattr(model.module, "instantiated", True)
+            # An empty replica (filled by reallocation before its calls) still gets its
+            # inference wrapper now; a training engine needs the weights to exist.
+            if has_weights or (model.module is not None and isinstance(backend, InferenceEngine)):
+                self.models[name] = backend.initialize(model, ft_spec)
             else:
                 model.ft_spec = ft_spec
         return None
