@@ -65,6 +65,16 @@ class PPOExperiment(PPOConfig):
                                                                output_bias=p.reward_output_bias)),
         }
 
+    def _sampler_truncates(self) -> bool:
+        """Whether generation records a logits mask (top-k / top-p actually cut the vocabulary)."""
+        g = self.ppo.gen
+        if g.greedy or g.force_no_logits_mask:
+            return False
+        from realhf.api.quickstart.model import load_real_config
+
+        vocab = load_real_config(self.actor).vocab_size
+        return g.top_p < 1.0 or g.top_k < vocab
+
     def initial_setup(self) -> sa.ExperimentConfig:
         allocs = self.resolved_allocations()
         ranks = {c: utils.mesh_ranks(allocs[c], self.n_nodes, self.n_gpus_per_node) for c in PPO_MFCS}
@@ -92,7 +102,7 @@ class PPOExperiment(PPOConfig):
                              should_instantiate=holds_weights)
 
         iface = self._interfaces()
-        logits_mask = [] if self.ppo.gen.force_no_logits_mask else ["packed_logits_mask"]
+        logits_mask = ["packed_logits_mask"] if self._sampler_truncates() else []
         spec = {
             "actor_gen": (ModelInterfaceType.GENERATE, ["packed_prompts"],
                           ["seq_no_eos_mask", "packed_input_ids", "packed_logprobs", "prompt_mask"] + logits_mask),

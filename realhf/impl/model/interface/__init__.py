@@ -1,4 +1,4 @@
 """Model interfaces: the algorithms model function calls run. Importing this
-package registers them (``sft``)."""
+package registers them."""
 
-from realhf.impl.model.interface import sft_interface  # noqa: F401
+from realhf.impl.model.interface import ppo_interface, sft_interface  # noqa: F401

@@ -127,7 +127,9 @@ def critic_loss(
     l_clip = _elementwise_value_loss(clipped_v, returns, loss_type, huber_delta)
     loss = _masked_mean(torch.maximum(l_orig, l_clip), mask)
     with torch.no_grad():
-        clip_ratio = _masked_mean(((l_clip > l_orig) & mask).float(), mask)
+        # Only where clipping changed the value (else rounding could flag ties).
+        changed = (values - old_values).abs() > value_eps_clip
+        clip_ratio = _masked_mean((changed & (l_clip > l_orig) & mask).float(), mask)
     return loss, {"value_clip_ratio": clip_ratio}
 
 
