@@ -190,7 +190,7 @@ class ModelWorkerCore:
         sends, srcs = [], []
         for src, dsts, ids, keys in plan:
             if src == self.rank:
-                payload = _to_bytes(SequenceSample.gather([self.store[i] for i in ids]).select(keys))
+                payload = _to_bytes(SequenceSample.gather([self.store[i].select(keys) for i in ids]))
                 sends += [(payload, d) for d in dsts if d != self.rank]
             elif self.rank in dsts:
                 srcs.append(src)
@@ -214,7 +214,8 @@ class ModelWorkerCore:
         missing = [(i, k) for i in ids for k in rpc.input_keys if i not in self.store or k not in self.store[i].keys]
         if missing:
             raise RuntimeError(f"MFC {rpc.name} on rank {self.rank}: items/keys not here: {missing[:5]}.")
-        sample = SequenceSample.gather([self.store[i] for i in ids]).select(list(rpc.input_keys))
+        keys = list(rpc.input_keys)
+        sample = SequenceSample.gather([self.store[i].select(keys) for i in ids])
         if rpc.input_key_remap:
             sample.remap_keys_(rpc.input_key_remap)
         return sample

@@ -93,11 +93,13 @@ class PPOExperiment(PPOConfig):
                 continue
             made.add(name)
             cfg = models[name.role]
-            is_train_replica = TRAIN_CALL.get(name.role) == call
+            is_train_replica = name.role in TRAIN_CALL and name == replica[TRAIN_CALL[name.role]]
             holds_weights = name.role not in TRAIN_CALL or is_train_replica
             backend = (sa.ModelBackend("train", args=cfg.backend_args()) if is_train_replica
                        else sa.ModelBackend("inference"))
-            utils.add_shards(shards, name, utils.topology_of(allocs[call], cfg, train=is_train_replica), ranks[call],
+            layout_call = TRAIN_CALL[name.role] if is_train_replica else call
+            utils.add_shards(shards, name, utils.topology_of(allocs[layout_call], cfg, train=is_train_replica),
+                             ranks[layout_call],
                              utils.real_model(cfg, instantiate=holds_weights), backend,
                              should_instantiate=holds_weights)
 
