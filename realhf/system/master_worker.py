@@ -120,8 +120,11 @@ class MasterCore:
         epoch_done = False
         for d, rank in enumerate(self.heads):
             r = replies[rank]
-            meta: SequenceSample = r["meta"]
-            by_head[d] = list(meta.ids)
+            meta: Optional[SequenceSample] = r["meta"]
+            by_head[d] = [] if meta is None else list(meta.ids)
+            if meta is None:
+                epoch_done = epoch_done or r["epoch_done"]
+                continue
             epoch_done = epoch_done or r["epoch_done"]
             for i, id_ in enumerate(meta.ids):
                 lengths = {k: sum(meta.seqlens[k][i]) for k in meta.keys}

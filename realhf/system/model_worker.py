@@ -99,6 +99,7 @@ class ModelWorkerCore:
         self.store: Dict[Any, SequenceSample] = {}
         self.dataset = None
         self.loader: Optional[PackedDataLoader] = None
+        self.head_index, self.n_heads = 0, 1
         self.eval_loaders: Dict[ModelName, Any] = {}
         self._handlers: Dict[str, Callable[[Any], Any]] = {
             "spec": self._spec, "initialize": self._initialize, "fetch": self._fetch, "transfer": self._transfer,
@@ -129,13 +130,14 @@ class ModelWorkerCore:
         src = source_rpc(cfg)
         heads = data_head_ranks(cfg, src.model_name)
         if self.rank in heads and self.spec.datasets:
-            dp_rank, dp = heads.index(self.rank), len(heads)
+            # Every data head reads the whole dataset in the same seeded order and
+            # keeps its slice of each global batch, so the batches of a step do not
+            # depend on how many dp ranks the first call has.
+            self.head_index, self.n_heads = heads.index(self.rank), len(heads)
             tok = self.models[src.model_name].tokenizer or self.spec.tokenizer_name_or_path
-            self.dataset = make_dataset(self.spec.datasets[0], cfg.seed, dp_rank, dp, tok,
+            self.dataset = make_dataset(self.spec.datasets[0], cfg.seed, 0, 1, tok,
                                         self.experiment_name, self.trial_name)
-            self.loader = PackedDataLoader(self.dataset, batch_size=max(1, src.n_seqs // dp), shuffle=True,
-                                           seed=cfg.seed + dp_rank)
-            self._batches = iter(())
+            self.loader = PackedDataLoader(self.dataset, batch_size=src.n_seqs, shuffle=True, seed=cfg.seed)
         for shard in self.spec.shards:
             if shard.eval_dataset is not None:
                 name = shard.id.model_name
@@ -153,7 +155,8 @@ class ModelWorkerCore:
 
     # --------------------------------------------------------------- handlers
     def _spec(self, _: Any) -> Optional[int]:
-        return None if self.dataset is None else len(self.dataset)
+        # Every head holds the whole dataset; head 0 reports its size.
+        return None if self.dataset is None or self.head_index != 0 else len(self.dataset)
 
     def _initialize(self, data: Dict[str, Any]) -> None:
         name, ft_spec = data["model_name"], data["ft_spec"]
@@ -181,9 +184,13 @@ class ModelWorkerCore:
         if batch is None:  # the previous call ended the epoch
             batch = next(iter(self.loader))
         items = batch.unpack()
-        for it in items:
+        k, extra = divmod(len(items), self.n_heads)
+        start = self.head_index * k + min(self.head_index, extra)
+        mine = items[start:start + k + (1 if self.head_index < extra else 0)]
+        for it in mine:
             self.store[it.ids[0]] = it
-        return {"meta": batch.meta(), "epoch": epoch, "epoch_done": self.loader.epoch != epoch}
+        meta = SequenceSample.gather(mine).meta() if mine else None
+        return {"meta": meta, "epoch": epoch, "epoch_done": self.loader.epoch != epoch}
 
     def _transfer(self, plan: Sequence[Tuple[int, Sequence[int], List[Any], List[str]]]) -> None:
         """``plan``: (src rank, dst ranks, ids, keys); this rank sends or receives its part."""

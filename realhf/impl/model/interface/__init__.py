@@ -1,4 +1,10 @@
 """Model interfaces: the algorithms model function calls run. Importing this
 package registers them."""
 
-from realhf.impl.model.interface import ppo_interface, sft_interface  # noqa: F401
+from realhf.impl.model.interface import (  # noqa: F401
+    dpo_interface,
+    gen_interface,
+    ppo_interface,
+    rw_interface,
+    sft_interface,
+)
