@@ -160,10 +160,11 @@ class DPOInterface(ModelInterface):
 
     # --------------------------------------------------------------- evaluate
     def evaluate(self, model: Model, eval_dataloader: Optional[Iterable[SequenceSample]]) -> Dict[str, float]:
-        """Implicit-reward accuracy of the policy against itself is meaningless
-        without reference log-probs, so evaluation needs ``seqlogp`` in the
-        batches; it reports the pair-mean loss, margin and accuracy. Batches
-        without ``seqlogp`` are evaluated against a zero reference."""
+        """Pair-mean DPO ``loss``, ``margin`` and ``acc`` (fraction of positive
+        margins) over a validation set whose batches carry the reference
+        ``seqlogp`` (batches without it are scored against a zero reference,
+        i.e. by the policy's own log-prob difference). The same on every rank;
+        ``None`` loader: ``{}``."""
         if eval_dataloader is None:
             return {}
         engine = as_engine(model.module)
