@@ -9,12 +9,14 @@ scope (and, when given, the full vocabulary size).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from realhf.api.core.data_api import SequenceSample
+from realhf.api.core.model_api import ModelInterface
 from realhf.base import constants
 from realhf.impl.model.backend.inference import packed_inputs
 from realhf.impl.model.utils.functional import gather_packed_shifted_log_probs, shifted_label_indices
@@ -91,3 +93,19 @@ def masked_nll(
     mask = shifted_answer_mask(mb.data[mask_key].to(logits.device), cu)
     nll_sum = -(lp.float() * mask.float()).sum()
     return nll_sum, mask.sum()
+
+
+@dataclasses.dataclass
+class TrainedModelInterface(ModelInterface):
+    """Options shared by interfaces of trained models that evaluate and save.
+
+    :param hf_family: HF family used by ``save`` when the model records none.
+    :param eval_n_mbs: micro-batches per evaluation batch.
+    """
+
+    hf_family: Optional[str] = None
+    eval_n_mbs: int = 1
+
+    def __post_init__(self):
+        if self.eval_n_mbs < 1:
+            raise ValueError(f"eval_n_mbs must be >= 1, got {self.eval_n_mbs}.")

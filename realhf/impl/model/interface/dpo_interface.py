@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from realhf.api.core.data_api import SequenceSample
-from realhf.api.core.model_api import MicroBatchSpec, Model, ModelInterface, register_interface
+from realhf.api.core.model_api import MicroBatchSpec, Model, register_interface
 from realhf.impl.model.backend.inference import EngineModule, packed_inputs
-from realhf.impl.model.interface.common import packed_shifted_log_probs
+from realhf.impl.model.interface.common import TrainedModelInterface, packed_shifted_log_probs
 from realhf.impl.model.interface.rw_interface import (
     as_engine,
     forward_sums,
@@ -72,7 +72,7 @@ def answer_logp(logits: torch.Tensor, mb: SequenceSample, vocab_size: Optional[i
 
 
 @dataclasses.dataclass
-class DPOInterface(ModelInterface):
+class DPOInterface(TrainedModelInterface):
     """The ``dpo`` interface: ``inference`` for the reference model, ``train_step`` for the policy.
 
     :param beta: inverse temperature of the implicit reward.
@@ -83,12 +83,6 @@ class DPOInterface(ModelInterface):
 
     beta: float = 0.1
     enable_save: bool = True
-    hf_family: Optional[str] = None
-    eval_n_mbs: int = 1
-
-    def __post_init__(self):
-        if self.eval_n_mbs < 1:
-            raise ValueError(f"eval_n_mbs must be >= 1, got {self.eval_n_mbs}.")
 
     # ------------------------------------------------------------------ loss
     @staticmethod

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from realhf.api.core.data_api import SequenceSample
-from realhf.api.core.model_api import MicroBatchSpec, Model, ModelInterface, register_interface
+from realhf.api.core.model_api import MicroBatchSpec, Model, register_interface
+from realhf.impl.model.interface.common import TrainedModelInterface
 from realhf.impl.model.backend.inference import INPUT_KEY, EngineModule, packed_inputs
 from realhf.impl.model.parallelism.micro_batch import split_packed_batch
 
@@ -123,7 +124,7 @@ def save_model(model: Model, save_dir: str, hf_family: Optional[str], who: str) 
 
 # ------------------------------------------------------------------ interface
 @dataclasses.dataclass
-class PairedRewardInterface(ModelInterface):
+class PairedRewardInterface(TrainedModelInterface):
     """The ``paired_rw`` interface (a critic scoring whole sequences).
 
     :param output_scaling: inference returns ``(score - output_bias) * output_scaling``.
@@ -137,12 +138,6 @@ class PairedRewardInterface(ModelInterface):
     output_scaling: float = 1.0
     output_bias: float = 0.0
     enable_save: bool = True
-    hf_family: Optional[str] = None
-    eval_n_mbs: int = 1
-
-    def __post_init__(self):
-        if self.eval_n_mbs < 1:
-            raise ValueError(f"eval_n_mbs must be >= 1, got {self.eval_n_mbs}.")
 
     # ------------------------------------------------------------------ loss
     @staticmethod

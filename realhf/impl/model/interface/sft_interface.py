@@ -18,9 +18,9 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 
 from realhf.api.core.data_api import SequenceSample
-from realhf.api.core.model_api import MicroBatchSpec, Model, ModelInterface, register_interface
+from realhf.api.core.model_api import MicroBatchSpec, Model, register_interface
 from realhf.impl.model.backend.inference import EngineModule, packed_inputs
-from realhf.impl.model.interface.common import answer_token_count, masked_nll
+from realhf.impl.model.interface.common import TrainedModelInterface, answer_token_count, masked_nll
 
 MASK_KEY = "prompt_mask"
 
@@ -40,7 +40,7 @@ def _n_seqs(sample: SequenceSample) -> int:
 
 
 @dataclasses.dataclass
-class SFTInterface(ModelInterface):
+class SFTInterface(TrainedModelInterface):
     """The ``sft`` interface.
 
     :param hf_family: HF family used by :meth:`save` when the model does not
@@ -49,12 +49,6 @@ class SFTInterface(ModelInterface):
         number of pipeline stages is used, so the pipeline is kept busy).
     """
 
-    hf_family: Optional[str] = None
-    eval_n_mbs: int = 1
-
-    def __post_init__(self):
-        if self.eval_n_mbs < 1:
-            raise ValueError(f"eval_n_mbs must be >= 1, got {self.eval_n_mbs}.")
 
     # ------------------------------------------------------------------ loss
     @staticmethod
