@@ -54,3 +54,13 @@ def test_ppo_reallocated_generation_matches_shared_layout(tmp_path):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (call, key, a[key], b[key])
     assert len(runs["dp4"]) == 2
+
+
+def test_ppo_heuristic_allocation_runs(tmp_path):
+    args = [a for a in _ppo_args("dp4", greedy=False) if "parallel." not in a and not a.startswith("allocation_mode")]
+    cfg = parse_quickstart("ppo", args + ["allocation_mode=heuristic"]).initial_setup()
+    layouts = {r.name: cfg.model_layouts[r.model_name].global_ranks for r in cfg.model_rpcs}
+    assert layouts["actor_gen"] == [0, 1, 2, 3] and layouts["actor_train"] == [0, 1]
+    assert layouts["critic_train"] == [2, 3] and layouts["ref_inf"] == [0, 1, 2, 3]
+    hist = run_with_pipes(cfg, "ppo", "heuristic", timeout=300, fileroot=str(tmp_path)).history
+    assert len(hist) == 2 and all(-1e3 < h.stats["actor_train"]["task_reward"] < 1e3 for h in hist)

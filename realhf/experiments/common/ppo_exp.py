@@ -65,6 +65,29 @@ class PPOExperiment(PPOConfig):
                                                                output_bias=p.reward_output_bias)),
         }
 
+    def _heuristic_rpc_allocation(self):
+        """Layouts sized for the devices present: generation and the reference on all of them
+        (data parallel), actor and critic training on one half each, reward and critic
+        inference on one half each. Odd device counts put every call on all devices."""
+        from realhf.api.quickstart.model import MFCConfig, ParallelismConfig
+
+        n = self.n_nodes * self.n_gpus_per_node
+        host = "localhost" if self.n_nodes == 1 else None
+
+        def on(call, ranks):
+            mesh = None if host is None or len(ranks) == n else f"{host}:" + ",".join(map(str, ranks))
+            return MFCConfig(n_mbs=getattr(self, call).n_mbs,
+                             parallel=ParallelismConfig(data_parallel_size=len(ranks)), device_mesh=mesh)
+
+        every = list(range(n))
+        if n < 2 or n % 2 or host is None:
+            halves = (every, every)
+        else:
+            halves = (every[: n // 2], every[n // 2:])
+        plan = {"actor_gen": every, "ref_inf": every, "actor_train": halves[0], "rew_inf": halves[0],
+                "critic_train": halves[1], "critic_inf": halves[1]}
+        return {call: on(call, ranks) for call, ranks in plan.items()}
+
     def _sampler_truncates(self) -> bool:
         """Whether generation records a logits mask (top-k / top-p actually cut the vocabulary)."""
         g = self.ppo.gen
