@@ -63,6 +63,7 @@ class StepLog:
     seconds: float
     n_tokens: int
     stats: Dict[str, Dict[str, float]]
+    timing: Dict[str, Dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 class MasterCore:
@@ -174,12 +175,16 @@ class MasterCore:
             self.t.call_all("hook", {"hook": h, "call": rpc.model_name})
 
     def _run_rpc(self, rpc: MFCDef, items: Dict[Any, _Item], by_head) -> Dict[str, float]:
+        t0 = time.perf_counter()
         self._run_hooks(rpc, rpc.pre_hooks)
+        t1 = time.perf_counter()
         assignment = self._assign(rpc, items, by_head)
         plan = self._transfer_plan(rpc, assignment, items)
         if plan:
             self.t.call_all("transfer", plan)
+        t2 = time.perf_counter()
         replies = self.t.call_all("mfc", {"rpc": rpc.name, "ids": assignment})
+        t3 = time.perf_counter()
         stats: Dict[str, float] = {}
         for rank, r in enumerate(replies):
             if r is None:
@@ -195,6 +200,8 @@ class MasterCore:
             if isinstance(r["stats"], dict) and not stats:
                 stats = {k: float(v) for k, v in r["stats"].items() if isinstance(v, (int, float))}
         self._run_hooks(rpc, rpc.post_hooks)
+        self._timing[rpc.name] = {"pre_hooks_s": t1 - t0, "transfer_s": t2 - t1, "call_s": t3 - t2,
+                                  "post_hooks_s": time.perf_counter() - t3}
         return stats
 
     def _train_rpcs(self) -> List[MFCDef]:
@@ -268,6 +275,7 @@ class MasterCore:
     def step(self) -> StepLog:
         t0 = time.perf_counter()
         items, by_head, epoch_done = self._fetch()
+        self._timing: Dict[str, Dict[str, float]] = {"fetch": {"call_s": time.perf_counter() - t0}}
         stats = {}
         for rpc in self.order:
             stats[rpc.name] = self._run_rpc(rpc, items, by_head)
@@ -278,7 +286,8 @@ class MasterCore:
         if epoch_done:
             self.epoch += 1
             self.epoch_step = 0
-        log = StepLog(self.epoch, self.epoch_step, self.global_step, time.perf_counter() - t0, n_tokens, stats)
+        log = StepLog(self.epoch, self.epoch_step, self.global_step, time.perf_counter() - t0, n_tokens, stats,
+                      self._timing)
         self.history.append(log)
         return log
 
