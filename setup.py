@@ -38,7 +38,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest", "pytest-timeout"],
+    "test": ["pytest", "pytest-timeout", "vaderSentiment"],
     # Triton kernels are tested on CPU through TRITON_INTERPRET=1.
     "triton": ["triton"],
     # GPU-only accelerators; never needed to install, import or test.

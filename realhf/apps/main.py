@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, List, Optional, Sequence
 
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.base import constants, logging, name_resolve
@@ -42,8 +42,14 @@ def launch(
     recover_retries: int = 1,
     request_timeout: float = 3600.0,
     wait_timeout: Optional[float] = None,
+    user_modules: Sequence[str] = (),
 ) -> None:
-    """Run ``cfg`` to completion; raises JobException if a worker fails (after retries)."""
+    """Run ``cfg`` to completion; raises JobException if a worker fails (after retries).
+
+    ``user_modules`` (dotted names or ``.py`` files) are imported by every worker
+    before it reads its config, so interfaces, datasets and models a user
+    registered in their own script exist in the workers too.
+    """
     if recover_mode not in RECOVER_MODES:
         raise ValueError(f"recover_mode must be one of {RECOVER_MODES}, got {recover_mode!r}.")
     constants.set_experiment_trial_names(experiment_name, trial_name)
@@ -60,7 +66,7 @@ def launch(
         resume = recover_mode == "resume" or attempt > 0
         try:
             _launch_once(cfg, cfg_path, experiment_name, trial_name, mode, request_timeout, wait_timeout,
-                         recover_dir if (resume or save_states) else None, save_states)
+                         recover_dir if (resume or save_states) else None, save_states, list(user_modules))
             return
         except sched_client.JobException as e:
             if attempt + 1 >= attempts:
@@ -69,7 +75,8 @@ def launch(
                            f"(retry {attempt + 1}/{attempts - 1}).")
 
 
-def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout, recover_dir, save_states) -> None:
+def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout, recover_dir, save_states,
+                 user_modules: List[str]) -> None:
     name_resolve.clear_subtree(_trial_root(exp, trial))
     n = cfg.n_model_workers
     for i in range(n):
@@ -80,6 +87,8 @@ def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout,
     })
     sched = sched_client.make(mode, exp, trial)
     base = [sys.executable, "-m", "realhf.apps.remote", "worker", "-e", exp, "-f", trial, "-i", "{jobstep_id}"]
+    for module in user_modules:
+        base += ["--import", module]
     env = {"REAL_FILEROOT": constants.get_fileroot()}
     for var in ("REAL_NAME_RESOLVE", "REAL_NO_EXT", "PYTHONPATH"):
         if var in os.environ:
@@ -126,6 +135,21 @@ def _wait_and_echo(sched, master_log: str, timeout: Optional[float], echo: bool 
             raise
 
 
+def user_modules_of_this_run() -> List[str]:
+    """Modules the user loaded into this process: ``--import`` ones and the launching
+    script itself when it is not part of realhf (``python my_exp.py my-ppo ...``)."""
+    from realhf.api.quickstart import entrypoint
+
+    mods = list(getattr(entrypoint, "IMPORTED_USER_MODULES", []))
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file:
+        path = os.path.abspath(main_file)
+        pkg_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if not path.startswith(pkg_dir + os.sep) and path not in mods:
+            mods.append(path)
+    return mods
+
+
 def main_start(config: Any) -> int:
     """Build the experiment from a quickstart config and run it; returns the exit code."""
     from realhf.api.core.dfg import GraphError
@@ -142,7 +166,7 @@ def main_start(config: Any) -> int:
     try:
         launch(cfg, exp, trial, mode=getattr(config, "mode", "local"),
                recover_mode=getattr(config, "recover_mode", "disabled"),
-               recover_retries=getattr(config, "recover_retries", 1))
+               recover_retries=getattr(config, "recover_retries", 1), user_modules=user_modules_of_this_run())
     except sched_client.JobException as e:
         logger.error(str(e))
         print(f"realhf: experiment {exp}/{trial} failed: {e}", file=sys.stderr)

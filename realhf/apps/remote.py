@@ -18,7 +18,6 @@ ERROR with a short traceback).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from typing import List, Optional
@@ -50,6 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def import_user_module(spec: str) -> None:
+    """Import a dotted module or a ``.py`` file, so its registrations (interfaces,
+    datasets, experiments) exist in this worker as in the launching process."""
+    import importlib.util
+    import os
+
+    if not (spec.endswith(".py") or os.sep in spec):
+        importlib.import_module(spec)
+        return
+    path = os.path.abspath(spec)
+    name = "_realhf_user_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
+    if name in sys.modules:
+        return
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+
+
 def worker_index(args: argparse.Namespace) -> int:
     return args.wproc_offset + args.jobstep_id * args.wprocs_per_jobstep
 
@@ -58,7 +76,7 @@ def run_worker(args: argparse.Namespace) -> int:
     from realhf.system import worker_base
 
     for module in args.imports:
-        importlib.import_module(module)
+        import_user_module(module)
     constants.set_experiment_trial_names(args.experiment_name, args.trial_name)
     index = worker_index(args)
     worker = worker_base.make_worker(

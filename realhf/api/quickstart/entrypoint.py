@@ -83,8 +83,12 @@ def get_quickstart_exp(name: str) -> type:
         raise ConfigError(msg) from None
 
 
+IMPORTED_USER_MODULES: List[str] = []  # passed on to launched workers
+
+
 def import_user_module(spec: str) -> None:
     """Import a dotted module name or a ``.py`` file (its registrations take effect)."""
+    IMPORTED_USER_MODULES.append(os.path.abspath(spec) if spec.endswith(".py") or os.sep in spec else spec)
     if spec.endswith(".py") or os.sep in spec:
         path = os.path.abspath(spec)
         if not os.path.isfile(path):
