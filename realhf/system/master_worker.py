@@ -12,9 +12,9 @@ model always see parameters in version order. After each step: save /
 evaluate triggers, a log line, and the step's items are dropped.
 
 :class:`MasterCore` is transport-agnostic: ``transport.call_all(handle,
-data)`` sends a request to every model worker (``data`` a list gives each
-rank its own) and returns the replies in rank order, raising if a worker
-failed or timed out.
+data)`` sends the same request to every model worker (each picks its own
+part, e.g. its dp rank's ids) and returns the replies in rank order, raising
+if a worker failed or timed out.
 """
 
 from __future__ import annotations

@@ -38,6 +38,22 @@ def item_weight(mb: SequenceSample) -> float:
     return float(mb.bs)
 
 
+def weighted_split(sample: SequenceSample, mb_spec: Optional[MicroBatchSpec], loss_weight_fn: WeightFn,
+                   reduce_total: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                   key: str = INPUT_KEY) -> Tuple[MicroBatchSplit, List[float], float]:
+    """Micro-batches of ``sample``, their loss weights, and the total weight.
+
+    ``reduce_total`` sums the local total across data-parallel ranks when the
+    losses are normalized over the global batch.
+    """
+    split = split_packed_batch(sample, mb_spec or MicroBatchSpec(), key=key)
+    weights = [float(loss_weight_fn(mb)) for mb in split.micro_batches]
+    total_w = float(reduce_total(torch.tensor(sum(weights), dtype=torch.float64)))
+    if total_w <= 0:
+        raise ValueError(f"Micro-batch loss weights must sum to a positive value, got {total_w}.")
+    return split, weights, total_w
+
+
 def _decay_mask(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """1 where weight decay applies (matrices), 0 for 1-D tensors (norms, biases)."""
     mask = torch.ones(model.flat_size, dtype=dtype, device=model.flat_param.device)
@@ -159,12 +175,7 @@ class TrainModule(EngineModule):
     def _weighted_split(self, sample: SequenceSample, mb_spec: Optional[MicroBatchSpec],
                         loss_weight_fn: WeightFn) -> Tuple[MicroBatchSplit, List[float], float]:
         """Micro-batches, their loss weights, and the weight summed over dp."""
-        split = split_packed_batch(sample, mb_spec or MicroBatchSpec(), key=INPUT_KEY)
-        weights = [float(loss_weight_fn(mb)) for mb in split.micro_batches]
-        total_w = float(self._all_reduce(torch.tensor(sum(weights), dtype=torch.float64)))
-        if total_w <= 0:
-            raise ValueError(f"Micro-batch loss weights must sum to a positive value, got {total_w}.")
-        return split, weights, total_w
+        return weighted_split(sample, mb_spec, loss_weight_fn, self._all_reduce)
 
     def _finish_stats(self, sums: Dict[str, float], total_w: float) -> Dict[str, float]:
         """Weighted sums of this rank -> weighted means over the global batch."""

@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from realhf.api.core.data_api import SequenceSample
 from realhf.api.core.model_api import MicroBatchSpec, Model, register_interface
 from realhf.impl.model.backend.inference import EngineModule, packed_inputs
-from realhf.impl.model.interface.common import TrainedModelInterface, packed_shifted_log_probs
+from realhf.impl.model.interface.common import TrainedModelInterface, forward_sums, packed_shifted_log_probs
 from realhf.impl.model.interface.rw_interface import (
     as_engine,
-    forward_sums,
     pair_counts,
     per_sequence_output,
     save_model,

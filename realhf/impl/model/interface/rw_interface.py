@@ -19,16 +19,15 @@ ranks, so the step is that of ``L`` on the concatenated global batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from realhf.api.core.data_api import SequenceSample
 from realhf.api.core.model_api import MicroBatchSpec, Model, register_interface
-from realhf.impl.model.interface.common import TrainedModelInterface
+from realhf.impl.model.interface.common import TrainedModelInterface, forward_sums
 from realhf.impl.model.backend.inference import INPUT_KEY, EngineModule, packed_inputs
-from realhf.impl.model.parallelism.micro_batch import split_packed_batch
 
 
 # --------------------------------------------------------------------- helpers
@@ -62,39 +61,6 @@ def last_token_scores(values: torch.Tensor, mb: SequenceSample) -> torch.Tensor:
     return values.reshape(-1)[cu[1:] - 1].float()
 
 
-def forward_sums(model: Model, engine: EngineModule, batches: Iterable[SequenceSample],
-                 mb_spec: MicroBatchSpec, hook: Callable[[torch.Tensor, SequenceSample], torch.Tensor],
-                 width: int) -> torch.Tensor:
-    """Sum of ``hook(output, mb)`` (float64 [width], on CPU) over all micro-batches
-    of all batches and all data-parallel ranks; the same on every rank.
-
-    Ranks may hold different numbers of batches: the only collectives outside
-    the per-batch (pipeline/tensor) forward come after the loop.
-    """
-    par = engine.par
-    net = engine.module
-    net.eval()
-    totals = torch.zeros(width, dtype=torch.float64)
-    with torch.no_grad():
-        for batch in batches:
-            if model.device is not None and torch.device(model.device).type != "cpu":
-                batch = batch.to(model.device)
-            if engine.runner is not None:
-                outs = engine.runner.forward(batch, mb_spec, post_hook=hook, assemble=False)
-                if par.is_last_stage:
-                    for o in outs:
-                        totals += o
-            else:
-                for mb in split_packed_batch(batch, mb_spec, key=INPUT_KEY).micro_batches:
-                    ids, cu, max_seqlen = packed_inputs(mb)
-                    totals += hook(net(ids, cu, max_seqlen), mb)
-    if par.pp_size > 1:
-        dev = getattr(net, "device", torch.device("cpu"))
-        t = totals.to(dev)
-        par.broadcast_from_last_stage(t)
-        totals = t.cpu()
-    par.all_reduce(totals, par.dp_group)
-    return totals
 
 
 def per_sequence_output(mb: SequenceSample, key: str, values: torch.Tensor) -> SequenceSample:

@@ -19,8 +19,8 @@ import torch
 
 from realhf.api.core.data_api import SequenceSample
 from realhf.api.core.model_api import MicroBatchSpec, Model, register_interface
-from realhf.impl.model.backend.inference import EngineModule, packed_inputs
-from realhf.impl.model.interface.common import TrainedModelInterface, answer_token_count, masked_nll
+from realhf.impl.model.backend.inference import EngineModule
+from realhf.impl.model.interface.common import TrainedModelInterface, answer_token_count, forward_sums, masked_nll
 
 MASK_KEY = "prompt_mask"
 
@@ -108,35 +108,16 @@ class SFTInterface(TrainedModelInterface):
             return {}
         module = model.module
         engine = module if isinstance(module, EngineModule) else EngineModule(module)
-        net = engine.module
         vocab = _vocab_size(engine)
-        par = engine.par
-        net.eval()
-        mb_spec = MicroBatchSpec(n_mbs=max(self.eval_n_mbs, par.pp_size))
+        mb_spec = MicroBatchSpec(n_mbs=max(self.eval_n_mbs, engine.par.pp_size))
 
         def hook(logits: torch.Tensor, mb: SequenceSample) -> torch.Tensor:
             nll_sum, n = masked_nll(logits, mb, vocab, MASK_KEY)
-            return torch.stack([nll_sum.double().cpu(), n.double().cpu()])
+            return torch.stack([nll_sum.double().cpu(), n.double().cpu(),
+                                torch.tensor(float(_n_seqs(mb)), dtype=torch.float64)])
 
-        totals = torch.zeros(3, dtype=torch.float64)  # nll, answer tokens, sequences
-        for batch in eval_dataloader:
-            if model.device is not None and torch.device(model.device).type != "cpu":
-                batch = batch.to(model.device)
-            totals[2] += _n_seqs(batch)
-            if engine.runner is not None:
-                outs = engine.runner.forward(batch, mb_spec, post_hook=hook, assemble=False)
-                if par.is_last_stage:
-                    for o in outs:
-                        totals[:2] += o
-            else:
-                ids, cu, max_seqlen = packed_inputs(batch)
-                totals[:2] += hook(net(ids, cu, max_seqlen), batch)
-        if par.pp_size > 1:
-            dev = getattr(net, "device", torch.device("cpu"))
-            t = totals.to(dev)
-            par.broadcast_from_last_stage(t)
-            totals = t.cpu()
-        par.all_reduce(totals, par.dp_group)
+        # nll, answer tokens, sequences
+        totals = forward_sums(model, engine, eval_dataloader, mb_spec, hook, 3)
         n_tokens = float(totals[1])
         loss = float(totals[0]) / n_tokens if n_tokens > 0 else float("nan")
         return {"loss": loss, "ppl": math.exp(min(loss, 700.0)) if n_tokens > 0 else float("nan"),

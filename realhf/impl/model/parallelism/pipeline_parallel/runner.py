@@ -29,7 +29,7 @@ import torch.distributed as dist
 from realhf.api.core.data_api import SequenceSample
 from realhf.api.core.model_api import GenerationHyperparameters, MicroBatchSpec
 from realhf.impl.model.backend.inference import INPUT_KEY, PostHook, packed_inputs
-from realhf.impl.model.backend.train_engine import LossFn, WeightFn, token_weight
+from realhf.impl.model.backend.train_engine import LossFn, WeightFn, token_weight, weighted_split
 from realhf.impl.model.parallelism.micro_batch import MicroBatchSplit, assemble_outputs, split_packed_batch
 from realhf.impl.model.parallelism.pipeline_parallel import p2p
 from realhf.impl.model.parallelism.pipeline_parallel.instruction import (
@@ -305,11 +305,7 @@ class PipelineRunner:
         reduced or stepped. Every stage returns the same stats: ``loss`` and
         the weighted means of ``loss_fn``'s stats.
         """
-        split = split_packed_batch(sample, mb_spec or MicroBatchSpec(), key=self.key)
-        weights = [float(loss_weight_fn(mb)) for mb in split.micro_batches]
-        total_w = sum(weights)
-        if total_w <= 0:
-            raise ValueError(f"Micro-batch loss weights must sum to a positive value, got {total_w}.")
+        split, weights, total_w = weighted_split(sample, mb_spec, loss_weight_fn, key=self.key)
         sums = self.run_train_schedule(sample, split, loss_fn, weights, 1.0 / total_w)
         return {k: v / total_w for k, v in sums.items()}
 
