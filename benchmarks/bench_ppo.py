@@ -21,12 +21,11 @@ costs such as building plans). Run ``python benchmarks/bench_ppo.py``
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -56,12 +55,14 @@ def ppo_args(layout: str, steps: int, n_prompts: int, new_tokens: int) -> List[s
     return args
 
 
-def run(layout: str, steps: int, n_prompts: int, new_tokens: int) -> List[Dict[str, Any]]:
+def run(layout: str, steps: int, n_prompts: int, new_tokens: int,
+        extra: Sequence[str] = ()) -> List[Dict[str, Any]]:
+    """Run the experiment; ``extra`` overrides go after ``ppo_args``."""
     import realhf.experiments  # noqa: F401
     from realhf.api.quickstart.entrypoint import parse_quickstart
     from realhf.system.pipe_runner import run_with_pipes
 
-    cfg = parse_quickstart("ppo", ppo_args(layout, steps, n_prompts, new_tokens)).initial_setup()
+    cfg = parse_quickstart("ppo", ppo_args(layout, steps, n_prompts, new_tokens) + list(extra)).initial_setup()
     with tempfile.TemporaryDirectory() as root:
         master = run_with_pipes(cfg, "bench-ppo", layout, timeout=600, fileroot=root)
     return [{"seconds": h.seconds, "n_tokens": h.n_tokens, "timing": h.timing} for h in master.history]

@@ -187,21 +187,19 @@ class Passage:
     continuation: str
 
 
-def austen_passages(books: dict[str, list[str]]) -> tuple[list[Passage], list[str]]:
-    """All usable (context, next sentence) pairs, plus every sentence."""
+def austen_passages(books: dict[str, list[str]]) -> list[Passage]:
+    """All usable (context, next sentence) pairs."""
     passages: list[Passage] = []
-    sentences: list[str] = []
     for book in AUSTEN_BOOKS:
         for para in paragraphs(books[book]):
             sents = split_sentences(para)
-            sentences.extend(s for s in sents if 4 <= len(s.split()) <= 35)
             for i in range(1, len(sents)):
                 # Alternate one- and two-sentence contexts for variety.
                 k = 2 if (i >= 2 and i % 2 == 0) else 1
                 ctx = " ".join(sents[i - k : i])
                 if 6 <= len(ctx.split()) <= 60 and 4 <= len(sents[i].split()) <= 35:
                     passages.append(Passage(book, ctx, sents[i]))
-    return passages, sentences
+    return passages
 
 
 # --------------------------------------------------------------------------
@@ -210,14 +208,9 @@ def austen_passages(books: dict[str, list[str]]) -> tuple[list[Passage], list[st
 
 
 class Chain:
-    """Records each arithmetic step; may inject one slip to make a wrong CoT.
+    """Records each arithmetic step of a chain of thought."""
 
-    ``slip`` is (step index, delta): that step's result is off by ``delta``
-    and every later step uses the wrong value, as a careless solver would.
-    """
-
-    def __init__(self, slip: tuple[int, int] | None = None) -> None:
-        self.slip = slip
+    def __init__(self) -> None:
         self.count = 0
 
     def op(self, a: int, sym: str, b: int) -> tuple[int, str]:
@@ -231,8 +224,6 @@ class Chain:
             val = a // b
         else:
             raise ValueError(sym)
-        if self.slip is not None and self.slip[0] == self.count:
-            val += self.slip[1]
         self.count += 1
         return val, f"{a} {sym} {b} = {val}"
 
@@ -485,14 +476,14 @@ def format_cot(steps: list[str], answer: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Drawn:
-    """Parameters of one problem, so it can be re-rendered with a slip."""
+    """Parameters of one problem, so it can be rendered again."""
 
     template: str
     level: int
     params: dict
 
-    def render(self, slip: tuple[int, int] | None = None) -> Problem:
-        chain = Chain(slip)
+    def render(self) -> Problem:
+        chain = Chain()
         q, steps, ans = TEMPLATES[self.template][1](self.params, chain)
         return Problem(self.template, self.level, q, format_cot(steps, ans), ans, chain.count)
 
@@ -511,15 +502,6 @@ def draw_problems(rng: random.Random, n: int, levels: Sequence[int]) -> list[Dra
         seen.add(p.question)
         out.append(d)
     return out
-
-
-def wrong_number(rng: random.Random, n: int) -> int:
-    """A plausible but wrong final answer."""
-    while True:
-        m = rng.choice([n + rng.randint(1, 9), n - rng.randint(1, 9), n * 2, n + 10, n - 10,
-                        n * 10, n // 2 + 1])
-        if m != n and m >= 0:
-            return m
 
 
 # --------------------------------------------------------------------------
@@ -545,61 +527,69 @@ def build_sft(rng: random.Random, split: str, n: int, math: list[Drawn],
             for i, (kind, pr, ans) in enumerate(rows)]
 
 
+def _unfinished(rng: random.Random, text: str) -> str:
+    """``text`` cut at a word boundary (30-80% of its words), before any final answer line."""
+    words = text.split("\n#### ")[0].split(" ")
+    keep = max(1, min(len(words) - 1, round(len(words) * rng.uniform(0.3, 0.8))))
+    return " ".join(words[:keep])
+
+
+def _shuffled(rng: random.Random, text: str) -> str | None:
+    """The same words in another order, or None when the order cannot change."""
+    words = text.split()
+    if len(set(words)) < 2:
+        return None
+    out = list(words)
+    while out == words:
+        rng.shuffle(out)
+    return " ".join(out)
+
+
 def _math_negative(rng: random.Random, d: Drawn, others: list[Drawn], kind: str) -> str:
     true = d.render()
-    if kind == "final":
-        lines = true.cot.rsplit("\n", 1)[0]
-        return " " + lines + f"\n#### {wrong_number(rng, true.answer)}"
-    if kind == "slip":
-        for _ in range(20):
-            step = rng.randrange(true.n_steps)
-            delta = rng.choice([-10, -2, -1, 1, 2, 10])
-            bad = d.render((step, delta))
-            if bad.answer != true.answer:
-                return " " + bad.cot
-        return _math_negative(rng, d, others, "final")
-    # Another problem's solution: fluent, but its numbers ignore the question.
+    if kind == "unfinished":
+        return " " + _unfinished(rng, true.cot)
+    # Another problem's solution: fluent and complete, but its numbers ignore the question.
     while True:
         o = rng.choice(others).render()
         if o.answer != true.answer:
             return " " + o.cot
 
 
+def _prose_negative(rng: random.Random, continuation: str, kind: str) -> str:
+    if kind == "shuffled":
+        shuffled = _shuffled(rng, continuation)
+        if shuffled is not None:
+            return " " + shuffled
+    return " " + _unfinished(rng, continuation)
+
+
 def build_rw(rng: random.Random, split: str, n: int, math: list[Drawn], others: list[Drawn],
-             passages: list[Passage], sentences: list[str]) -> list[dict]:
+             passages: list[Passage]) -> list[dict]:
+    """Preference pairs whose rejected answers are off-topic, unfinished or scrambled.
+
+    Each kind is a preference a small reward model can learn from text alone
+    (no arithmetic): a prompt with two pairs gets both kinds of its domain,
+    a prompt with one pair gets one of them at random.
+    """
     n_math = round(n * RW_MATH_FRACTION)
-    # Slips need arithmetic to detect, so they are the rarest rejection.
-    kinds = ["final", "final", "final", "other", "other", "other", "slip"]
     rows: list[tuple[str, str, list[str], list[str]]] = []
     for d in math[:n_math]:
         p = d.render()
-        k = rng.choice([1, 2])
-        neg_kinds = rng.sample(kinds, k)
-        negs = [_math_negative(rng, d, others, kd) for kd in neg_kinds]
-        rows.append((f"math-l{p.level}", math_prompt(p), [" " + p.cot] * k, negs))
+        kinds = _negative_kinds(rng, ["other", "unfinished"])
+        negs = [_math_negative(rng, d, others, kd) for kd in kinds]
+        rows.append((f"math-l{p.level}", math_prompt(p), [" " + p.cot] * len(kinds), negs))
     for ps in passages[: n - n_math]:
-        k = rng.choice([1, 2])
-        # With one pair, either rejection kind; with two pairs, both.
-        neg_kinds = ["random", "shuffled"] if k == 2 else [rng.choice(["random", "shuffled"])]
-        negs: list[str] = []
-        for neg_kind in neg_kinds:
-            words = ps.continuation.split()
-            if neg_kind == "shuffled" and len(set(words)) > 1:
-                # Same words in a random order: fluent vocabulary, broken prose.
-                while words == ps.continuation.split():
-                    rng.shuffle(words)
-                negs.append(" " + " ".join(words))
-                continue
-            target = len(words)
-            while True:
-                s = rng.choice(sentences)
-                if s != ps.continuation and abs(len(s.split()) - target) <= max(3, target // 3):
-                    break
-            negs.append(" " + s)
-        rows.append((f"austen-{ps.book}", ps.context, [" " + ps.continuation] * k, negs))
+        kinds = _negative_kinds(rng, ["shuffled", "unfinished"])
+        negs = [_prose_negative(rng, ps.continuation, kd) for kd in kinds]
+        rows.append((f"austen-{ps.book}", ps.context, [" " + ps.continuation] * len(kinds), negs))
     rng.shuffle(rows)
     return [{"id": f"rw-{split}-{i:05d}-{kind}", "prompt": pr, "pos_answers": pos,
              "neg_answers": neg} for i, (kind, pr, pos, neg) in enumerate(rows)]
+
+
+def _negative_kinds(rng: random.Random, kinds: list[str]) -> list[str]:
+    return list(kinds) if rng.choice([1, 2]) == 2 else [rng.choice(kinds)]
 
 
 def build_prompts(rng: random.Random, split: str, math: list[Drawn]) -> list[dict]:
@@ -675,7 +665,7 @@ def build(out: str, seed: int, deb: str | None) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         deb_path = deb or fetch_austen_deb(tmp)
         books = extract_austen(deb_path, tmp)
-    passages, sentences = austen_passages(books)
+    passages = austen_passages(books)
 
     rng = random.Random(f"{seed}-passages")
     passages = sorted(passages, key=lambda p: (p.book, p.context, p.continuation))
@@ -704,9 +694,9 @@ def build(out: str, seed: int, deb: str | None) -> dict[str, int]:
         "sft-train": build_sft(random.Random(f"{seed}-sft-train"), "train", sft_tr, m_sft_tr, p_sft_tr),
         "sft-valid": build_sft(random.Random(f"{seed}-sft-valid"), "valid", sft_va, m_sft_va, p_sft_va),
         "rw_pair-train": build_rw(random.Random(f"{seed}-rw-train"), "train", rw_tr, m_rw_tr,
-                                  m_rw_tr, p_rw_tr, sentences),
+                                  m_rw_tr, p_rw_tr),
         "rw_pair-valid": build_rw(random.Random(f"{seed}-rw-valid"), "valid", rw_va, m_rw_va,
-                                  m_rw_va, p_rw_va, sentences),
+                                  m_rw_va, p_rw_va),
         "prompt-train": build_prompts(random.Random(f"{seed}-prompt-train"), "train", easy[:pr_tr]),
         "prompt-valid": build_prompts(random.Random(f"{seed}-prompt-valid"), "valid", easy[pr_tr:]),
     }

@@ -208,10 +208,13 @@ class MasterCore:
         return [r for r in self.order if r.is_train]
 
     def save(self) -> List[str]:
+        """Save every trained model, named after the last finished step."""
+        last = self.history[-1] if self.history else None
+        epoch, epoch_step = (last.epoch, last.epoch_step) if last else (self.epoch, self.epoch_step)
         dirs = []
         for rpc in self._train_rpcs():
             d = os.path.join(constants.get_save_path(self.exp, self.trial), rpc.role,
-                             f"epoch{self.epoch}epochstep{self.epoch_step}globalstep{self.global_step}")
+                             f"epoch{epoch}epochstep{epoch_step}globalstep{self.global_step}")
             self.t.call_all("save", {"model_name": rpc.model_name, "rpc": rpc.name, "save_dir": d})
             dirs.append(d)
             logger.info(f"Saved {rpc.role} to {d}")
@@ -283,11 +286,12 @@ class MasterCore:
         self.t.call_all("clear", list(items))
         self.global_step += 1
         self.epoch_step += 1
+        # The step is labelled within the epoch it belongs to; only then does the epoch roll over.
+        log = StepLog(self.epoch, self.epoch_step, self.global_step, time.perf_counter() - t0, n_tokens, stats,
+                      self._timing)
         if epoch_done:
             self.epoch += 1
             self.epoch_step = 0
-        log = StepLog(self.epoch, self.epoch_step, self.global_step, time.perf_counter() - t0, n_tokens, stats,
-                      self._timing)
         self.history.append(log)
         return log
 

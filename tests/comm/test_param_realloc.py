@@ -139,6 +139,15 @@ def test_plan_errors():
         pr.make_realloc_plan(llama, _layout((1, 1, 1, [0])), _layout((1, 1, 1, [4])), world_size=4)
 
 
+def test_plan_ignores_where_weights_were_loaded_from():
+    # A training replica loaded from a checkpoint records its path; the empty
+    # generation replica of the same model does not. They are still the same model.
+    llama = _config("llama")
+    loaded = dataclasses.replace(llama, base_model_path="/ckpt/sft")
+    plan = pr.make_realloc_plan(loaded, _layout((1, 1, 2, range(2))), _layout((2, 1, 1, range(2))), dst_config=llama)
+    assert plan.dst_flat_size
+
+
 # ----------------------------------------------------------------------------
 # Execution on gloo
 # ----------------------------------------------------------------------------

@@ -247,3 +247,23 @@ def test_training_mode_gradients_and_moe_aux_loss():
     (logits.float().logsumexp(-1).mean() + aux).backward()
     assert all(p.grad is not None for p in model.parameters())
     assert model.get_param("1.mlp.router.weight").grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_random_init_is_the_same_in_every_layout(family):
+    # An actor and its reference initialized from scratch on different meshes must agree.
+    from realhf.impl.model.nn.tp_partition import partition_tensor
+
+    config = dataclasses.replace(get_hf_family(family).real_config_maker(), n_layers=3)
+    whole = ReaLModel(config, tp_size=1, tp_rank=0).instantiate(init=False)
+    whole.init_weights(seed=7)
+    full = whole.state_dict()
+    for pp_size, pp_rank, tp_size, tp_rank in [(2, 1, 1, 0), (1, 0, 2, 1), (2, 0, 2, 0)]:
+        part = ReaLModel(config, pp_size=pp_size, pp_rank=pp_rank, tp_size=tp_size, tp_rank=tp_rank)
+        part.instantiate(init=False)
+        part.init_weights(seed=7)
+        for key, value in part.state_dict().items():
+            assert torch.equal(value, partition_tensor(key, full[key], config, tp_size, tp_rank)), key
+    other = ReaLModel(config, tp_size=1, tp_rank=0).instantiate(init=False)
+    other.init_weights(seed=8)
+    assert not torch.equal(other.state_dict()["1.attn.c_attn.q_attn.weight"], full["1.attn.c_attn.q_attn.weight"])

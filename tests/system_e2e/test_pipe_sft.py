@@ -46,3 +46,14 @@ def test_step_statistics_reach_tensorboard(tmp_path):
     tags = acc.Tags()["scalars"]
     assert "trainDefault/loss" in tags and "eval/trainDefault/loss" in tags
     assert [e.step for e in acc.Scalars("trainDefault/loss")] == [1, 2, 3]
+
+
+def test_steps_are_labelled_within_their_epoch(tmp_path):
+    # 200 records in batches of 100: two steps per epoch, two epochs.
+    from realhf.base import constants
+
+    master = run_with_pipes(sft_experiment(2, 1, 1, n_seqs=100, epochs=2), "ep", "t", fileroot=str(tmp_path))
+    labels = [(h.epoch, h.epoch_step, h.global_step) for h in master.history]
+    assert labels == [(0, 1, 1), (0, 2, 2), (1, 1, 3), (1, 2, 4)]
+    saved = os.listdir(os.path.join(tmp_path, "checkpoints", constants.get_user(), "ep", "t", "default"))
+    assert saved == ["epoch1epochstep2globalstep4"]

@@ -1,4 +1,4 @@
-"""The README's main command (quickstart SFT) run as a CLI, shortened, plus manual (pp2, tp2)."""
+"""The README's quickstart SFT command run as a CLI, shortened, plus manual (pp2, tp2)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.distributed
 
 def _readme_quickstart_args():
     text = open(os.path.join(ROOT, "README.md")).read()
-    block = re.findall(r"```bash\n(.*?)\n```", text, re.S)[0]
-    cmd = block.split("&&")[-1].strip()
+    blocks = re.findall(r"```bash\n(.*?)\n```", text, re.S)
+    cmd = next(b for b in blocks if b.startswith("python -m realhf.apps.quickstart sft ")).strip()
     args = shlex.split(cmd)
     assert args[:3] == ["python", "-m", "realhf.apps.quickstart"]
     return args[3:]

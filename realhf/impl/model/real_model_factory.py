@@ -83,8 +83,8 @@ def make_real_model(
         module = ReaLModel(cfg, dtype=dt, device=device, **stage)
         if instantiate:
             module.instantiate(init=False)
-            # Same seed on every dp replica; different per shard (stage, tp rank).
-            module.init_weights(seed=seed * 1000 + stage["pp_rank"] * 10 + module.tp_rank)
+            # Weights depend on the seed only, not on the layout (see ReaLModel.init_weights).
+            module.init_weights(seed=seed)
     module.hf_family = family
     return Model(name=ModelName.parse(name), module=module, tokenizer=tokenizer, device=device, dtype=dt)
 

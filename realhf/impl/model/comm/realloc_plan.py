@@ -125,11 +125,16 @@ def layout_dims(layout: ModelParallelLayout) -> Tuple[int, int, int]:
         raise ReallocError(f"Layout {topo!r} is not a (pipe, data, model) topology.") from e
 
 
+# Where the weights were loaded from, not what they are: a replica loaded from
+# a checkpoint and an empty replica of the same model differ only here.
+_PROVENANCE_FIELDS = frozenset({"base_model_path"})
+
+
 def _config_diff(a: ReaLModelConfig, b: ReaLModelConfig) -> List[str]:
     return [
         f"{f.name}: {getattr(a, f.name)!r} != {getattr(b, f.name)!r}"
         for f in dataclasses.fields(a)
-        if getattr(a, f.name) != getattr(b, f.name)
+        if f.name not in _PROVENANCE_FIELDS and getattr(a, f.name) != getattr(b, f.name)
     ]
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -65,6 +66,7 @@ from realhf.impl.model.nn.real_llm_base import (
     TransformerBlock,
     head_key,
     is_tied_on_stage,
+    layer_param_shapes,
     make_layer,
     partition_layers,
 )
@@ -240,10 +242,18 @@ class ReaLModel(nn.Module):
         self._inv_freq = None
 
     @torch.no_grad()
+    @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: Optional[int] = None) -> None:
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed if seed is not None else torch.initial_seed())
+        """Random weights that depend only on (seed, parameter key).
+
+        Each matrix is drawn whole from its own generator and this rank keeps
+        its tensor-parallel shard, so every layout (and every replica) of the
+        same model starts from identical weights: an actor and its reference
+        built from scratch on different meshes agree before training.
+        """
+        base = seed if seed is not None else torch.initial_seed()
         block_norm = norm_init_value(self.config.layer_norm_type)
+        full_shapes = dict(kv for i in self.layer_indices for kv in layer_param_shapes(self.config, i))
         for key in self.param_spec:
             p = self.get_param(key)
             name = key.split(".", 1)[1]
@@ -254,7 +264,11 @@ class ReaLModel(nn.Module):
             elif name.endswith("bias"):
                 p.zero_()
             else:
-                p.normal_(0.0, std, generator=gen)
+                # A tied head is the embedding matrix, wherever each copy lives.
+                draw = "0.wte.weight" if self.config.tied_embedding and key == head_key(self.config) else key
+                gen = torch.Generator().manual_seed((base * 1_000_003 + zlib.crc32(draw.encode())) % 2**63)
+                full = torch.empty(full_shapes[key]).normal_(0.0, std, generator=gen)
+                p.copy_(partition_tensor(key, full, self.config, self.tp_size, self.tp_rank))
 
     def get_param(self, key: str) -> torch.Tensor:
         mod, attr = self._owner(key)
