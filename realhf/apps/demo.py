@@ -50,7 +50,7 @@ class DemoSettings:
     sft_steps: int = 300
     rw_steps: int = 300
     ppo_steps: int = 60
-    ppo_prompts: int = 16
+    ppo_prompts: int = 32
     new_tokens: int = 48
     seed: int = 1
 
@@ -146,12 +146,14 @@ def run(s: DemoSettings) -> Dict[str, object]:
     acc = rw_accuracy("demo-rw", s.trial)
     quickstart("ppo", ppo_args(s, sft_ckpt, rw_ckpt))
     rewards = ppo_rewards("demo-ppo", s.trial)
-    k = max(1, min(5, len(rewards) // 4))
+    k = max(1, min(10, len(rewards) // 4))
     start, end = statistics.mean(rewards[:k]), statistics.mean(rewards[-k:])
-    print(f"\n[demo] reward model held-out pair accuracy: {acc:.3f}" if acc is not None else "")
+    windows = [statistics.mean(rewards[i:i + k]) for i in range(0, len(rewards), k)]
+    if acc is not None:
+        print(f"\n[demo] reward model held-out pair accuracy: {acc:.3f}")
     print(f"[demo] PPO mean reward, first {k} steps: {start:.3f}")
     print(f"[demo] PPO mean reward, last {k} steps:  {end:.3f}")
-    print("[demo] PPO reward curve (every step): " + " ".join(f"{r:.2f}" for r in rewards))
+    print(f"[demo] PPO mean reward per {k} steps: " + " ".join(f"{w:.2f}" for w in windows))
     print(f"[demo] total {time.time() - t0:.0f} s", flush=True)
     return {"rw_acc": acc, "reward_start": start, "reward_end": end, "rewards": rewards}
 
