@@ -213,16 +213,16 @@ def test_training_on_embedded_pairs_improves_heldout_accuracy():
     print(f"rw valid acc {before['acc']:.3f} -> {after['acc']:.3f} ({time.time() - t0:.1f}s)")
     assert after["n_pairs"] == before["n_pairs"] > 200
     assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 0.1
-    assert after["acc"] >= 0.65, after
+    # Measured: 0.48 -> 0.953 held-out pair accuracy (deterministic seeds, ~35 s on 2 CPU cores).
+    assert after["acc"] >= 0.9, after
 
 
 @pytest.mark.slow
 def test_heldout_accuracy_long_run():
-    # Measured: 0.774 held-out pair accuracy in ~80 s on 2 CPU cores (train accuracy reaches ~0.9-1:
-    # a critic trained from scratch on 1500 prompts overfits; 0.9 is not reached with these budgets).
+    # Measured: 0.980 held-out pair accuracy in ~90 s on 2 CPU cores.
     before, after, _ = train_on_embedded_data(steps=400, hidden=256, n_layers=2, n_heads=8, lr=1e-3)
     print(f"rw valid acc after 400 steps: {after['acc']:.3f}")
-    assert after["acc"] >= 0.7, after
+    assert after["acc"] >= 0.95, after
 
 
 # ------------------------------------------------------------ dp / tp / pp
