@@ -14,10 +14,13 @@ experiment config (anything with ``initial_setup() -> ExperimentConfig``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
 import sys
-from typing import Any, List, Optional, Sequence
+import threading
+from typing import Any, Iterator, List, Optional, Sequence
 
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.base import constants, logging, name_resolve
@@ -75,6 +78,23 @@ def launch(
                            f"(retry {attempt + 1}/{attempts - 1}).")
 
 
+@contextlib.contextmanager
+def _terminate_unwinds() -> Iterator[None]:
+    """SIGTERM (a job system, ``kill``) unwinds like Ctrl-C, so the launcher stops its workers too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout, recover_dir, save_states,
                  user_modules: List[str]) -> None:
     name_resolve.clear_subtree(_trial_root(exp, trial))
@@ -93,10 +113,16 @@ def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout,
     for var in ("REAL_NAME_RESOLVE", "REAL_NO_EXT", "PYTHONPATH"):
         if var in os.environ:
             env[var] = os.environ[var]
+    with _terminate_unwinds():
+        _run_jobs(sched, base, n, env, os.path.join(constants.get_log_path(exp, trial), "master_worker-0"),
+                  wait_timeout)
+
+
+def _run_jobs(sched, base: List[str], n: int, env, master_log: str, wait_timeout: Optional[float]) -> None:
     try:
         sched.submit_array("model_worker", base[:4] + ["-w", "model_worker"] + base[4:], count=n, env=env)
         sched.submit_array("master_worker", base[:4] + ["-w", "master_worker"] + base[4:], count=1, env=env)
-        _wait_and_echo(sched, os.path.join(constants.get_log_path(exp, trial), "master_worker-0"), wait_timeout)
+        _wait_and_echo(sched, master_log, wait_timeout)
     except BaseException:
         sched.stop_all()
         raise

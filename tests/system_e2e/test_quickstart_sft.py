@@ -93,3 +93,33 @@ def test_bad_datasets_fail_before_workers_start(tmp_path, bad, expect):
     assert err.startswith("error:") and expect in err, err
     logs = os.path.join(tmp_path, "logs", _user(), "quickstart-sft", f"bad-{bad}")
     assert not os.path.exists(os.path.join(logs, "model_worker-0"))
+
+
+def test_sigterm_to_the_launcher_stops_every_worker(tmp_path):
+    # A job system ends a run with SIGTERM; no worker may outlive the launcher.
+    import signal
+    import time
+
+    import psutil
+
+    args = [a for a in _readme_quickstart_args() if not a.startswith(("trial_name=", "exp_ctrl."))]
+    env = dict(os.environ, REAL_FILEROOT=str(tmp_path))
+    out = open(tmp_path / "out.txt", "w")
+    launcher = subprocess.Popen([sys.executable, "-m", "realhf.apps.quickstart", *args, "trial_name=term",
+                                 "exp_ctrl.benchmark_steps=100000", "exp_ctrl.total_train_epochs=1000"],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while "global step 2/" not in (tmp_path / "out.txt").read_text():
+            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()[-3000:]
+            time.sleep(0.5)
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)]
+        assert len(workers) >= 5  # 4 model workers and the master
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=60) != 0
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        out.close()
