@@ -49,7 +49,7 @@ class DemoSettings:
     trial: str = "demo"
     sft_steps: int = 300
     rw_steps: int = 300
-    ppo_steps: int = 60
+    ppo_steps: int = 100
     ppo_prompts: int = 32
     new_tokens: int = 48
     seed: int = 1

@@ -95,8 +95,10 @@ def test_bad_datasets_fail_before_workers_start(tmp_path, bad, expect):
     assert not os.path.exists(os.path.join(logs, "model_worker-0"))
 
 
-def test_sigterm_to_the_launcher_stops_every_worker(tmp_path):
-    # A job system ends a run with SIGTERM; no worker may outlive the launcher.
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_no_worker_outlives_the_launcher(tmp_path, sig):
+    # A job system ends a run with SIGTERM (the launcher stops its workers) or
+    # SIGKILL (the workers are told by the kernel that their launcher died).
     import signal
     import time
 
@@ -105,7 +107,7 @@ def test_sigterm_to_the_launcher_stops_every_worker(tmp_path):
     args = [a for a in _readme_quickstart_args() if not a.startswith(("trial_name=", "exp_ctrl."))]
     env = dict(os.environ, REAL_FILEROOT=str(tmp_path))
     out = open(tmp_path / "out.txt", "w")
-    launcher = subprocess.Popen([sys.executable, "-m", "realhf.apps.quickstart", *args, "trial_name=term",
+    launcher = subprocess.Popen([sys.executable, "-m", "realhf.apps.quickstart", *args, f"trial_name=term-{sig}",
                                  "exp_ctrl.benchmark_steps=100000", "exp_ctrl.total_train_epochs=1000"],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -115,7 +117,7 @@ def test_sigterm_to_the_launcher_stops_every_worker(tmp_path):
             time.sleep(0.5)
         workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)]
         assert len(workers) >= 5  # 4 model workers and the master
-        launcher.send_signal(signal.SIGTERM)
+        launcher.send_signal(getattr(signal, sig))
         assert launcher.wait(timeout=60) != 0
         gone, alive = psutil.wait_procs(workers, timeout=30)
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive

@@ -1,7 +1,8 @@
 """Local scheduler: one subprocess per worker on this machine.
 
 Each job runs in its own session (process group) so that stopping it also
-stops anything it spawned. Its stdout and stderr go to
+stops anything it spawned. On Linux a job also gets SIGTERM when the process
+that launched it dies, even by SIGKILL, so no worker outlives its launcher. Its stdout and stderr go to
 ``<log_dir>/<worker_type>-<index>`` (default log dir:
 ``constants.get_log_path(exp, trial)``). Every job gets ``REAL_WORKER_TYPE``,
 ``REAL_WORKER_INDEX``, ``REAL_WORKER_COUNT`` and ``REAL_JOB_NAME`` in its
@@ -15,6 +16,7 @@ signal and the tail of its log.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import re
@@ -40,6 +42,24 @@ logger = logging.getLogger("local_scheduler")
 
 DEFAULT_GRACE_PERIOD_S = 5.0
 LOG_TAIL_LINES = 20
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _terminate_with(launcher_pid: int):
+    """A ``preexec_fn`` asking Linux to send SIGTERM to the job when its launcher dies."""
+
+    def preexec() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal_lib.SIGTERM))
+        except (OSError, AttributeError):
+            return  # not Linux: the launcher's own signal handling has to do
+        if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal_lib.SIGTERM)
+
+    return preexec
 
 
 @dataclasses.dataclass
@@ -124,6 +144,7 @@ class LocalSchedulerClient(SchedulerClient):
                     popen = subprocess.Popen(
                         list(args), env=job_env, cwd=cwd, stdin=subprocess.DEVNULL,
                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                        preexec_fn=_terminate_with(os.getpid()),
                     )
                 self._jobs[name] = _LocalJob(name, worker_type, index, popen, path, time.time())
                 self._next_index[worker_type] = index + 1
