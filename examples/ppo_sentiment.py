@@ -25,6 +25,26 @@ embedded tiny assets (4 CPU worker processes or 4 GPUs)::
 
 ``allocation_mode=d2m2`` lays out every call as 2-way data x 2-way tensor
 parallel over the 4 devices. ``rew.path`` only provides the tokenizer.
+
+A randomly initialized actor barely produces words, so its sentiment hardly
+moves. Starting from a fine-tuned actor (e.g. the SFT checkpoint that
+``python -m realhf.apps.demo`` writes) and prompting with the embedded SFT
+prompts (Austen contexts and math questions), the mean reward rises within
+80 steps (measured, mean per 10 steps: 0.04 0.05 0.13 0.24 0.32 0.59 0.70
+0.65)::
+
+    python examples/ppo_sentiment.py my-ppo \
+        experiment_name=ppo-sentiment trial_name=sft n_gpus_per_node=4 allocation_mode=heuristic \
+        actor.path=$SFT ref.path=$SFT critic.path=$SFT critic.init_critic_from_actor=True \
+        rew.path=realhf/assets/models/tiny-llama rew.init_from_scratch=True \
+        dataset.path=realhf/assets/data/sft-train.jsonl dataset.train_bs_n_seqs=32 \
+        dataset.max_prompt_len=64 ppo.gen.max_new_tokens=24 ppo.gen.min_new_tokens=4 \
+        ppo.kl_ctl=0.01 ppo.ppo_n_minibatches=2 actor.optimizer.lr=5e-4 \
+        actor.optimizer.lr_scheduler_type=constant critic.optimizer.lr=1e-3 \
+        exp_ctrl.benchmark_steps=80 exp_ctrl.total_train_epochs=2
+
+where ``$SFT`` is the checkpoint directory, e.g.
+``~/.cache/realhf/checkpoints/<user>/demo-sft/demo/default/epoch2epochstep50globalstep300``.
 """
 
 from __future__ import annotations
