@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional
 
+from realhf.api.core import dfg
 from realhf.api.core import system_api as sa
-from realhf.api.core.config import ModelName
+from realhf.api.core.config import ModelInterfaceType, ModelName
 from realhf.api.quickstart.allocation import device_mesh_size
 from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig
 from realhf.base.topology import PipeDataModelParallelTopology
@@ -73,3 +74,29 @@ def preflight_datasets(datasets: List[Optional[sa.Dataset]], tokenizer_path: str
     for ds in datasets:
         if ds is not None:
             make_dataset(ds, seed, 0, 1, tok)
+
+
+def single_model_training(exp, rpc_name: str, dataset_type: str, data_args: Dict, interface: str,
+                          input_keys: List[str], dataset_keys: List[str]) -> sa.ExperimentConfig:
+    """One trained model and one ``train_step`` call on ``exp.dataset`` (SFT, reward modeling).
+
+    ``exp`` is the quickstart config (``model``, ``dataset`` with train/valid
+    paths and batch sizes, allocations, seed); ``data_args`` are the dataset's
+    arguments besides its path.
+    """
+    alloc = exp.resolved_allocations()[rpc_name]
+    name = ModelName("default", 0)
+    ds = exp.dataset
+    train = sa.Dataset(dataset_type, args=dict(dataset_path=ds.train_path, **data_args))
+    valid = sa.Dataset(dataset_type, args=dict(dataset_path=ds.valid_path, **data_args)) if ds.valid_path else None
+    preflight_datasets([train, valid], exp.model.path, exp.seed)
+    shards: Dict[int, List[sa.StandaloneModelShard]] = {}
+    add_shards(shards, name, topology_of(alloc, exp.model, train=True),
+               mesh_ranks(alloc, exp.n_nodes, exp.n_gpus_per_node), real_model(exp.model),
+               sa.ModelBackend("train", args=exp.model.backend_args()), eval_dataset=valid, eval_bs=ds.valid_bs_n_seqs)
+    workers = workers_from_shards(exp.n_workers, shards, exp.seed, [train], exp.model.path, device())
+    rpc = dfg.MFCDef(rpc_name, n_seqs=ds.train_bs_n_seqs, interface_type=ModelInterfaceType.TRAIN_STEP,
+                     interface_impl=dfg.ModelInterface(interface), model_name=name, input_keys=list(input_keys),
+                     n_mbs=alloc.n_mbs, log_return_value=True)
+    return sa.ExperimentConfig(exp_ctrl(exp.exp_ctrl), [rpc], workers, dataset_keys=list(dataset_keys),
+                               seed=exp.seed)
