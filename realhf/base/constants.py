@@ -223,8 +223,13 @@ def model_scope_disabled() -> Iterator[None]:
         _scope_stack.pop()
 
 
+def in_model_scope() -> bool:
+    """Whether a model scope (:func:`model_scope`) is active."""
+    return bool(_scope_stack) and _scope_stack[-1] is not _NO_SCOPE
+
+
 def model_name() -> ModelName:
-    if not _scope_stack or _scope_stack[-1] is _NO_SCOPE:
+    if not in_model_scope():
         raise RuntimeError(
             "No model scope is active; wrap the call in constants.model_scope(name)."
         )

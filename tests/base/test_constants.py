@@ -79,10 +79,12 @@ def test_scopes_nest_and_restore():
         with constants.model_scope(CRITIC):
             assert _state() == CRITIC_STATE
             with constants.model_scope_disabled():
+                assert not constants.in_model_scope()
                 with pytest.raises(RuntimeError, match="No model scope is active"):
                     constants.model_name()
-            assert constants.model_name() == CRITIC
+            assert constants.in_model_scope() and constants.model_name() == CRITIC
         assert _state() == ACTOR_STATE
+    assert not constants.in_model_scope()
     with pytest.raises(RuntimeError, match="No model scope is active"):
         constants.model_name()
 

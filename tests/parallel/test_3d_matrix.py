@@ -70,20 +70,12 @@ def _dp_share(sample: SequenceSample, dp: int, rank: int) -> SequenceSample:
 def _loss(logits: torch.Tensor, mb: SequenceSample):
     """Mean next-token NLL of the micro-batch (vocab-parallel when tp > 1)."""
     ids, cu, _ = packed_inputs(mb)
-    tp_scope = constants.has_model_name(MODEL) and _in_scope() and constants.tensor_parallel_world_size() > 1
+    tp_scope = constants.has_model_name(MODEL) and constants.in_model_scope() and constants.tensor_parallel_world_size() > 1
     if tp_scope:
         lp = vocab_parallel_packed_shifted_log_probs(logits, cu, ids, constants.tensor_parallel_group())
     else:
         lp = gather_packed_shifted_log_probs(logits, cu, ids)
     return -lp.mean(), {"n_pred": float(lp.numel())}
-
-
-def _in_scope() -> bool:
-    try:
-        constants.model_name()
-        return True
-    except RuntimeError:
-        return False
 
 
 def _n_pred(mb: SequenceSample) -> float:

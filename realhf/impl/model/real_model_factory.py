@@ -32,9 +32,7 @@ def _dtype(d: Union[str, torch.dtype]) -> torch.dtype:
 
 
 def _scope() -> Dict[str, int]:
-    try:
-        constants.model_name()
-    except RuntimeError:
+    if not constants.in_model_scope():
         return dict(pp_size=1, pp_rank=0)
     return dict(pp_size=constants.pipe_parallel_world_size(), pp_rank=constants.pipe_parallel_rank())
 

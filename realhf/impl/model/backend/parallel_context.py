@@ -53,12 +53,7 @@ class ParallelContext:
         """From the active model scope if there is one, else from ``module`` and ``dp_group``."""
         if not dist.is_initialized():
             return cls()
-        try:
-            constants.model_name()
-            in_scope = True
-        except RuntimeError:
-            in_scope = False
-        if in_scope:
+        if constants.in_model_scope():
             grid = constants.grid()
             group = dp_group if dp_group is not None else grid.dp_group
             return cls(

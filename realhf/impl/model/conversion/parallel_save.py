@@ -33,14 +33,6 @@ from realhf.impl.model.nn.tp_partition import merge_state_dicts
 StateDict = Dict[str, torch.Tensor]
 
 
-def _in_scope() -> bool:
-    try:
-        constants.model_name()
-        return True
-    except RuntimeError:
-        return False
-
-
 def _cpu_state(module: ReaLModel) -> StateDict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -61,7 +53,7 @@ def gather_full_state_dict(module: ReaLModel) -> Optional[StateDict]:
     Collective over the active model scope (only data-parallel replica 0
     communicates). Outside a scope the module must be the whole model.
     """
-    if not (dist.is_initialized() and _in_scope()):
+    if not (dist.is_initialized() and constants.in_model_scope()):
         _check_whole(module)
         return _cpu_state(module)
     if constants.data_parallel_rank() != 0:
@@ -160,7 +152,7 @@ def atomic_directory_write(save_dir: str, fill: Callable[[str], None]) -> None:
 
 def _status_group():
     """Group over which the writer's outcome is shared: the model's mesh, or the world."""
-    if _in_scope():
+    if constants.in_model_scope():
         return constants.parallelism_group()
     return None  # default group
 
@@ -175,7 +167,7 @@ def save_hf_checkpoint(module: ReaLModel, family: str, tokenizer: Any, save_dir:
     every rank if the writer failed.
     """
     full = gather_full_state_dict(module)
-    writer = full is not None and (not dist.is_initialized() or _in_scope() or dist.get_rank() == 0)
+    writer = full is not None and (not dist.is_initialized() or constants.in_model_scope() or dist.get_rank() == 0)
     error: Optional[BaseException] = None
     if writer:
         try:

@@ -23,18 +23,9 @@ from realhf.impl.model.parallelism.micro_batch import split_packed_batch
 from realhf.impl.model.utils.functional import gather_packed_shifted_log_probs, shifted_label_indices
 
 
-def in_model_scope() -> bool:
-    """Whether a model scope (``constants.model_scope``) is active."""
-    try:
-        constants.model_name()
-        return True
-    except RuntimeError:
-        return False
-
-
 def scope_tp_group() -> Optional[Any]:
     """The active model's tensor-parallel group if it has more than one rank, else ``None``."""
-    if not dist.is_initialized() or not in_model_scope():
+    if not dist.is_initialized() or not constants.in_model_scope():
         return None
     if constants.tensor_parallel_world_size() <= 1:
         return None

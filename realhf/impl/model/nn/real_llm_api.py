@@ -88,11 +88,9 @@ def _split_key(key: str):
 
 def _scope_tp() -> Tuple[int, int]:
     """(size, rank) of the active model's tensor-parallel group; (1, 0) without a scope."""
-    try:
-        constants.model_name()
+    if constants.in_model_scope():
         return constants.tensor_parallel_world_size(), constants.tensor_parallel_rank()
-    except RuntimeError:
-        return 1, 0
+    return 1, 0
 
 
 def _scope_option(value: Optional[bool], option) -> bool:
@@ -186,17 +184,15 @@ class ReaLModel(nn.Module):
     def tp_info(self) -> tp_forward.TPInfo:
         """The tensor-parallel group: the one given, the active scope's, or the whole world."""
         group = self._tp_group
-        if group is None:
-            try:
-                constants.model_name()
-                group = constants.tensor_parallel_group()
-            except RuntimeError:
-                if not (dist.is_initialized() and dist.get_world_size() == self.tp_size):
-                    raise RuntimeError(
-                        f"ReaLModel with tp_size={self.tp_size} needs tp_group=, an active model scope, "
-                        "or a default process group of that size."
-                    ) from None
-                group = dist.group.WORLD
+        if group is None and constants.in_model_scope():
+            group = constants.tensor_parallel_group()
+        elif group is None:
+            if not (dist.is_initialized() and dist.get_world_size() == self.tp_size):
+                raise RuntimeError(
+                    f"ReaLModel with tp_size={self.tp_size} needs tp_group=, an active model scope, "
+                    "or a default process group of that size."
+                )
+            group = dist.group.WORLD
         if dist.get_world_size(group) != self.tp_size or dist.get_rank(group) != self.tp_rank:
             raise RuntimeError(
                 f"Tensor-parallel group has size {dist.get_world_size(group)} and rank {dist.get_rank(group)}, "

@@ -30,16 +30,14 @@ def resolve_group(group: Any = None) -> Any:
     """
     if group is not None:
         return group
-    try:
-        constants.model_name()
-    except RuntimeError:
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        raise RuntimeError(
-            "No tensor-parallel group given and no model scope is active; pass "
-            "group= or wrap the call in constants.model_scope(name)."
-        ) from None
-    return constants.tensor_parallel_group()
+    if constants.in_model_scope():
+        return constants.tensor_parallel_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    raise RuntimeError(
+        "No tensor-parallel group given and no model scope is active; pass "
+        "group= or wrap the call in constants.model_scope(name)."
+    )
 
 
 def group_size(group: Any = None) -> int:
