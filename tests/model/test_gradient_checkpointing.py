@@ -21,8 +21,9 @@ from realhf.impl.model.nn.real_llm_api import ReaLModel
 from realhf.impl.model.nn.real_llm_base import TransformerBlock
 from realhf.impl.model.nn.tp_partition import merge_state_dicts
 
+from _tp_helpers import LENGTHS, full_model, packed_batch
+
 TP = 2
-LENGTHS = [3, 1, 12, 7]
 EXACT = 1e-6
 SCOPE = "ckpt_real_model"
 
@@ -31,20 +32,6 @@ def _config(name: str) -> ReaLModelConfig:
     config = get_hf_family(name).real_config_maker()
     assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.0
     return config
-
-
-def _full_model(config: ReaLModelConfig) -> ReaLModel:
-    model = ReaLModel(config).instantiate()
-    model.init_weights(std=0.2, seed=0)
-    return model.train()
-
-
-def _batch(vocab: int):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (sum(LENGTHS),), generator=g)
-    cu = torch.tensor([0] + LENGTHS).cumsum(0)
-    w = torch.randn(sum(LENGTHS), vocab, generator=g)
-    return ids, cu, w
 
 
 class _NormCalls:
@@ -86,8 +73,8 @@ def _assert_same(a: Dict[str, Any], b: Dict[str, Any], atol: float = EXACT) -> N
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_checkpointing_single_process(name: str):
     config = _config(name)
-    model = _full_model(config)
-    ids, cu, w = _batch(config.vocab_size)
+    model = full_model(config, train=True)
+    ids, cu, w = packed_batch(config.vocab_size)
     plain = _run(model, False, ids, cu, w)
     ckpt = _run(model, True, ids, cu, w)
     assert plain["recomputed"] == 0 and ckpt["recomputed"] == config.n_layers
@@ -96,9 +83,9 @@ def test_checkpointing_single_process(name: str):
 
 def test_checkpointing_off_in_eval_and_no_grad():
     config = _config("llama")
-    model = _full_model(config)
+    model = full_model(config, train=True)
     model.gradient_checkpointing = True
-    ids, cu, _ = _batch(config.vocab_size)
+    ids, cu, _ = packed_batch(config.vocab_size)
     calls = _NormCalls(model)
     with torch.no_grad():
         model(ids, cu, max(LENGTHS))
@@ -109,8 +96,8 @@ def test_checkpointing_off_in_eval_and_no_grad():
 
 def _tp_worker(rank: int, world_size: int, name: str) -> Dict[str, Any]:
     config = _config(name)
-    full = _full_model(config)
-    ids, cu, w = _batch(config.vocab_size)
+    full = full_model(config, train=True)
+    ids, cu, w = packed_batch(config.vocab_size)
     constants.reset()
     global_comm.clear_group_cache()
     topo = PipeDataModelParallelTopology(1, 1, TP, sequence_parallel=True, gradient_checkpointing=True)

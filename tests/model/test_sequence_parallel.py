@@ -28,10 +28,11 @@ from realhf.impl.model.nn.tp_partition import (
 from realhf.impl.model.parallelism.tensor_parallel.cross_entropy import vocab_parallel_packed_shifted_log_probs
 from realhf.impl.model.utils.functional import gather_packed_shifted_log_probs
 
+from _tp_helpers import LENGTHS, cached_decode_logits, full_model, packed_batch
+
 pytestmark = pytest.mark.distributed
 
 TP = 2
-LENGTHS = [3, 1, 12, 7]  # 23 tokens: not divisible by TP
 ATOL = RTOL = 1e-5
 SCOPE = "sp_real_model"
 
@@ -42,20 +43,6 @@ def _config(name: str) -> ReaLModelConfig:
     if name == "gpt2_critic":
         return dataclasses.replace(get_hf_family("gpt2").real_config_maker(), is_critic=True, tied_embedding=False)
     return get_hf_family(name).real_config_maker()
-
-
-def _full_model(config: ReaLModelConfig) -> ReaLModel:
-    model = ReaLModel(config).instantiate()
-    model.init_weights(std=0.2, seed=0)
-    return model.eval()
-
-
-def _batch(vocab: int):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (sum(LENGTHS),), generator=g)
-    cu = torch.tensor([0] + LENGTHS).cumsum(0)
-    w = torch.randn(sum(LENGTHS), vocab, generator=g)
-    return ids, cu, w
 
 
 def _loss(outs: Sequence[torch.Tensor], model: ReaLModel, ids, cu, w, group) -> torch.Tensor:
@@ -94,8 +81,8 @@ def _worker(rank: int, world_size: int, name: str, use_scope: bool) -> Dict[str,
     import torch.distributed as dist
 
     config = _config(name)
-    full = _full_model(config)
-    ids, cu, w = _batch(config.vocab_size)
+    full = full_model(config)
+    ids, cu, w = packed_batch(config.vocab_size)
     if use_scope:
         constants.reset()
         global_comm.clear_group_cache()
@@ -190,8 +177,8 @@ def test_sequence_parallel_defaults_without_scope():
 def _stages_worker(rank: int, world_size: int, name: str, splits: List[List[int]]) -> Dict[str, Any]:
     """The model split into stages, run one after another, SP on and off."""
     config = _config(name)
-    full = _full_model(config)
-    ids, cu, w = _batch(config.vocab_size)
+    full = full_model(config)
+    ids, cu, w = packed_batch(config.vocab_size)
     res = {"ref": _run(full, ids, cu, w)}
     for sp in (False, True):
         stages = []
@@ -243,21 +230,13 @@ def test_sequence_parallel_pipeline_stages(name: str, splits: List[List[int]]):
 def _cache_worker(rank: int, world_size: int, name: str) -> List[torch.Tensor]:
     """Prefill then two decode steps with SP requested: it must be ignored."""
     config = _config(name)
-    full = _full_model(config)
+    full = full_model(config)
     model = ReaLModel(config, tp_size=TP, tp_rank=rank, sequence_parallel=True).instantiate(init=False)
     model.load_state_dict(full.state_dict())
     model.eval()
-    ids, cu, _ = _batch(config.vocab_size)
-    outs = []
+    ids, cu, _ = packed_batch(config.vocab_size)
+    outs = [cached_decode_logits(m, ids, cu, config.vocab_size) for m in (model, full)]
     with torch.no_grad():
-        for m in (model, full):
-            cache = m.allocate_kv_cache(len(LENGTHS), max(LENGTHS) + 2)
-            step = [m(ids, cu, max(LENGTHS), kv_cache=cache, gather_logits=True)]
-            nxt = torch.arange(len(LENGTHS)) % config.vocab_size
-            one = torch.arange(len(LENGTHS) + 1)
-            for _ in range(2):
-                step.append(m(nxt, one, 1, kv_cache=cache, gather_logits=True))
-            outs.append(torch.cat(step))
         # Without a cache the same model does use SP, with the same prefill logits.
         outs.append(model(ids, cu, max(LENGTHS), gather_logits=True))
     return outs

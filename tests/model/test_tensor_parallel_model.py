@@ -26,8 +26,9 @@ from realhf.impl.model.nn.tp_partition import (
 from realhf.impl.model.parallelism.tensor_parallel.cross_entropy import vocab_parallel_packed_shifted_log_probs
 from realhf.impl.model.utils.functional import gather_packed_shifted_log_probs
 
+from _tp_helpers import LENGTHS, cached_decode_logits, full_model, packed_batch
+
 TP = 2
-LENGTHS = [3, 1, 12, 7]
 ATOL = RTOL = 1e-5
 SCOPE = "tp_real_model"
 
@@ -42,20 +43,6 @@ def _config(name: str) -> ReaLModelConfig:
     if name == "gpt2":
         return get_hf_family("gpt2").real_config_maker()
     raise KeyError(name)
-
-
-def _full_model(config: ReaLModelConfig) -> ReaLModel:
-    model = ReaLModel(config).instantiate()
-    model.init_weights(std=0.2, seed=0)
-    return model.eval()
-
-
-def _batch(vocab: int):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (sum(LENGTHS),), generator=g)
-    cu = torch.tensor([0] + LENGTHS).cumsum(0)
-    w = torch.randn(sum(LENGTHS), vocab, generator=g)
-    return ids, cu, w
 
 
 def _run(model: ReaLModel, ids, cu, w, group=None) -> Dict[str, Any]:
@@ -80,7 +67,7 @@ def _worker(rank: int, world_size: int, name: str, use_scope: bool) -> Dict[str,
     import torch.distributed as dist
 
     config = _config(name)
-    full = _full_model(config)
+    full = full_model(config)
     full_sd = {k: v.clone() for k, v in full.state_dict().items()}
     if use_scope:
         constants.reset()
@@ -97,7 +84,7 @@ def _worker(rank: int, world_size: int, name: str, use_scope: bool) -> Dict[str,
     assert model.flat_size < full.flat_size
     model.load_state_dict(full_sd)  # unsplit tensors are partitioned
     model.eval()
-    ids, cu, w = _batch(config.vocab_size)
+    ids, cu, w = packed_batch(config.vocab_size)
     if use_scope:
         with constants.model_scope(SCOPE):
             out = _run(model, ids, cu, w, group)
@@ -154,7 +141,7 @@ def test_tp_model_matches_single_process(name: str, use_scope: bool):
 @pytest.mark.parametrize("name", ["llama", "qwen2", "llama_mqa", "gpt2"])
 def test_partition_merge_round_trip(name: str):
     config = _config(name)
-    full = _full_model(config).state_dict()
+    full = full_model(config).state_dict()
     local = shard_config(config, TP)
     shards = [partition_state_dict(full, config, TP, r) for r in range(TP)]
     shapes = dict(ReaLModel(config, tp_size=TP, tp_rank=0).param_spec)
@@ -183,21 +170,12 @@ def test_vocab_not_divisible_fails():
 def _cache_worker(rank: int, world_size: int, name: str) -> List[torch.Tensor]:
     """Prefill then two decode steps, returning gathered logits of each step."""
     config = _config(name)
-    full = _full_model(config)
+    full = full_model(config)
     model = ReaLModel(config, tp_size=TP, tp_rank=rank).instantiate(init=False)
     model.load_state_dict(full.state_dict())
     model.eval()
-    ids, cu, _ = _batch(config.vocab_size)
-    outs = []
-    with torch.no_grad():
-        for m in (model, full):
-            cache = m.allocate_kv_cache(len(LENGTHS), max(LENGTHS) + 2)
-            step = [m(ids, cu, max(LENGTHS), kv_cache=cache, gather_logits=True)]
-            nxt = torch.arange(len(LENGTHS)) % config.vocab_size
-            one = torch.arange(len(LENGTHS) + 1)
-            for _ in range(2):
-                step.append(m(nxt, one, 1, kv_cache=cache, gather_logits=True))
-            outs.append(torch.cat(step))
+    ids, cu, _ = packed_batch(config.vocab_size)
+    outs = [cached_decode_logits(m, ids, cu, config.vocab_size) for m in (model, full)]
     return outs
 
 
