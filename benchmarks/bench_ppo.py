@@ -34,13 +34,14 @@ from _common import print_table, write_json  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "realhf" / "assets" / "models" / "tiny-llama"
 DATA = ROOT / "realhf" / "assets" / "data"
+MAX_PROMPT_LEN = 64
 CALLS = ["fetch", "actor_gen", "rew_inf", "ref_inf", "critic_inf", "actor_train", "critic_train"]
 
 
 def ppo_args(layout: str, steps: int, n_prompts: int, new_tokens: int) -> List[str]:
     args = ["experiment_name=bench-ppo", "trial_name=t", "n_gpus_per_node=4", "allocation_mode=manual",
             f"dataset.path={DATA / 'prompt-train.jsonl'}", f"dataset.train_bs_n_seqs={n_prompts}",
-            "dataset.max_prompt_len=64", f"ppo.gen.max_new_tokens={new_tokens}",
+            f"dataset.max_prompt_len={MAX_PROMPT_LEN}", f"ppo.gen.max_new_tokens={new_tokens}",
             f"ppo.gen.min_new_tokens={new_tokens}", f"exp_ctrl.benchmark_steps={steps}", "ppo.ppo_n_minibatches=2"]
     for r in ["actor", "critic", "ref", "rew"]:
         args += [f"{r}.path={TINY}", f"{r}.init_from_scratch=True"]

@@ -92,7 +92,7 @@ from _common import print_table, write_json  # noqa: E402
 TRL_VERSION = "1.12.0"
 INSTALL_HINT = (f'pip install "trl=={TRL_VERSION}" accelerate datasets  '
                 "(keep the installed torch: add --no-deps or a constraints file pinning torch)")
-MAX_PROMPT_LEN = 64  # as in bench_ppo.ppo_args
+MAX_PROMPT_LEN = bench_ppo.MAX_PROMPT_LEN
 N_MINIBATCHES = 2
 PPO_EPOCHS = 1
 SEED = 1

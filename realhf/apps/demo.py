@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,14 +82,13 @@ def rw_args(s: DemoSettings, sft_ckpt: str) -> List[str]:
 
 
 def ppo_args(s: DemoSettings, sft_ckpt: str, rw_ckpt: str) -> List[str]:
-    args = _common("demo-ppo", s, s.ppo_steps, "prompt-train", s.ppo_prompts) + [
+    return _common("demo-ppo", s, s.ppo_steps, "prompt-train", s.ppo_prompts) + [
         f"actor.path={sft_ckpt}", f"ref.path={sft_ckpt}", f"critic.path={rw_ckpt}", f"rew.path={rw_ckpt}",
         "actor.optimizer.lr=2e-4", "critic.optimizer.lr=1e-3", "actor.optimizer.lr_scheduler_type=constant",
         "critic.optimizer.lr_scheduler_type=constant", f"dataset.path={dataset_path('prompt-train')}",
         "dataset.max_prompt_len=64", f"dataset.train_bs_n_seqs={s.ppo_prompts}",
         f"ppo.gen.max_new_tokens={s.new_tokens}", "ppo.gen.min_new_tokens=1", "ppo.ppo_n_minibatches=2",
         "ppo.kl_ctl=0.05", "allocation_mode=heuristic"]
-    return args
 
 
 def quickstart(exp_type: str, args: Sequence[str]) -> None:
@@ -128,8 +128,6 @@ def rw_accuracy(exp: str, trial: str) -> Optional[float]:
 
 def _clear_trial(exp: str, trial: str) -> None:
     """A rerun of the demo starts fresh instead of resuming the previous run's checkpoints."""
-    import shutil
-
     for root in (constants.get_save_path(exp, trial), constants.get_log_path(exp, trial),
                  constants.get_recover_path(exp, trial)):
         shutil.rmtree(root, ignore_errors=True)
