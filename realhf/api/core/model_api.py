@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -356,6 +356,8 @@ class ReaLModelConfig:
     do_layernorm_before: bool = True
     tied_embedding: bool = False
     sliding_window: Optional[int] = None
+    # 0-based blocks that use ``sliding_window``; None: every block (Qwen applies it to some only).
+    sliding_window_layers: Optional[List[int]] = None
     qk_layernorm: bool = False
     mlp_bias: bool = False
     moe: Optional[ReaLMoEConfig] = None
@@ -396,6 +398,12 @@ class HFModelFamily:
     tblock_param_names: Callable[["ReaLModelConfig", int], list]
     head_param_names: Callable[["ReaLModelConfig"], list]
     real_config_maker: Optional[Callable[[], "ReaLModelConfig"]] = None
+    # Maps a key of another layout of the same architecture (e.g. the hub's
+    # unprefixed gpt2 files) to the name the converters use; None: identity.
+    hf_key_normalizer: Optional[Callable[[str], str]] = None
+
+    def normalize_hf_key(self, key: str) -> str:
+        return key if self.hf_key_normalizer is None else self.hf_key_normalizer(key)
 
 
 HF_MODEL_FAMILIES: Registry[HFModelFamily] = Registry("HF model family")
@@ -412,6 +420,7 @@ def register_hf_family(
     tblock_param_names: Callable,
     head_param_names: Callable,
     real_config_maker: Optional[Callable[[], ReaLModelConfig]] = None,
+    hf_key_normalizer: Optional[Callable[[str], str]] = None,
 ) -> HFModelFamily:
     """Register a family; ``name`` becomes part of method names (``from_<name>``)."""
     if not name.isidentifier():
@@ -427,6 +436,7 @@ def register_hf_family(
         tblock_param_names=tblock_param_names,
         head_param_names=head_param_names,
         real_config_maker=real_config_maker,
+        hf_key_normalizer=hf_key_normalizer,
     )
     # Re-importing a family module re-registers the same family: allow it.
     override = name in HF_MODEL_FAMILIES and HF_MODEL_FAMILIES.get(name).hf_cls_name == hf_cls_name

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -92,6 +92,54 @@ def _sliding_window(d: Dict[str, Any]) -> Optional[int]:
     return d.get("sliding_window")
 
 
+def windowed_layers_from_hf(d: Dict[str, Any]) -> Tuple[Optional[int], Optional[List[int]]]:
+    """``(sliding_window, sliding_window_layers)`` of a Qwen2/Qwen3 config.
+
+    As in transformers, the window is off unless ``use_sliding_window`` is true
+    (its default is false), and it applies to the layers that ``layer_types``
+    marks ``"sliding_attention"``; without ``layer_types`` those are the layers
+    ``i >= max_window_layers`` (default 28). ``None`` layers means all layers.
+    """
+    window = d.get("sliding_window") if d.get("use_sliding_window", False) else None
+    if window is None:
+        return None, None
+    n = d["num_hidden_layers"]
+    types = d.get("layer_types")
+    if types is None:
+        first = d.get("max_window_layers", 28)
+        layers = [i for i in range(n) if i >= first]
+    else:
+        layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if not layers:
+        return None, None
+    return window, (None if len(layers) == n else layers)
+
+
+def windowed_layers_to_hf(config: ReaLModelConfig) -> Dict[str, Any]:
+    """Qwen2/Qwen3 config fields that reproduce ``config``'s per-layer window."""
+    n = config.n_layers
+    if config.sliding_window is None:
+        return dict(use_sliding_window=False, sliding_window=None, max_window_layers=n,
+                    layer_types=["full_attention"] * n)
+    layers = list(range(n)) if config.sliding_window_layers is None else sorted(config.sliding_window_layers)
+    types = ["sliding_attention" if i in layers else "full_attention" for i in range(n)]
+    # max_window_layers describes a window on a suffix of the layers; layer_types is authoritative.
+    suffix = layers == list(range(n - len(layers), n))
+    return dict(use_sliding_window=True, sliding_window=config.sliding_window,
+                max_window_layers=n - len(layers) if suffix else (layers[0] if layers else n), layer_types=types)
+
+
+def gemma_activation(d: Dict[str, Any]) -> str:
+    """Gemma's MLP activation: the legacy ``"gelu"`` of the official configs means tanh GELU.
+
+    transformers' GemmaConfig rewrites ``hidden_act="gelu"`` to
+    ``"gelu_pytorch_tanh"``; ``hidden_activation`` (older configs) is used only
+    when ``hidden_act`` is absent.
+    """
+    act = d.get("hidden_act") or d.get("hidden_activation") or "gelu_pytorch_tanh"
+    return "gelu_pytorch_tanh" if act == "gelu" else act
+
+
 @dataclasses.dataclass
 class LlamaLikeFamily:
     """What distinguishes one llama-like family from another."""
@@ -105,6 +153,9 @@ class LlamaLikeFamily:
     normalize_embed: bool = False
     qk_layernorm: bool = False
     uses_sliding_window: bool = False
+    # Qwen-style window: opt-in (use_sliding_window) and only on some layers.
+    windowed_layers: bool = False
+    activation_from_hf: Optional[Callable[[Dict[str, Any]], str]] = None
     tie_default: bool = False  # HF default of tie_word_embeddings
     # Extra HF config fields written when converting back.
     hf_extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -115,6 +166,12 @@ class LlamaLikeFamily:
         d = hf_config_dict(hf_config_or_path)
         bias = bool(d.get("attention_bias", False))
         n_heads = d["num_attention_heads"]
+        window = _sliding_window(d) if self.uses_sliding_window else None
+        window_layers: Optional[List[int]] = None
+        if self.windowed_layers:
+            window, window_layers = windowed_layers_from_hf(d)
+        act = (self.activation_from_hf(d) if self.activation_from_hf is not None
+               else d.get("hidden_act") or d.get("hidden_activation") or "silu")
         return ReaLModelConfig(
             n_layers=d["num_hidden_layers"],
             n_kv_heads=d.get("num_key_value_heads") or n_heads,
@@ -128,7 +185,7 @@ class LlamaLikeFamily:
             resid_pdrop=0.0,
             attn_pdrop=float(d.get("attention_dropout", 0.0) or 0.0),
             layer_norm_epsilon=d.get("rms_norm_eps", 1e-6),
-            activation_function=d.get("hidden_act") or d.get("hidden_activation") or "silu",
+            activation_function=act,
             scale_attn_by_inverse_layer_idx=False,
             use_attention_bias=bias if self.qkv_bias is None else self.qkv_bias,
             use_attn_proj_bias=bias if self.o_proj_bias is None else self.o_proj_bias,
@@ -139,7 +196,8 @@ class LlamaLikeFamily:
             **rotary_from_hf(d),
             normalize_embed=self.normalize_embed,
             tied_embedding=bool(d.get("tie_word_embeddings", self.tie_default)) and not is_critic,
-            sliding_window=_sliding_window(d) if self.uses_sliding_window else None,
+            sliding_window=window,
+            sliding_window_layers=window_layers,
             qk_layernorm=self.qk_layernorm,
             mlp_bias=bool(d.get("mlp_bias", False)),
             is_critic=is_critic,
@@ -167,10 +225,10 @@ class LlamaLikeFamily:
             kwargs["attention_bias"] = config.use_attention_bias
         if config.mlp_bias:
             kwargs["mlp_bias"] = True
-        if self.uses_sliding_window:
+        if self.windowed_layers:
+            kwargs.update(windowed_layers_to_hf(config))
+        elif self.uses_sliding_window:
             kwargs["sliding_window"] = config.sliding_window
-            if config.sliding_window is not None and self.name.startswith("qwen"):
-                kwargs["use_sliding_window"] = True
         kwargs.update(self.hf_extra)
         hf = getattr(transformers, self.hf_config_cls_name)(**kwargs)
         hf.architectures = [self.hf_cls_name]

@@ -1,7 +1,7 @@
 """Gemma: (1 + w) RMS norm, embeddings scaled by sqrt(hidden), tied head, explicit head_dim."""
 
 from realhf.api.core.model_api import ReaLModelConfig
-from realhf.api.from_hf.common import LlamaLikeFamily
+from realhf.api.from_hf.common import LlamaLikeFamily, gemma_activation
 
 
 def make_gemma_config() -> ReaLModelConfig:
@@ -14,6 +14,6 @@ def make_gemma_config() -> ReaLModelConfig:
 
 GEMMA = LlamaLikeFamily(
     name="gemma", hf_cls_name="GemmaForCausalLM", hf_config_cls_name="GemmaConfig",
-    layer_norm_type="gemma", normalize_embed=True, tie_default=True, make_test_config=make_gemma_config,
+    layer_norm_type="gemma", normalize_embed=True, tie_default=True, activation_from_hf=gemma_activation, make_test_config=make_gemma_config,
 )
 GEMMA.register()

@@ -89,6 +89,7 @@ def sd_from_gpt2(sd: Dict[str, torch.Tensor], config: ReaLModelConfig) -> Dict[s
     n = config.n_layers
     out: Dict[str, torch.Tensor] = {}
     for k, v in sd.items():
+        k = gpt2_normalize_key(k)
         m = _BLOCK_RE.match(k)
         if m is None:
             name = {"transformer.wte.weight": "0.wte.weight", "transformer.wpe.weight": "0.wpe.weight",
@@ -154,6 +155,14 @@ def gpt2_head_names(config: ReaLModelConfig) -> List[str]:
     return ["transformer.wte.weight"] if config.tied_embedding else ["lm_head.weight"]
 
 
+_TOP_LEVEL = re.compile(r"^(h\.\d+\.|wte\.|wpe\.|ln_f\.)")
+
+
+def gpt2_normalize_key(key: str) -> str:
+    """The hub's original gpt2 files name the body without the ``transformer.`` prefix."""
+    return "transformer." + key if _TOP_LEVEL.match(key) else key
+
+
 def make_gpt2_config() -> ReaLModelConfig:
     return config_from_gpt2(dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=128,
                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
@@ -170,4 +179,5 @@ register_hf_family(
     tblock_param_names=gpt2_tblock_names,
     head_param_names=gpt2_head_names,
     real_config_maker=make_gpt2_config,
+    hf_key_normalizer=gpt2_normalize_key,
 )

@@ -14,6 +14,6 @@ def make_qwen2_config() -> ReaLModelConfig:
 
 QWEN2 = LlamaLikeFamily(
     name="qwen2", hf_cls_name="Qwen2ForCausalLM", hf_config_cls_name="Qwen2Config",
-    qkv_bias=True, o_proj_bias=False, uses_sliding_window=True, make_test_config=make_qwen2_config,
+    qkv_bias=True, o_proj_bias=False, windowed_layers=True, make_test_config=make_qwen2_config,
 )
 QWEN2.register()

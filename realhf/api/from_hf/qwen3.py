@@ -14,6 +14,6 @@ def make_qwen3_config() -> ReaLModelConfig:
 
 QWEN3 = LlamaLikeFamily(
     name="qwen3", hf_cls_name="Qwen3ForCausalLM", hf_config_cls_name="Qwen3Config",
-    qk_layernorm=True, uses_sliding_window=True, make_test_config=make_qwen3_config,
+    qk_layernorm=True, windowed_layers=True, make_test_config=make_qwen3_config,
 )
 QWEN3.register()

@@ -75,7 +75,7 @@ def make_real_model(
         from realhf.impl.model.nn.real_llm_hf import load_from_hf
 
         module = load_from_hf(family, path, init_critic_from_actor=init_critic_from_actor, is_critic=is_critic,
-                              dtype=dt, device=device, **stage)
+                              dtype=dt, device=device, seed=seed, **stage)
     else:
         cfg = _config(family, path, config, is_critic or init_critic_from_actor)
         module = ReaLModel(cfg, dtype=dt, device=device, **stage)

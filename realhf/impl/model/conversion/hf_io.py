@@ -64,6 +64,10 @@ AUX_FILE_NAMES: Tuple[str, ...] = (
 DEFAULT_MAX_SHARD_BYTES = int(os.environ.get("REAL_SAVE_MAX_SHARD_SIZE_BYTE", 10**10))
 
 
+class CheckpointError(ValueError):
+    """A weight file that cannot be used; the message names the file and, where known, the tensor."""
+
+
 def _dir_listing(path: Path) -> str:
     """Directory content for error messages, so users see what is actually there."""
     if not path.is_dir():
@@ -134,11 +138,14 @@ def copy_hf_aux_files(src_dir: PathLike, dst_dir: PathLike,
 
 
 def _read_index(index_path: Path) -> Dict[str, str]:
-    with open(index_path, "r", encoding="utf-8") as f:
-        index = json.load(f)
-    weight_map = index.get("weight_map")
+    try:
+        with open(index_path, "r", encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index_path}: not a readable JSON index ({e}).") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        raise ValueError(f"{index_path} has no 'weight_map' dictionary.")
+        raise CheckpointError(f"{index_path} has no 'weight_map' dictionary.")
     return dict(weight_map)
 
 
@@ -183,12 +190,54 @@ def list_checkpoint_files(
 def _torch_load(path: str) -> Dict[str, torch.Tensor]:
     """Memory-map a ``.bin`` file so unused tensors are never read from disk."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        # Files from the legacy (non-zip) serializer cannot be memory-mapped.
-        if "mmap" not in str(e) and "zip" not in str(e):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            # Files from the legacy (non-zip) serializer cannot be memory-mapped.
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch weight file ({type(e).__name__}: {e}).") from e
+
+
+def _safe_open(path: str):
+    """``safe_open`` whose failures (empty, truncated, corrupt file) name the file."""
+    from safetensors import safe_open
+
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: the safetensors file is empty.")
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e}).") from e
+
+
+def read_tensor_shapes(load_dir: PathLike) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """HF key -> (shape, file) of every stored tensor, without reading tensor data.
+
+    safetensors shapes come from the file headers; ``.bin`` files are
+    memory-mapped. A key the index lists but its shard lacks raises
+    :class:`CheckpointError`.
+    """
+    kind, files, weight_map = list_checkpoint_files(load_dir)
+    out: Dict[str, Tuple[Tuple[int, ...], str]] = {}
+    for path in files:
+        if kind in (KIND_SAFE, KIND_SAFE_SHARDED):
+            with _safe_open(path) as f:
+                try:
+                    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                except Exception as e:
+                    raise CheckpointError(f"{path}: corrupt safetensors header ({e}).") from e
+        else:
+            shapes = {k: tuple(v.shape) for k, v in _torch_load(path).items()}
+        out.update((k, (shape, path)) for k, shape in shapes.items())
+    if weight_map is not None:
+        root = Path(load_dir)
+        for k, fname in weight_map.items():
+            if k not in out or Path(out[k][1]).name != fname:
+                raise CheckpointError(f"{root / fname}: tensor {k!r} listed in the index is missing from the file.")
+    return out
 
 
 def _load_file(path: str, kind: str,
@@ -197,14 +246,18 @@ def _load_file(path: str, kind: str,
     """Read from one file either the ``wanted`` keys or all keys accepted by the filter."""
     out: Dict[str, torch.Tensor] = {}
     if kind in (KIND_SAFE, KIND_SAFE_SHARDED):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with _safe_open(path) as f:
+            present = set(f.keys())
             keys = list(wanted) if wanted is not None else [
-                k for k in f.keys() if key_filter is None or key_filter(k)
+                k for k in present if key_filter is None or key_filter(k)
             ]
             for k in keys:
-                out[k] = f.get_tensor(k)
+                if k not in present:
+                    raise CheckpointError(f"{path}: tensor {k!r} listed in the index is missing from the file.")
+                try:
+                    out[k] = f.get_tensor(k)
+                except Exception as e:
+                    raise CheckpointError(f"{path}: cannot read tensor {k!r} ({e}).") from e
         return out
     sd = _torch_load(path)
     keys = list(wanted) if wanted is not None else [
@@ -212,7 +265,7 @@ def _load_file(path: str, kind: str,
     ]
     for k in keys:
         if k not in sd:
-            raise KeyError(f"Tensor {k!r} listed in the index is missing from {path}.")
+            raise CheckpointError(f"{path}: tensor {k!r} listed in the index is missing from the file.")
         out[k] = sd[k]
     return out
 
@@ -245,9 +298,7 @@ def list_hf_keys(load_dir: PathLike) -> List[str]:
     if weight_map is not None:
         return list(weight_map)
     if kind == KIND_SAFE:
-        from safetensors import safe_open
-
-        with safe_open(files[0], framework="pt", device="cpu") as f:
+        with _safe_open(files[0]) as f:
             return list(f.keys())
     return list(_torch_load(files[0]))
 

@@ -212,6 +212,9 @@ class Attention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= float(layer_index + 1)
         self.attn_drop = config.attn_pdrop
+        layers = config.sliding_window_layers
+        # Some families (Qwen) apply the window to a subset of the blocks only.
+        self.window = config.sliding_window if layers is None or layer_index in layers else None
 
     def forward(self, x: torch.Tensor, ctx: PackedContext, kv_cache=None) -> torch.Tensor:
         cfg = self.config
@@ -225,5 +228,5 @@ class Attention(nn.Module):
             q = apply_rotary(q, ctx.cos, ctx.sin, cfg.rotary_interleaved)
             k = apply_rotary(k, ctx.cos, ctx.sin, cfg.rotary_interleaved)
         drop = self.attn_drop if self.training else 0.0
-        o = packed_attention(q, k, v, ctx, self.scale, cfg.sliding_window, kv_cache, dropout_p=drop)
+        o = packed_attention(q, k, v, ctx, self.scale, self.window, kv_cache, dropout_p=drop)
         return self.c_proj(o.reshape(o.shape[0], -1))

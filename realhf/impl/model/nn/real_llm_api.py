@@ -458,7 +458,14 @@ class ReaLModel(nn.Module):
         return sum(s.numel for s in set(self.param_spec.values()))
 
     @classmethod
-    def new_critic_head(cls, config: ReaLModelConfig, std: Optional[float] = None) -> torch.Tensor:
-        """Random [1, hidden] value head for a critic made from an actor."""
+    def new_critic_head(cls, config: ReaLModelConfig, std: Optional[float] = None, seed: int = 1) -> torch.Tensor:
+        """Random [1, hidden] value head for a critic made from an actor.
+
+        Drawn from a generator keyed by (seed, head key), like :meth:`init_weights`,
+        so every rank and every layout of the critic gets the same head whatever
+        the global RNG state is.
+        """
         std = std if std is not None else 1.0 / math.sqrt(config.hidden_dim + 1)
-        return torch.randn(1, config.hidden_dim) * std
+        key = head_key(config)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
+        return torch.randn(1, config.hidden_dim, generator=gen) * std

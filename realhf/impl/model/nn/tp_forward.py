@@ -167,7 +167,7 @@ def attention_forward(
         q = apply_rotary(q, ctx.cos, ctx.sin, cfg.rotary_interleaved)
         k = apply_rotary(k, ctx.cos, ctx.sin, cfg.rotary_interleaved)
     drop = attn.attn_drop if attn.training else 0.0
-    o = packed_attention(q, k, v, ctx, attn.scale, cfg.sliding_window, kv_cache, dropout_p=drop)
+    o = packed_attention(q, k, v, ctx, attn.scale, attn.window, kv_cache, dropout_p=drop)
     return _row_parallel(o.reshape(o.shape[0], -1), attn.c_proj, tp)
 
 
