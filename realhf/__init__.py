@@ -26,6 +26,26 @@ _EXPORTS: Dict[str, str] = {
     "ReaLModelConfig": "realhf.api.core.model_api",
     "SequenceSample": "realhf.api.core.data_api",
     "NamedArray": "realhf.base.namedarray",
+    "MFCDef": "realhf.api.core.dfg",
+    # quickstart experiments: each config class is the registered experiment
+    # (its initial_setup() builds the ExperimentConfig)
+    "CommonExperimentConfig": "realhf.api.quickstart.experiment",
+    "ExperimentSaveEvalControl": "realhf.api.quickstart.experiment",
+    "SFTConfig": "realhf.api.quickstart.experiment",
+    "RWConfig": "realhf.api.quickstart.algorithms",
+    "DPOConfig": "realhf.api.quickstart.algorithms",
+    "GenerationConfig": "realhf.api.quickstart.algorithms",
+    "PPOConfig": "realhf.api.quickstart.algorithms",
+    "PPOHyperparameters": "realhf.api.quickstart.ppo",
+    "ModelTrainEvalConfig": "realhf.api.quickstart.model",
+    "OptimizerConfig": "realhf.api.quickstart.model",
+    "ParallelismConfig": "realhf.api.quickstart.model",
+    "AllocationConfig": "realhf.api.quickstart.model",
+    "MFCConfig": "realhf.api.quickstart.model",
+    "LoRAConfig": "realhf.api.quickstart.model",
+    "PromptAnswerDatasetConfig": "realhf.api.quickstart.dataset",
+    "PairedComparisonDatasetConfig": "realhf.api.quickstart.dataset",
+    "PromptOnlyDatasetConfig": "realhf.api.quickstart.dataset",
 }
 
 

@@ -103,16 +103,16 @@ def test_main_launches_valid_config(fake_launcher, good_overrides, launchable_sf
     assert isinstance(cfg, SFTConfig) and cfg.trial_name.startswith("run")
 
 
-def test_main_refuses_config_without_initial_setup(fake_launcher, good_overrides, capsys):
-    from realhf.api.quickstart import SFTConfig
+def test_main_refuses_config_without_initial_setup(fake_launcher, capsys):
+    from realhf.api.quickstart import CommonExperimentConfig
 
     @dataclasses.dataclass
-    class BareSFT(SFTConfig):  # fields only, no initial_setup
-        pass
+    class BareExp(CommonExperimentConfig):  # fields only, no initial_setup
+        knob: int = 1
 
-    QUICKSTART_EXPS.register("bare-sft", BareSFT, override=True)
+    QUICKSTART_EXPS.register("bare-sft", BareExp, override=True)
     try:
-        assert main(["bare-sft", *good_overrides]) == 1
+        assert main(["bare-sft", "experiment_name=bare", "trial_name=t1", "n_gpus_per_node=1"]) == 1
     finally:
         QUICKSTART_EXPS.unregister("bare-sft")
     assert "has no initial_setup()" in capsys.readouterr().err

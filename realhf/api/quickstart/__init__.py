@@ -1,6 +1,7 @@
 """Quickstart experiment configs, allocation modes and the command line.
 
-``PPOHyperparameters`` is loaded lazily (its module imports torch).
+``PPOHyperparameters`` and the configs of rw, dpo, gen and ppo are loaded
+lazily (their modules import torch).
 """
 
 import importlib
@@ -28,7 +29,13 @@ from realhf.api.quickstart.model import (
     ParallelismConfig,
 )
 
-_LAZY = {"PPOHyperparameters": "realhf.api.quickstart.ppo"}
+_LAZY = {
+    "PPOHyperparameters": "realhf.api.quickstart.ppo",
+    "RWConfig": "realhf.api.quickstart.algorithms",
+    "DPOConfig": "realhf.api.quickstart.algorithms",
+    "GenerationConfig": "realhf.api.quickstart.algorithms",
+    "PPOConfig": "realhf.api.quickstart.algorithms",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -40,8 +47,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AllocationConfig", "AllocationMode", "CommonExperimentConfig", "ConfigError", "ExperimentSaveEvalControl",
-    "LoRAConfig", "MFCConfig", "ModelTrainEvalConfig", "OptimizerConfig", "PPOHyperparameters",
-    "PairedComparisonDatasetConfig", "ParallelismConfig", "PromptAnswerDatasetConfig", "PromptOnlyDatasetConfig",
-    "SFTConfig", "check_parallel_fits", "parse_allocation_mode", "resolve_allocations",
+    "AllocationConfig", "AllocationMode", "CommonExperimentConfig", "ConfigError", "DPOConfig",
+    "ExperimentSaveEvalControl", "GenerationConfig", "LoRAConfig", "MFCConfig", "ModelTrainEvalConfig",
+    "OptimizerConfig", "PPOConfig", "PPOHyperparameters", "PairedComparisonDatasetConfig", "ParallelismConfig",
+    "PromptAnswerDatasetConfig", "PromptOnlyDatasetConfig", "RWConfig", "SFTConfig", "check_parallel_fits",
+    "parse_allocation_mode", "resolve_allocations",
 ]

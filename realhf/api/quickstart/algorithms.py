@@ -6,10 +6,11 @@ import dataclasses
 from typing import Dict, Optional, Sequence, Tuple
 
 from realhf.api.core.model_api import GenerationHyperparameters
+from realhf.api.core.system_api import ExperimentConfig
 from realhf.api.quickstart.base import ConfigError
 from realhf.api.quickstart.dataset import PairedComparisonDatasetConfig, PromptOnlyDatasetConfig
 from realhf.api.quickstart.experiment import CommonExperimentConfig
-from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig
+from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig, ParallelismConfig
 from realhf.api.quickstart.ppo import PPOHyperparameters, validate_generation
 
 
@@ -60,6 +61,12 @@ class RWConfig(CommonExperimentConfig):
         self.allocation.validate("allocation")
         self.resolved_allocations()
 
+    def initial_setup(self) -> ExperimentConfig:
+        """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.rw_exp`)."""
+        from realhf.experiments.common import rw_exp
+
+        return rw_exp.build(self)
+
 
 @dataclasses.dataclass
 class DPOConfig(CommonExperimentConfig):
@@ -102,6 +109,12 @@ class DPOConfig(CommonExperimentConfig):
             getattr(self, key).validate(key)
         self.resolved_allocations()
 
+    def initial_setup(self) -> ExperimentConfig:
+        """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.dpo_exp`)."""
+        from realhf.experiments.common import dpo_exp
+
+        return dpo_exp.build(self)
+
 
 @dataclasses.dataclass
 class GenerationConfig(CommonExperimentConfig):
@@ -136,8 +149,12 @@ class GenerationConfig(CommonExperimentConfig):
         self.allocation.validate("allocation")
         self.resolved_allocations()
 
+    def initial_setup(self) -> ExperimentConfig:
+        """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.gen_exp`)."""
+        from realhf.experiments.common import gen_exp
 
-__all__ = ["DPOConfig", "GenerationConfig", "RWConfig"]
+        return gen_exp.build(self)
+
 
 
 PPO_MFCS = ("actor_gen", "rew_inf", "ref_inf", "critic_inf", "actor_train", "critic_train")
@@ -194,6 +211,34 @@ class PPOConfig(CommonExperimentConfig):
         for n in PPO_MFCS:
             getattr(self, n).validate(n)
         self.resolved_allocations()
+
+    def _heuristic_rpc_allocation(self) -> Dict[str, MFCConfig]:
+        """Layouts sized for the devices present (``allocation_mode=heuristic``): generation and the
+        reference on all of them (data parallel), actor and critic training on one half each, reward
+        and critic inference on one half each. Odd device counts put every call on all devices."""
+        n = self.n_nodes * self.n_gpus_per_node
+        host = "localhost" if self.n_nodes == 1 else None
+
+        def on(call, ranks):
+            mesh = None if host is None or len(ranks) == n else f"{host}:" + ",".join(map(str, ranks))
+            return MFCConfig(n_mbs=getattr(self, call).n_mbs,
+                             parallel=ParallelismConfig(data_parallel_size=len(ranks)), device_mesh=mesh)
+
+        every = list(range(n))
+        if n < 2 or n % 2 or host is None:
+            halves = (every, every)
+        else:
+            halves = (every[: n // 2], every[n // 2:])
+        plan = {"actor_gen": every, "ref_inf": every, "actor_train": halves[0], "rew_inf": halves[0],
+                "critic_train": halves[1], "critic_inf": halves[1]}
+        return {call: on(call, ranks) for call, ranks in plan.items()}
+
+    def initial_setup(self) -> ExperimentConfig:
+        """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.ppo_exp`)."""
+        from realhf.experiments.common import ppo_exp
+
+        return ppo_exp.build(self)
+
 
 
 __all__ = ["DPOConfig", "GenerationConfig", "PPOConfig", "RWConfig"]

@@ -21,6 +21,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from omegaconf import MISSING
 
+from realhf.api.core.system_api import ExperimentConfig
 from realhf.api.core.system_api import ExperimentSaveEvalControl as _SystemSaveEvalControl
 from realhf.api.quickstart.allocation import _expand_nodelist, parse_allocation_mode, resolve_allocations
 from realhf.api.quickstart.base import (
@@ -239,6 +240,12 @@ class SFTConfig(CommonExperimentConfig):
         self.dataset.validate("dataset", check_paths=check_paths)
         self.allocation.validate("allocation")
         self.resolved_allocations()
+
+    def initial_setup(self) -> "ExperimentConfig":
+        """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.sft_exp`)."""
+        from realhf.experiments.common import sft_exp
+
+        return sft_exp.build(self)
 
 
 __all__ = ["CommonExperimentConfig", "ExperimentSaveEvalControl", "SFTConfig", "default_trial_name"]

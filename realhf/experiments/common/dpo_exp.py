@@ -10,36 +10,40 @@ from realhf.api.quickstart.entrypoint import register_quickstart_exp
 from realhf.experiments.common import utils
 
 
-class DPOExperiment(DPOConfig):
-    def initial_setup(self) -> sa.ExperimentConfig:
-        allocs = self.resolved_allocations()
-        ds = self.dataset
-        train = sa.Dataset("rw_pair", args=dict(dataset_path=ds.train_path, max_length=ds.max_seqlen,
-                                                max_pairs_per_prompt=ds.max_pairs_per_prompt))
-        utils.preflight_datasets([train], self.actor.path, self.seed)
-        actor, ref = ModelName("actor", 0), ModelName("ref", 0)
-        shards: dict = {}
-        a_ranks = utils.mesh_ranks(allocs["actor_train"], self.n_nodes, self.n_gpus_per_node)
-        r_ranks = utils.mesh_ranks(allocs["ref_inf"], self.n_nodes, self.n_gpus_per_node)
-        utils.add_shards(shards, actor, utils.topology_of(allocs["actor_train"], self.actor, train=True), a_ranks,
-                         utils.real_model(self.actor), sa.ModelBackend("train", args=self.actor.backend_args()))
-        utils.add_shards(shards, ref, utils.topology_of(allocs["ref_inf"], self.ref, train=False), r_ranks,
-                         utils.real_model(self.ref), sa.ModelBackend("inference"))
-        workers = utils.workers_from_shards(self.n_workers, shards, self.seed, [train], self.actor.path,
-                                            utils.device())
-        ref_inf = dfg.MFCDef("ref_inf", n_seqs=ds.train_bs_n_seqs, interface_type=ModelInterfaceType.INFERENCE,
-                             interface_impl=dfg.ModelInterface("dpo", args=dict(beta=self.beta, enable_save=False)),
-                             model_name=ref, input_keys=["packed_input_ids", "prompt_lens"],
-                             output_keys=["seqlogp"], n_mbs=allocs["ref_inf"].n_mbs)
-        if set(a_ranks) & set(r_ranks):
-            ref_inf.post_hooks.append(dfg.OffloadHook())  # the frozen reference shares devices
-        actor_train = dfg.MFCDef("actor_train", n_seqs=ds.train_bs_n_seqs,
-                                 interface_type=ModelInterfaceType.TRAIN_STEP,
-                                 interface_impl=dfg.ModelInterface("dpo", args=dict(beta=self.beta, enable_save=True)),
-                                 model_name=actor, input_keys=["packed_input_ids", "seqlogp", "prompt_lens"],
-                                 n_mbs=allocs["actor_train"].n_mbs, log_return_value=True)
-        return sa.ExperimentConfig(utils.exp_ctrl(self.exp_ctrl), [ref_inf, actor_train], workers,
-                                   dataset_keys=["packed_input_ids", "prompt_lens"], seed=self.seed)
+def build(cfg: DPOConfig) -> sa.ExperimentConfig:
+    """The ExperimentConfig of a DPO run: ``ref_inf`` on the frozen reference, then ``actor_train``."""
+    allocs = cfg.resolved_allocations()
+    ds = cfg.dataset
+    train = sa.Dataset("rw_pair", args=dict(dataset_path=ds.train_path, max_length=ds.max_seqlen,
+                                            max_pairs_per_prompt=ds.max_pairs_per_prompt))
+    utils.preflight_datasets([train], cfg.actor.path, cfg.seed)
+    actor, ref = ModelName("actor", 0), ModelName("ref", 0)
+    shards: dict = {}
+    a_ranks = utils.mesh_ranks(allocs["actor_train"], cfg.n_nodes, cfg.n_gpus_per_node)
+    r_ranks = utils.mesh_ranks(allocs["ref_inf"], cfg.n_nodes, cfg.n_gpus_per_node)
+    utils.add_shards(shards, actor, utils.topology_of(allocs["actor_train"], cfg.actor, train=True), a_ranks,
+                     utils.real_model(cfg.actor), sa.ModelBackend("train", args=cfg.actor.backend_args()))
+    utils.add_shards(shards, ref, utils.topology_of(allocs["ref_inf"], cfg.ref, train=False), r_ranks,
+                     utils.real_model(cfg.ref), sa.ModelBackend("inference"))
+    workers = utils.workers_from_shards(cfg.n_workers, shards, cfg.seed, [train], cfg.actor.path,
+                                        utils.device())
+    ref_inf = dfg.MFCDef("ref_inf", n_seqs=ds.train_bs_n_seqs, interface_type=ModelInterfaceType.INFERENCE,
+                         interface_impl=dfg.ModelInterface("dpo", args=dict(beta=cfg.beta, enable_save=False)),
+                         model_name=ref, input_keys=["packed_input_ids", "prompt_lens"],
+                         output_keys=["seqlogp"], n_mbs=allocs["ref_inf"].n_mbs)
+    if set(a_ranks) & set(r_ranks):
+        ref_inf.post_hooks.append(dfg.OffloadHook())  # the frozen reference shares devices
+    actor_train = dfg.MFCDef("actor_train", n_seqs=ds.train_bs_n_seqs,
+                             interface_type=ModelInterfaceType.TRAIN_STEP,
+                             interface_impl=dfg.ModelInterface("dpo", args=dict(beta=cfg.beta, enable_save=True)),
+                             model_name=actor, input_keys=["packed_input_ids", "seqlogp", "prompt_lens"],
+                             n_mbs=allocs["actor_train"].n_mbs, log_return_value=True)
+    return sa.ExperimentConfig(utils.exp_ctrl(cfg.exp_ctrl), [ref_inf, actor_train], workers,
+                               dataset_keys=["packed_input_ids", "prompt_lens"], seed=cfg.seed)
 
 
-register_quickstart_exp("dpo", DPOExperiment)
+DPOExperiment = DPOConfig  # earlier name of the same class
+
+register_quickstart_exp("dpo", DPOConfig)
+
+__all__ = ["DPOConfig", "DPOExperiment", "build"]

@@ -1,4 +1,7 @@
-"""``rw``: reward modeling, one train call (``rwTrain``) on preference pairs."""
+"""``rw``: reward modeling, one train call (``rwTrain``) on preference pairs.
+
+:class:`RWConfig` is the registered experiment; its ``initial_setup()`` calls :func:`build`.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,16 @@ from realhf.experiments.common import utils
 RW_KEYS = ["packed_input_ids", "prompt_lens"]
 
 
-class RWExperiment(RWConfig):
-    def initial_setup(self) -> sa.ExperimentConfig:
-        ds = self.dataset
-        return utils.single_model_training(
-            self, "rwTrain", "rw_pair", dict(max_length=ds.max_seqlen, max_pairs_per_prompt=ds.max_pairs_per_prompt),
-            interface="paired_rw", input_keys=["packed_input_ids"], dataset_keys=RW_KEYS)
+def build(cfg: RWConfig) -> sa.ExperimentConfig:
+    """The ExperimentConfig of a reward-modeling run: one trained critic, one ``rwTrain`` call."""
+    ds = cfg.dataset
+    return utils.single_model_training(
+        cfg, "rwTrain", "rw_pair", dict(max_length=ds.max_seqlen, max_pairs_per_prompt=ds.max_pairs_per_prompt),
+        interface="paired_rw", input_keys=["packed_input_ids"], dataset_keys=RW_KEYS)
 
 
-register_quickstart_exp("rw", RWExperiment)
+RWExperiment = RWConfig  # earlier name of the same class
+
+register_quickstart_exp("rw", RWConfig)
+
+__all__ = ["RWConfig", "RWExperiment", "build"]

@@ -1,4 +1,8 @@
-"""``sft``: supervised fine-tuning, one train call (``trainDefault``) on prompt/answer data."""
+"""``sft``: supervised fine-tuning, one train call (``trainDefault``) on prompt/answer data.
+
+:class:`SFTConfig` is the registered experiment; its ``initial_setup()`` calls
+:func:`build` (this module is imported on first use, so parsing stays light).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,16 @@ from realhf.experiments.common import utils
 SFT_KEYS = ["packed_input_ids", "prompt_mask"]
 
 
-class SFTExperiment(SFTConfig):
-    """:class:`SFTConfig` plus the ExperimentConfig it stands for."""
-
-    def initial_setup(self) -> sa.ExperimentConfig:
-        ds = self.dataset
-        return utils.single_model_training(
-            self, "trainDefault", "prompt_answer", dict(max_length=ds.max_seqlen, pad_to_max_length=ds.pad_to_max_length),
-            interface="sft", input_keys=SFT_KEYS, dataset_keys=SFT_KEYS)
+def build(cfg: SFTConfig) -> sa.ExperimentConfig:
+    """The ExperimentConfig of an SFT run: one trained model, one ``trainDefault`` call."""
+    ds = cfg.dataset
+    return utils.single_model_training(
+        cfg, "trainDefault", "prompt_answer", dict(max_length=ds.max_seqlen, pad_to_max_length=ds.pad_to_max_length),
+        interface="sft", input_keys=SFT_KEYS, dataset_keys=SFT_KEYS)
 
 
-register_quickstart_exp("sft", SFTExperiment)
+SFTExperiment = SFTConfig  # earlier name of the same class
+
+register_quickstart_exp("sft", SFTConfig)
+
+__all__ = ["SFTConfig", "SFTExperiment", "build"]
