@@ -25,6 +25,7 @@ from typing import Any, Iterator, List, Optional, Sequence
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.base import constants, logging, name_resolve
 from realhf.scheduler import client as sched_client
+from realhf.system import watchdog as wd
 from realhf.system import worker_control
 
 logger = logging.getLogger("main")
@@ -46,12 +47,16 @@ def launch(
     request_timeout: float = 3600.0,
     wait_timeout: Optional[float] = None,
     user_modules: Sequence[str] = (),
+    heartbeat_timeout_s: float = wd.DEFAULT_STALE_AFTER_S,
 ) -> None:
     """Run ``cfg`` to completion; raises JobException if a worker fails (after retries).
 
     ``user_modules`` (dotted names or ``.py`` files) are imported by every worker
     before it reads its config, so interfaces, datasets and models a user
-    registered in their own script exist in the workers too.
+    registered in their own script exist in the workers too. A worker whose
+    heartbeat is older than ``heartbeat_timeout_s`` (a frozen process; a busy
+    one keeps beating from its background thread) stops the run with
+    :class:`~realhf.system.watchdog.RunStopped` naming it.
     """
     if recover_mode not in RECOVER_MODES:
         raise ValueError(f"recover_mode must be one of {RECOVER_MODES}, got {recover_mode!r}.")
@@ -69,7 +74,8 @@ def launch(
         resume = recover_mode == "resume" or attempt > 0
         try:
             _launch_once(cfg, cfg_path, experiment_name, trial_name, mode, request_timeout, wait_timeout,
-                         recover_dir if (resume or save_states) else None, save_states, list(user_modules))
+                         recover_dir if (resume or save_states) else None, save_states, list(user_modules),
+                         heartbeat_timeout_s)
             return
         except sched_client.JobException as e:
             if attempt + 1 >= attempts:
@@ -96,7 +102,7 @@ def _terminate_unwinds() -> Iterator[None]:
 
 
 def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout, recover_dir, save_states,
-                 user_modules: List[str]) -> None:
+                 user_modules: List[str], heartbeat_timeout_s: float) -> None:
     name_resolve.clear_subtree(_trial_root(exp, trial))
     n = cfg.n_model_workers
     for i in range(n):
@@ -113,23 +119,38 @@ def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout,
     for var in ("REAL_NAME_RESOLVE", "REAL_NO_EXT", "PYTHONPATH"):
         if var in os.environ:
             env[var] = os.environ[var]
+    names = [f"model_worker/{i}" for i in range(n)] + ["master_worker/0"]
+    watchdog = wd.HeartbeatWatchdog(exp, trial, names, heartbeat_timeout_s)
     with _terminate_unwinds():
         _run_jobs(sched, base, n, env, os.path.join(constants.get_log_path(exp, trial), "master_worker-0"),
-                  wait_timeout)
+                  wait_timeout, watchdog)
 
 
-def _run_jobs(sched, base: List[str], n: int, env, master_log: str, wait_timeout: Optional[float]) -> None:
+def _run_jobs(sched, base: List[str], n: int, env, master_log: str, wait_timeout: Optional[float],
+              watchdog: Optional[wd.HeartbeatWatchdog] = None) -> None:
     try:
         sched.submit_array("model_worker", base[:4] + ["-w", "model_worker"] + base[4:], count=n, env=env)
         sched.submit_array("master_worker", base[:4] + ["-w", "master_worker"] + base[4:], count=1, env=env)
-        _wait_and_echo(sched, master_log, wait_timeout)
+        _wait_and_echo(sched, master_log, wait_timeout, watchdog=watchdog)
+    except sched_client.JobException as e:
+        if isinstance(e, wd.RunStopped) and e.worker_index is not None:
+            # A frozen process cannot act on SIGTERM; do not wait a grace period for it.
+            sched.stop(sched.job_name(e.worker_type, e.worker_index), signal.SIGKILL)
+        sched.stop_all()
+        fatal = None if watchdog is None else wd.fatal_message(watchdog.experiment, watchdog.trial,
+                                                               ["master_worker/0"] + watchdog.worker_names)
+        if fatal is not None:
+            raise wd.RunStopped(e.run_name, fatal.partition(":")[0], fatal, e.exit_code) from None
+        raise
     except BaseException:
         sched.stop_all()
         raise
 
 
-def _wait_and_echo(sched, master_log: str, timeout: Optional[float], echo: bool = True) -> None:
-    """Wait for the jobs, copying the master's new log lines to stdout meanwhile (step logs, progress)."""
+def _wait_and_echo(sched, master_log: str, timeout: Optional[float], echo: bool = True,
+                   watchdog: Optional[wd.HeartbeatWatchdog] = None) -> None:
+    """Wait for the jobs, copying the master's new log lines to stdout meanwhile (step logs, progress);
+    ``watchdog`` is asked between waits whether a worker froze."""
     import time
 
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -154,6 +175,9 @@ def _wait_and_echo(sched, master_log: str, timeout: Optional[float], echo: bool 
             return
         except TimeoutError:
             echo_new()
+            stale = watchdog.stale() if watchdog is not None else None
+            if stale is not None:
+                raise stale
             if deadline is not None and time.monotonic() > deadline:
                 raise
         except BaseException:
@@ -192,7 +216,8 @@ def main_start(config: Any) -> int:
     try:
         launch(cfg, exp, trial, mode=getattr(config, "mode", "local"),
                recover_mode=getattr(config, "recover_mode", "disabled"),
-               recover_retries=getattr(config, "recover_retries", 1), user_modules=user_modules_of_this_run())
+               recover_retries=getattr(config, "recover_retries", 1), user_modules=user_modules_of_this_run(),
+               heartbeat_timeout_s=getattr(config, "heartbeat_timeout_s", wd.DEFAULT_STALE_AFTER_S))
     except sched_client.JobException as e:
         logger.error(str(e))
         print(f"realhf: experiment {exp}/{trial} failed: {e}", file=sys.stderr)

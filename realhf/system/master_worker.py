@@ -36,6 +36,7 @@ from realhf.api.core.model_api import FinetuneSpec
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.base import constants, logging, timeutil
 from realhf.system.model_worker import data_head_ranks, source_rpc
+from realhf.system.watchdog import check_finite_stats
 
 logger = logging.getLogger("master_worker")
 
@@ -282,6 +283,9 @@ class MasterCore:
         stats = {}
         for rpc in self.order:
             stats[rpc.name] = self._run_rpc(rpc, items, by_head)
+            if rpc.is_train:
+                check_finite_stats(rpc.name, stats[rpc.name], self.global_step + 1, self.epoch + 1,
+                                   self.epoch_step + 1)
         n_tokens = sum(max(it.lengths.values(), default=0) for it in items.values())
         self.t.call_all("clear", list(items))
         self.global_step += 1

@@ -49,6 +49,7 @@ from realhf.base import constants, logging, seeding
 from realhf.impl.model.comm import global_comm
 from realhf.impl.model.comm.realloc_hooks import Replica, run_hook
 from realhf.impl.model.parallelism.pipeline_parallel import p2p
+from realhf.system.worker_base import FatalError
 
 logger = logging.getLogger("model_worker")
 
@@ -298,8 +299,26 @@ class ModelWorkerCore:
         if name not in self.models:
             return None
         with constants.model_scope(name):
+            if not self._params_finite([name], constants.parallelism_group()):
+                raise FatalError(f"model {name.role}: parameters contain NaN or inf; checkpoint "
+                                 f"{data['save_dir']} was not written")
             self.interfaces[data["rpc"]].save(self.models[name], data["save_dir"])
         return None
+
+    def _params_finite(self, names: Sequence[ModelName], group: Any) -> bool:
+        """Whether the parameters of ``names`` on every rank of ``group`` are finite (collective)."""
+        ok = True
+        for name in names:
+            m = self.models[name].module
+            net = getattr(m, "module", m)
+            if net is not None and hasattr(net, "parameters"):
+                ok = ok and all(bool(torch.isfinite(p).all()) for p in net.parameters() if not p.is_meta)
+        if not dist.is_initialized():
+            return ok
+        dev = self.spec.device if dist.get_backend(group) == "nccl" else "cpu"
+        flag = torch.tensor([0.0 if ok else 1.0], device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item() == 0)
 
     def _clear(self, ids: Sequence[Any]) -> None:
         for i in ids:
@@ -309,6 +328,10 @@ class ModelWorkerCore:
     # --------------------------------------------------------------- recovery
     def _state(self, data: Dict[str, Any]) -> None:
         """Save this rank's trainable engine states and loader position under ``data['dir']``."""
+        trainable = [n for n, m in self.models.items() if hasattr(m.module, "optim")]
+        if not self._params_finite(trainable, None):
+            raise FatalError(f"parameters of {sorted(n.role for n in trainable) or 'a trained model'} contain "
+                             f"NaN or inf; the recover state {data['dir']} was not written")
         out = os.path.join(data["dir"], f"model_worker{self.rank}")
         os.makedirs(out, exist_ok=True)
         state: Dict[str, Any] = {"rng": seeding.get_rng_state()}

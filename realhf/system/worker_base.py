@@ -71,6 +71,14 @@ class WorkerExit(Exception):
     """Raise from ``_poll`` to stop the loop cleanly (status COMPLETED)."""
 
 
+class FatalError(Exception):
+    """A failure whose message is the whole explanation (a traceback would not help the user).
+
+    The worker logs it as one line and publishes it with ``"fatal": true`` in its
+    status, where the launcher finds it and reports it instead of a log tail.
+    """
+
+
 class Worker:
     """Base class of all workers.
 
@@ -90,6 +98,7 @@ class Worker:
         self.config: Any = None
         self.status: Optional[WorkerServerStatus] = None
         self.error: Optional[str] = None
+        self.fatal = False
         self.poll_count = 0
         self.sample_count = 0
         self.batch_count = 0
@@ -122,15 +131,16 @@ class Worker:
                 return
             value = json.dumps({
                 "status": self.status.value, "heartbeat": time.time(), "pid": os.getpid(),
-                "host": network.gethostname(), "error": self.error,
+                "host": network.gethostname(), "error": self.error, "fatal": self.fatal,
             })
             # Kept after exit so the controller can read COMPLETED / ERROR.
             name_resolve.add(self.status_key, value, replace=True, delete_on_exit=False)
 
-    def set_status(self, status: WorkerServerStatus, error: Optional[str] = None) -> None:
+    def set_status(self, status: WorkerServerStatus, error: Optional[str] = None, fatal: bool = False) -> None:
         with self._status_lock:
             self.status = WorkerServerStatus(status)
             self.error = error
+            self.fatal = fatal
         self._publish()
 
     def _heartbeat_loop(self) -> None:
@@ -230,6 +240,12 @@ class Worker:
                     self.batch_count += r.batch_count
                     if r.sample_count == 0 and r.batch_count == 0 and idle_sleep_s > 0:
                         time.sleep(idle_sleep_s)
+        except FatalError as e:
+            self.logger.error(f"{self.name}: {e}")
+            self._stop_heartbeat_thread()
+            self.set_status(WorkerServerStatus.ERROR, error=str(e), fatal=True)
+            self._safe_exit_hook(WorkerServerStatus.ERROR)
+            return 1
         except Exception as e:
             tb = short_traceback(e)
             self.logger.error(f"Worker {self.name} failed:\n{tb}")

@@ -53,6 +53,7 @@ class WorkerStatusInfo:
     pid: Optional[int] = None
     host: Optional[str] = None
     error: Optional[str] = None
+    fatal: bool = False  # ``error`` is a complete one-line explanation (see worker_base.FatalError)
 
 
 def get_worker_status(experiment: str, trial: str, worker_name: str,
@@ -66,7 +67,8 @@ def get_worker_status(experiment: str, trial: str, worker_name: str,
     hb = d.get("heartbeat")
     if status in _LIVE and hb is not None and time.time() - hb > lost_after_s:
         status = WorkerServerStatus.LOST
-    return WorkerStatusInfo(worker_name, status, hb, d.get("pid"), d.get("host"), d.get("error"))
+    return WorkerStatusInfo(worker_name, status, hb, d.get("pid"), d.get("host"), d.get("error"),
+                            bool(d.get("fatal", False)))
 
 
 def get_worker_statuses(experiment: str, trial: str, worker_names: Iterable[str],

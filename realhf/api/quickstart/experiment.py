@@ -83,6 +83,8 @@ class CommonExperimentConfig:
     :param nodelist: Slurm nodelist, e.g. ``NODE[01-02]``.
     :param seed: random seed.
     :param cache_clear_freq: empty the CUDA cache every N steps (None = never).
+    :param heartbeat_timeout_s: stop the run when a worker sends no heartbeat for
+        this long (a frozen process; a busy worker keeps beating).
     :param exp_ctrl: save / evaluation / stop control.
     """
 
@@ -103,6 +105,7 @@ class CommonExperimentConfig:
     nodelist: Optional[str] = None
     seed: int = 1
     cache_clear_freq: Optional[int] = 10
+    heartbeat_timeout_s: float = 30.0
     exp_ctrl: ExperimentSaveEvalControl = dataclasses.field(default_factory=ExperimentSaveEvalControl)
 
     # ---- description of the experiment's MFCs (overridden by subclasses) ----
@@ -159,6 +162,7 @@ class CommonExperimentConfig:
         check_positive_int("n_gpus_per_node", self.n_gpus_per_node)
         check_range("seed", self.seed, 0)
         check_positive_int("cache_clear_freq", self.cache_clear_freq, allow_none=True)
+        check_range("heartbeat_timeout_s", self.heartbeat_timeout_s, 5.0)
         if self.nodelist is not None:
             _expand_nodelist(self.nodelist, "nodelist")
         if self.mode == "local":

@@ -217,7 +217,8 @@ class LocalSchedulerClient(SchedulerClient):
         for job in alive:
             job.cancelled = True
             self._signal(job, sig)
-        deadline = time.monotonic() + (0 if sig == signal_lib.SIGKILL else self.grace_period_s)
+        # SIGKILL cannot be ignored; the short wait only lets the kernel reap the process.
+        deadline = time.monotonic() + (2.0 if sig == signal_lib.SIGKILL else self.grace_period_s)
         for job in alive:
             try:
                 job.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
