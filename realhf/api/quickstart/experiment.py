@@ -15,6 +15,7 @@ validates its own fields, then ``self.resolved_allocations()`` (see
 import dataclasses
 import datetime
 import importlib.util
+import os
 import re
 import shutil
 from typing import Dict, Optional, Sequence, Tuple
@@ -190,8 +191,16 @@ class CommonExperimentConfig:
 
     def resolved_allocations(self) -> Dict[str, MFCConfig]:
         """Per-MFC allocations after applying ``allocation_mode`` (checks the layouts fit the models)."""
+        from realhf.impl.model.conversion.preflight import preflight_model
+
         model_configs = {}
+        checked = set()
         for mfc, (key, model) in self.mfc_models.items():
+            if key not in checked and model.path and os.path.isdir(model.path):
+                checked.add(key)  # several MFCs may run the same model: check its files once
+                preflight_model(key, model.type._class, model.path, is_critic=model.type.is_critic,
+                                init_from_scratch=model.init_from_scratch,
+                                init_critic_from_actor=model.init_critic_from_actor)
             try:
                 real = load_real_config(model)
             except Exception as e:  # a checkpoint config the family cannot read
