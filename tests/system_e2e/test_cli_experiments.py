@@ -206,11 +206,16 @@ def test_ppo_cli(tmp_path, alloc):
     res = _run("ppo", [*alloc, *_model("actor"), *_model("critic"), *_model("ref"), *_model("rew"),
                        f"dataset.path={DATA}/prompt-train.jsonl", "dataset.train_bs_n_seqs=8",
                        "dataset.max_prompt_len=48", "ppo.gen.max_new_tokens=12", "ppo.gen.min_new_tokens=1",
-                       "ppo.ppo_n_minibatches=1", f"exp_ctrl.benchmark_steps={PPO_STEPS}"], tmp_path, "t")
+                       "ppo.ppo_n_minibatches=1", f"exp_ctrl.benchmark_steps={PPO_STEPS}",
+                       # the documented sampling options, given directly under ppo
+                       "ppo.kl_ctl=0.1", "ppo.top_p=0.9", "ppo.top_k=1000"], tmp_path, "t")
     _check_ok(res, PPO_STEPS)
     launched = _launched_layouts(tmp_path, "ppo", "t")
     assert set(launched) == {"actor_gen", "rew_inf", "ref_inf", "critic_inf", "actor_train", "critic_train"}
     gen_layout, gen_model, gen_rpc = launched["actor_gen"]
+    gen_args = gen_rpc.interface_impl.args
+    assert gen_args["kl_ctl"] == 0.1
+    assert gen_args["generation_config"].top_p == 0.9 and gen_args["generation_config"].top_k == 1000
     train_layout, train_model, _ = launched["actor_train"]
     if alloc is PPO_MANUAL:
         assert gen_layout == (4, 1, 1) and train_layout == (2, 1, 2)

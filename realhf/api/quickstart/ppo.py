@@ -6,11 +6,14 @@ imports torch); SFT parsing does not need it.
 """
 
 import dataclasses
+from typing import Optional
 
 from realhf.api.core.model_api import GenerationHyperparameters
 from realhf.api.quickstart.base import ConfigError, check_choice, check_positive_int, check_range, join_key
 
 VALUE_NORM_TYPES = ("exp", "ma")
+# Sampling options PPOHyperparameters also accepts directly (``ppo.top_p`` = ``ppo.gen.top_p``).
+GEN_SHORTCUTS = ("max_new_tokens", "min_new_tokens", "greedy", "top_p", "top_k", "temperature")
 
 
 def validate_generation(gen: GenerationHyperparameters, prefix: str = "gen") -> None:
@@ -44,6 +47,16 @@ class PPOHyperparameters:
     :param value_norm_type: "exp" (EMA) or "ma" (moving average).
     :param value_norm_beta: EMA decay.
     :param value_norm_eps: normalization epsilon.
+    :param max_new_tokens: shortcut for ``gen.max_new_tokens`` (None: keep ``gen``'s value).
+    :param min_new_tokens: shortcut for ``gen.min_new_tokens``.
+    :param greedy: shortcut for ``gen.greedy``.
+    :param top_p: shortcut for ``gen.top_p``.
+    :param top_k: shortcut for ``gen.top_k``.
+    :param temperature: shortcut for ``gen.temperature``.
+
+    A shortcut that is set is copied into ``gen``. Setting both a shortcut and
+    its ``gen`` field to different values (the ``gen`` one not its default) is
+    refused, naming both keys.
     """
 
     gen: GenerationHyperparameters = dataclasses.field(default_factory=GenerationHyperparameters)
@@ -63,6 +76,37 @@ class PPOHyperparameters:
     value_norm_type: str = "exp"
     value_norm_beta: float = 0.99995
     value_norm_eps: float = 1e-5
+    max_new_tokens: Optional[int] = None
+    min_new_tokens: Optional[int] = None
+    greedy: Optional[bool] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    temperature: Optional[float] = None
+
+    def __post_init__(self):
+        self.apply_gen_shortcuts()
+
+    def apply_gen_shortcuts(self, prefix: str = "ppo") -> None:
+        """Copy the shortcut fields that are set into ``gen`` (ConfigError on a conflict)."""
+        k = lambda name: join_key(prefix, name)  # noqa: E731
+        default = GenerationHyperparameters()
+        updates = {}
+        for name in GEN_SHORTCUTS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            current = getattr(self.gen, name)
+            if current != value and current != getattr(default, name):
+                raise ConfigError(
+                    f"{k(name)}={value!r} and {k('gen.' + name)}={current!r} disagree; {k(name)} is a shortcut "
+                    f"for {k('gen.' + name)}: set only one of them.")
+            updates[name] = value
+        if updates:
+            try:
+                self.gen = dataclasses.replace(self.gen, **updates)
+            except ValueError as e:
+                given = ", ".join(f"{k(n)}={v!r}" for n, v in updates.items())
+                raise ConfigError(f"{k('gen')} after applying {given}: {e}") from None
 
     def validate(self, prefix: str = "ppo") -> None:
         k = lambda name: join_key(prefix, name)  # noqa: E731
