@@ -26,7 +26,7 @@ def test_nested_overrides(good_overrides):
         "exp_ctrl.eval_freq_epochs=1",
         "model.type._class=llama",
         "model.type.size=1",
-        "model.type.is_critic=True",
+        "model.type.is_critic=False",  # sft refuses a critic
         "dataset.max_seqlen=64",
     ])
     assert isinstance(cfg, SFTConfig)
@@ -35,7 +35,7 @@ def test_nested_overrides(good_overrides):
     assert cfg.allocation.n_mbs == 4
     assert cfg.exp_ctrl.save_freq_steps is None and cfg.exp_ctrl.eval_freq_epochs == 1
     assert isinstance(cfg.model.type, ModelFamily)
-    assert cfg.model.type == ModelFamily("llama", 1, True)
+    assert cfg.model.type == ModelFamily("llama", 1, False)
     assert isinstance(cfg.allocation.parallel, ParallelismConfig)
     assert cfg.dataset.max_seqlen == 64
     allocs = cfg.resolved_allocations()

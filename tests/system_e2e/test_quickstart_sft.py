@@ -77,7 +77,7 @@ def _user():
 
 @pytest.mark.parametrize("bad,expect", [
     ("malformed", "line 3"),
-    ("maxlen", "max_length=4"),
+    ("maxlen", "dataset.max_seqlen=4"),
 ])
 def test_bad_datasets_fail_before_workers_start(tmp_path, bad, expect):
     args = _readme_quickstart_args()

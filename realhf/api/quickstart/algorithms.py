@@ -8,6 +8,12 @@ from typing import Dict, Optional, Sequence, Tuple
 from realhf.api.core.model_api import GenerationHyperparameters
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.api.quickstart.base import ConfigError
+from realhf.api.quickstart.checks import (
+    check_batch_covers_dp,
+    check_language_model,
+    check_prompt_room,
+    check_seqlen_fits,
+)
 from realhf.api.quickstart.dataset import PairedComparisonDatasetConfig, PromptOnlyDatasetConfig
 from realhf.api.quickstart.experiment import CommonExperimentConfig
 from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig, ParallelismConfig
@@ -59,7 +65,9 @@ class RWConfig(CommonExperimentConfig):
         self.model.validate("model", check_path=check_paths)
         self.dataset.validate("dataset", check_paths=check_paths)
         self.allocation.validate("allocation")
-        self.resolved_allocations()
+        allocs = self.resolved_allocations()
+        check_batch_covers_dp("dataset.train_bs_n_seqs", self.dataset.train_bs_n_seqs, allocs, self.allocation_keys)
+        check_seqlen_fits("dataset.max_seqlen", self.dataset.max_seqlen, "model", self.model)
 
     def initial_setup(self) -> ExperimentConfig:
         """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.rw_exp`)."""
@@ -101,13 +109,15 @@ class DPOConfig(CommonExperimentConfig):
             raise ConfigError(f"beta={self.beta}: the DPO temperature must be positive.")
         for key in ("actor", "ref"):
             m = getattr(self, key)
-            if m.type.is_critic:
-                raise ConfigError(f"{key}.type.is_critic=True: DPO needs language models (is_critic=False).")
+            check_language_model(key, m, "DPO")
             m.validate(key, check_path=check_paths)
         self.dataset.validate("dataset", check_paths=check_paths)
         for key in ("actor_train", "ref_inf"):
             getattr(self, key).validate(key)
-        self.resolved_allocations()
+        allocs = self.resolved_allocations()
+        check_batch_covers_dp("dataset.train_bs_n_seqs", self.dataset.train_bs_n_seqs, allocs, self.allocation_keys)
+        for key in ("actor", "ref"):
+            check_seqlen_fits("dataset.max_seqlen", self.dataset.max_seqlen, key, getattr(self, key))
 
     def initial_setup(self) -> ExperimentConfig:
         """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.dpo_exp`)."""
@@ -143,11 +153,14 @@ class GenerationConfig(CommonExperimentConfig):
         if not self.output_file.endswith(".jsonl") or "/" in self.output_file:
             raise ConfigError(f"output_file={self.output_file!r} must be a file name ending in .jsonl (no '/'); "
                               "it is written in the trial's log directory.")
+        check_language_model("model", self.model, "generation")
         self.model.validate("model", check_path=check_paths)
         validate_generation(self.gen, "gen")
         self.dataset.validate("dataset", check_paths=check_paths)
         self.allocation.validate("allocation")
-        self.resolved_allocations()
+        allocs = self.resolved_allocations()
+        check_batch_covers_dp("dataset.train_bs_n_seqs", self.dataset.train_bs_n_seqs, allocs, self.allocation_keys)
+        check_prompt_room("dataset.max_prompt_len", self.dataset.max_prompt_len, "model", self.model)
 
     def initial_setup(self) -> ExperimentConfig:
         """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.gen_exp`)."""
@@ -210,7 +223,9 @@ class PPOConfig(CommonExperimentConfig):
         self.ppo.validate("ppo")
         for n in PPO_MFCS:
             getattr(self, n).validate(n)
-        self.resolved_allocations()
+        allocs = self.resolved_allocations()
+        check_batch_covers_dp("dataset.train_bs_n_seqs", self.dataset.train_bs_n_seqs, allocs, self.allocation_keys)
+        check_prompt_room("dataset.max_prompt_len", self.dataset.max_prompt_len, "actor", self.actor)
 
     def _heuristic_rpc_allocation(self) -> Dict[str, MFCConfig]:
         """Layouts sized for the devices present (``allocation_mode=heuristic``): generation and the
@@ -238,7 +253,6 @@ class PPOConfig(CommonExperimentConfig):
         from realhf.experiments.common import ppo_exp
 
         return ppo_exp.build(self)
-
 
 
 __all__ = ["DPOConfig", "GenerationConfig", "PPOConfig", "RWConfig"]

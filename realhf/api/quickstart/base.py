@@ -72,3 +72,26 @@ def cuda_available() -> bool:
     except ImportError:  # pragma: no cover - torch is a hard dependency
         return False
     return bool(torch.cuda.is_available())
+
+
+def check_finite_floats(value: Any, prefix: str = "") -> None:
+    """Refuse inf/nan anywhere in a parsed config (nested dicts, lists and dataclasses).
+
+    Every float of an experiment config is a rate, a coefficient or a bound
+    that must be a real number; the message names the dotted key.
+    """
+    import dataclasses
+
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{prefix or 'value'}={value!r} is not a finite number; "
+                              "every float option must be finite (no inf or nan).")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_finite_floats(v, join_key(prefix, str(k)))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_finite_floats(v, f"{prefix}[{i}]")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            check_finite_floats(getattr(value, f.name), join_key(prefix, f.name))

@@ -25,6 +25,18 @@ def _check_file(key: str, path: str, *, required: bool) -> None:
         raise ConfigError(f"{key}={path!r} is not an existing file.")
 
 
+MIN_SEQLEN = 2  # one prompt token plus one answer token
+
+
+def _check_seqlen(key: str, value: int) -> None:
+    check_positive_int(key, value)
+    if value < MIN_SEQLEN:
+        raise ConfigError(
+            f"{key}={value} leaves no room for a prompt plus one answer token; it must be at least "
+            f"{MIN_SEQLEN} (and longer than the prompts of the data, which are dropped otherwise)."
+        )
+
+
 @dataclasses.dataclass
 class PromptAnswerDatasetConfig:
     """SFT data: JSONL rows with ``prompt`` and ``answer``.
@@ -46,8 +58,9 @@ class PromptAnswerDatasetConfig:
 
     def validate(self, prefix: str = "dataset", *, check_paths: bool = True) -> None:
         k = lambda name: join_key(prefix, name)  # noqa: E731
-        for name in ("max_seqlen", "train_bs_n_seqs", "valid_bs_n_seqs"):
+        for name in ("train_bs_n_seqs", "valid_bs_n_seqs"):
             check_positive_int(k(name), getattr(self, name))
+        _check_seqlen(k("max_seqlen"), self.max_seqlen)
         if check_paths:
             _check_file(k("train_path"), self.train_path, required=True)
             _check_file(k("valid_path"), self.valid_path, required=False)
@@ -70,8 +83,9 @@ class PairedComparisonDatasetConfig:
 
     def validate(self, prefix: str = "dataset", *, check_paths: bool = True) -> None:
         k = lambda name: join_key(prefix, name)  # noqa: E731
-        for name in ("max_pairs_per_prompt", "max_seqlen", "train_bs_n_seqs", "valid_bs_n_seqs"):
+        for name in ("max_pairs_per_prompt", "train_bs_n_seqs", "valid_bs_n_seqs"):
             check_positive_int(k(name), getattr(self, name))
+        _check_seqlen(k("max_seqlen"), self.max_seqlen)
         if check_paths:
             _check_file(k("train_path"), self.train_path, required=True)
             _check_file(k("valid_path"), self.valid_path, required=False)

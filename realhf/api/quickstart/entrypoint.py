@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
-from realhf.api.quickstart.base import ConfigError
+from realhf.api.quickstart.base import ConfigError, check_finite_floats
 from realhf.api.quickstart.experiment import SFTConfig, default_trial_name
 from realhf.base.registry import Registry, RegistryError
 
@@ -285,6 +285,7 @@ def parse_quickstart(
     for key in ("experiment_name", "trial_name"):
         if key in field_names and OmegaConf.is_missing(cfg, key):
             raise ConfigError(f"{key} is required; pass e.g. {key}={'my-exp' if key == 'experiment_name' else 'run1'}.")
+    check_finite_floats(OmegaConf.to_container(cfg, throw_on_missing=False))
     try:
         obj = OmegaConf.to_object(cfg)
     except oc_errors.MissingMandatoryValue as e:

@@ -28,11 +28,13 @@ from realhf.api.quickstart.allocation import _expand_nodelist, parse_allocation_
 from realhf.api.quickstart.base import (
     ConfigError,
     check_choice,
+    check_finite_floats,
     check_positive_int,
     check_range,
     cuda_available,
     join_key,
 )
+from realhf.api.quickstart.checks import check_batch_covers_dp, check_language_model, check_seqlen_fits
 from realhf.api.quickstart.dataset import PromptAnswerDatasetConfig
 from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig, load_real_config
 
@@ -140,6 +142,7 @@ class CommonExperimentConfig:
 
     # ---- validation ----
     def validate(self) -> None:
+        check_finite_floats(self)
         for name in ("experiment_name", "trial_name"):
             value = getattr(self, name)
             if _is_missing(value) or not str(value):
@@ -249,10 +252,13 @@ class SFTConfig(CommonExperimentConfig):
 
     def validate(self, *, check_paths: bool = True) -> None:
         super().validate()
+        check_language_model("model", self.model, "supervised fine-tuning")
         self.model.validate("model", check_path=check_paths)
         self.dataset.validate("dataset", check_paths=check_paths)
         self.allocation.validate("allocation")
-        self.resolved_allocations()
+        allocs = self.resolved_allocations()
+        check_batch_covers_dp("dataset.train_bs_n_seqs", self.dataset.train_bs_n_seqs, allocs, self.allocation_keys)
+        check_seqlen_fits("dataset.max_seqlen", self.dataset.max_seqlen, "model", self.model)
 
     def initial_setup(self) -> "ExperimentConfig":
         """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.sft_exp`)."""

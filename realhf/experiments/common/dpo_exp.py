@@ -16,7 +16,11 @@ def build(cfg: DPOConfig) -> sa.ExperimentConfig:
     ds = cfg.dataset
     train = sa.Dataset("rw_pair", args=dict(dataset_path=ds.train_path, max_length=ds.max_seqlen,
                                             max_pairs_per_prompt=ds.max_pairs_per_prompt))
-    utils.preflight_datasets([train], cfg.actor.path, cfg.seed)
+    from realhf.experiments.common.data_checks import check_datasets, max_dp
+
+    dp, dp_mfc = max_dp(allocs)
+    check_datasets(train, cfg.actor.path, cfg.seed, train_key="dataset.train_path", batch_size=ds.train_bs_n_seqs,
+                   batch_key="dataset.train_bs_n_seqs", dp=dp, dp_mfc=dp_mfc, length_key="dataset.max_seqlen")
     actor, ref = ModelName("actor", 0), ModelName("ref", 0)
     shards: dict = {}
     a_ranks = utils.mesh_ranks(allocs["actor_train"], cfg.n_nodes, cfg.n_gpus_per_node)

@@ -87,7 +87,11 @@ def build(cfg: PPOConfig) -> sa.ExperimentConfig:
     ds = cfg.dataset
     data = sa.Dataset("prompt", args=dict(dataset_path=ds.path, max_length=ds.max_prompt_len,
                                           pad_to_max_length=ds.pad_to_max_length))
-    utils.preflight_datasets([data], cfg.actor.path, cfg.seed)
+    from realhf.experiments.common.data_checks import check_datasets, max_dp
+
+    dp, dp_mfc = max_dp(allocs)
+    check_datasets(data, cfg.actor.path, cfg.seed, train_key="dataset.path", batch_size=ds.train_bs_n_seqs,
+                   batch_key="dataset.train_bs_n_seqs", dp=dp, dp_mfc=dp_mfc, length_key=None)
 
     shards: dict = {}
     made = set()

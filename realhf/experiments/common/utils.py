@@ -89,7 +89,13 @@ def single_model_training(exp, rpc_name: str, dataset_type: str, data_args: Dict
     ds = exp.dataset
     train = sa.Dataset(dataset_type, args=dict(dataset_path=ds.train_path, **data_args))
     valid = sa.Dataset(dataset_type, args=dict(dataset_path=ds.valid_path, **data_args)) if ds.valid_path else None
-    preflight_datasets([train, valid], exp.model.path, exp.seed)
+    from realhf.experiments.common.data_checks import check_datasets
+
+    check_datasets(train, exp.model.path, exp.seed, train_key="dataset.train_path",
+                   batch_size=ds.train_bs_n_seqs, batch_key="dataset.train_bs_n_seqs",
+                   dp=alloc.parallel.data_parallel_size, dp_mfc=rpc_name, valid=valid,
+                   valid_key="dataset.valid_path", eval_dp=alloc.parallel.data_parallel_size,
+                   length_key="dataset.max_seqlen")
     shards: Dict[int, List[sa.StandaloneModelShard]] = {}
     add_shards(shards, name, topology_of(alloc, exp.model, train=True),
                mesh_ranks(alloc, exp.n_nodes, exp.n_gpus_per_node), real_model(exp.model),

@@ -8,16 +8,34 @@ from typing import Any, Sequence
 from realhf.base.json_records import DatasetFormatError
 
 
+class PromptsTooLong(DatasetFormatError):
+    """Every prompt fills ``max_length``; ``min_length`` (if known) is the smallest that keeps one."""
+
+    def __init__(self, message: str, max_length: int, min_length: int | None) -> None:
+        super().__init__(message)
+        self.max_length = max_length
+        self.min_length = min_length
+
+
 def report_dropped(logger: logging.Logger, source: str, n_dropped: int, n_records: int, n_kept: int,
-                   max_length: int, dp_rank: int) -> None:
-    """Log records dropped because the prompt fills max_length; fail if none is left."""
+                   max_length: int, dp_rank: int, shortest_prompt: int | None = None) -> None:
+    """Log records dropped because the prompt fills max_length; fail if none is left.
+
+    ``shortest_prompt`` (tokens of the shortest prompt) lets the error say the
+    smallest max_length that keeps a record.
+    """
     if n_dropped:
         logger.info(f"{source}: dropped {n_dropped} of {n_records} records whose prompt "
                     f"fills max_length={max_length} tokens.")
     if n_kept == 0:
-        raise DatasetFormatError(
+        hint = ""
+        if shortest_prompt is not None:
+            hint = (f"; the shortest prompt has {shortest_prompt} tokens, so max_length must be at least "
+                    f"{shortest_prompt + 1} (the prompt plus one answer token)")
+        raise PromptsTooLong(
             f"{source}: no usable records on dp rank {dp_rank}: every prompt is at "
-            f"least max_length={max_length} tokens long."
+            f"least max_length={max_length} tokens long{hint}.",
+            max_length, None if shortest_prompt is None else shortest_prompt + 1,
         )
 
 

@@ -67,7 +67,8 @@ class PromptAnswerDataset(torch.utils.data.Dataset):
             self.ids.append(rec["id"])
             self.tokens.append(torch.tensor(full, dtype=torch.int64))
             self.prompt_masks.append(torch.tensor(mask, dtype=torch.bool))
-        report_dropped(logger, source, n_dropped, len(records), len(self.ids), max_length, util.dp_rank)
+        report_dropped(logger, source, n_dropped, len(records), len(self.ids), max_length, util.dp_rank,
+                       shortest_prompt=min(map(len, prompt_ids), default=None))
         self.max_length = max_length
         self.source = source
 

@@ -90,7 +90,8 @@ class RewardModelingPairedDataset(torch.utils.data.Dataset):
             self.ids.append(r["id"])
             self.prompt_lens.append(len(p))
             self.pairs.append(item)
-        report_dropped(logger, source, n_dropped, len(records), len(self.ids), max_length, util.dp_rank)
+        report_dropped(logger, source, n_dropped, len(records), len(self.ids), max_length, util.dp_rank,
+                       shortest_prompt=min(map(len, prompt_ids), default=None))
         self.seed = util.seed
         self.max_length = max_length
         self.max_pairs_per_prompt = max_pairs_per_prompt

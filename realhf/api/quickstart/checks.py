@@ -1,0 +1,61 @@
+"""Cross-field checks of quickstart experiments (heads, batch sizes, sequence room).
+
+Each raises :class:`ConfigError` naming the dotted key and what is allowed;
+the experiment configs call them from ``validate()``.
+"""
+
+from typing import Mapping, Optional
+
+from realhf.api.quickstart.base import ConfigError, join_key
+from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig, load_real_config
+
+
+def check_language_model(key: str, model: ModelTrainEvalConfig, purpose: str) -> None:
+    """``model`` must have the LM head (``type.is_critic=False``) to be used for ``purpose``."""
+    if model.type.is_critic:
+        raise ConfigError(
+            f"{join_key(key, 'type.is_critic')}=True: {purpose} needs a language model with its LM head; "
+            f"set {join_key(key, 'type.is_critic')}=False."
+        )
+
+
+def check_batch_covers_dp(batch_key: str, batch_size: int, allocations: Mapping[str, MFCConfig],
+                          allocation_keys: Optional[Mapping[str, str]] = None) -> None:
+    """Every data-parallel rank of every call gets at least one sequence of a batch."""
+    if not allocations:
+        return
+    name, alloc = max(allocations.items(), key=lambda kv: kv[1].parallel.data_parallel_size)
+    dp = alloc.parallel.data_parallel_size
+    if batch_size < dp:
+        where = (allocation_keys or {}).get(name, name)
+        raise ConfigError(
+            f"{batch_key}={batch_size} is smaller than the data-parallel size {dp} of MFC {name!r} "
+            f"({where}); each data-parallel rank needs at least one sequence per batch, so "
+            f"{batch_key} must be at least {dp}."
+        )
+
+
+def check_prompt_room(length_key: str, length: int, model_key: str, model: ModelTrainEvalConfig) -> None:
+    """A prompt of ``length`` tokens must leave at least one position for an answer token."""
+    real = load_real_config(model)
+    n_pos = getattr(real, "n_positions", None) if real is not None else None
+    if n_pos is not None and length >= n_pos:
+        raise ConfigError(
+            f"{length_key}={length} leaves no room for an answer token: the model at {model_key}.path has "
+            f"n_positions={n_pos}; {length_key} must be at most {n_pos - 1}."
+        )
+
+
+def check_seqlen_fits(length_key: str, length: int, model_key: str, model: ModelTrainEvalConfig) -> None:
+    """Sequences of ``length`` tokens must fit the learned position table of absolute-position models."""
+    real = load_real_config(model)
+    if real is None or getattr(real, "apply_rotary", True) or getattr(real, "n_positions", None) is None:
+        return
+    if length > real.n_positions:
+        raise ConfigError(
+            f"{length_key}={length} exceeds the {real.n_positions} positions of the model at {model_key}.path "
+            f"(learned position embeddings); {length_key} must be at most {real.n_positions}."
+        )
+
+
+__all__ = ["check_batch_covers_dp", "check_language_model", "check_prompt_room", "check_seqlen_fits"]

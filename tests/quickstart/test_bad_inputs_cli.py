@@ -1,0 +1,121 @@
+"""Bad inputs refused by the command line before any worker starts: exit code 2, one stderr line."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import realhf
+from realhf.assets import DATA_DIR
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(realhf.__file__)))
+TINY = os.path.join(ROOT, "realhf", "assets", "models", "tiny-llama")
+
+
+def _models(*roles):
+    return [a for r in roles for a in (f"{r}.path={TINY}", f"{r}.init_from_scratch=True")]
+
+
+BASE = {
+    "sft": _models("model") + [f"dataset.train_path={DATA_DIR}/sft-train.jsonl", "dataset.max_seqlen=128",
+                               "dataset.train_bs_n_seqs=8"],
+    "rw": _models("model") + [f"dataset.train_path={DATA_DIR}/rw_pair-train.jsonl", "dataset.max_seqlen=128",
+                              "dataset.train_bs_n_seqs=8"],
+    "dpo": _models("actor", "ref") + [f"dataset.train_path={DATA_DIR}/rw_pair-train.jsonl",
+                                      "dataset.max_seqlen=128", "dataset.train_bs_n_seqs=8"],
+    "ppo": _models("actor", "critic", "ref", "rew") + [f"dataset.path={DATA_DIR}/prompt-train.jsonl",
+                                                        "dataset.max_prompt_len=32", "dataset.train_bs_n_seqs=8",
+                                                        "ppo.gen.max_new_tokens=8", "ppo.gen.min_new_tokens=0"],
+    "gen": _models("model") + [f"dataset.path={DATA_DIR}/prompt-train.jsonl", "dataset.max_prompt_len=32",
+                               "dataset.train_bs_n_seqs=8", "gen.max_new_tokens=8", "gen.min_new_tokens=0"],
+}
+DP2 = ["n_gpus_per_node=2", "allocation_mode=d2"]
+
+
+def _records_file(tmp_path, name, src, n):
+    with open(os.path.join(DATA_DIR, src)) as f:
+        lines = [next(f) for _ in range(n)]
+    p = tmp_path / name
+    p.write_text("".join(lines))
+    return str(p)
+
+
+# (id, experiment, extra overrides (``{tmp}`` is a folder with small data files), substrings of the error)
+BAD = [
+    # max_seqlen / max_prompt_len that leave no room for a prompt and one answer token
+    ("sft-seqlen-1", "sft", ["dataset.max_seqlen=1"], ["dataset.max_seqlen=1", "at least 2"]),
+    ("rw-seqlen-1", "rw", ["dataset.max_seqlen=1"], ["dataset.max_seqlen=1", "at least 2"]),
+    ("dpo-seqlen-1", "dpo", ["dataset.max_seqlen=1"], ["dataset.max_seqlen=1", "at least 2"]),
+    ("sft-seqlen-below-prompts", "sft", ["dataset.max_seqlen=3"],
+     ["dataset.max_seqlen=3", "sft-train.jsonl", "must be at least"]),
+    ("ppo-prompt-fills-context", "ppo", ["dataset.max_prompt_len=1024"],
+     ["dataset.max_prompt_len=1024", "n_positions=1024", "at most 1023"]),
+    ("gen-prompt-fills-context", "gen", ["dataset.max_prompt_len=4096"],
+     ["dataset.max_prompt_len=4096", "at most 1023"]),
+    # data smaller than the data-parallel size
+    ("sft-train-fewer-than-dp", "sft", DP2 + ["dataset.train_path={tmp}/one-sft.jsonl"],
+     ["dataset.train_path=", "one-sft.jsonl", "1 usable sample", "data-parallel size 2"]),
+    ("sft-last-batch-below-dp", "sft", DP2 + ["dataset.train_path={tmp}/three-sft.jsonl", "dataset.train_bs_n_seqs=2"],
+     ["three-sft.jsonl", "3 usable samples", "last batch", "holds 1", "data-parallel size 2"]),
+    ("sft-valid-fewer-than-dp", "sft", DP2 + ["dataset.valid_path={tmp}/one-sft.jsonl"],
+     ["dataset.valid_path=", "one-sft.jsonl", "1 sample", "data-parallel size 2"]),
+    ("ppo-prompts-fewer-than-dp", "ppo", DP2 + ["dataset.path={tmp}/one-prompt.jsonl"],
+     ["dataset.path=", "one-prompt.jsonl", "1 usable sample", "data-parallel size 2"]),
+    ("sft-batch-below-dp", "sft", DP2 + ["dataset.train_bs_n_seqs=1"],
+     ["dataset.train_bs_n_seqs=1", "data-parallel size 2", "at least 2"]),
+    ("dpo-batch-below-dp", "dpo", DP2 + ["dataset.train_bs_n_seqs=1"],
+     ["dataset.train_bs_n_seqs=1", "data-parallel size 2"]),
+    # non-finite floats, anywhere
+    ("lr-inf", "sft", ["model.optimizer.lr=inf"], ["model.optimizer.lr=inf", "finite"]),
+    ("lr-nan", "sft", ["model.optimizer.lr=nan"], ["model.optimizer.lr=nan", "finite"]),
+    ("kl-nan", "ppo", ["ppo.kl_ctl=nan"], ["ppo.kl_ctl=nan", "finite"]),
+    ("temperature-inf", "gen", ["gen.temperature=inf"], ["gen.temperature=inf", "finite"]),
+    ("dpo-beta-nan", "dpo", ["beta=nan"], ["beta=nan", "finite"]),
+    # heads that do not fit the experiment
+    ("sft-on-critic", "sft", ["model.type.is_critic=True"], ["model.type.is_critic=True", "is_critic=False"]),
+    ("gen-on-critic", "gen", ["model.type.is_critic=True"], ["model.type.is_critic=True", "is_critic=False"]),
+    ("dpo-actor-critic", "dpo", ["actor.type.is_critic=True"], ["actor.type.is_critic=True", "is_critic=False"]),
+    ("rw-on-lm", "rw", ["model.type.is_critic=False"], ["model.type.is_critic=False", "is_critic=True"]),
+]
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    _records_file(tmp_path, "one-sft.jsonl", "sft-train.jsonl", 1)
+    _records_file(tmp_path, "three-sft.jsonl", "sft-train.jsonl", 3)
+    _records_file(tmp_path, "one-prompt.jsonl", "prompt-train.jsonl", 1)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("exp,extra,needles", [pytest.param(x, e, n, id=i) for i, x, e, n in BAD])
+def test_refused_before_workers(small_data, tmp_path, exp, extra, needles):
+    extra = [a.replace("{tmp}", small_data) for a in extra]
+    args = [sys.executable, "-m", "realhf.apps.quickstart", exp, f"experiment_name=bad-{exp}", "trial_name=t",
+            "n_gpus_per_node=1", "allocation_mode=d1", *BASE[exp], *extra]
+    env = dict(os.environ, REAL_FORCE_CPU="1", REAL_FILEROOT=str(tmp_path / "root"))
+    t0 = time.monotonic()
+    p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    dt = time.monotonic() - t0
+    assert p.returncode == 2, p.stderr[-3000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert dt < 60, dt  # refused while parsing or preparing: no worker was started
+    assert not os.path.exists(tmp_path / "root" / "logs"), "a run directory was created"
+
+
+def test_non_finite_refused_in_programmatic_configs(tiny_model_dir):
+    """Configs built in Python (not parsed) go through the same check in validate()."""
+    from realhf.api.quickstart import ConfigError, SFTConfig
+
+    cfg = SFTConfig(experiment_name="a", trial_name="b", n_gpus_per_node=1, allocation_mode="d1")
+    cfg.model.path = tiny_model_dir
+    cfg.dataset.train_path = os.path.join(DATA_DIR, "sft-train.jsonl")
+    cfg.model.optimizer.weight_decay = float("inf")
+    with pytest.raises(ConfigError, match=r"model\.optimizer\.weight_decay=inf is not a finite number"):
+        cfg.validate()
