@@ -92,7 +92,9 @@ def test_ppo_defaults():
         ppo_n_minibatches=4, kl_ctl=0.1, discount=1.0, gae_lambda=1.0, eps_clip=0.2, value_eps_clip=0.2,
         max_reward_clip=20.0, reward_output_scaling=1.0, reward_output_bias=0.0, early_stop_imp_ratio=5.0,
         use_adaptive_kl_ctl=False, adv_norm=True, value_norm=True, value_norm_type="exp",
-        value_norm_beta=0.99995, value_norm_eps=1e-5)
+        value_norm_beta=0.99995, value_norm_eps=1e-5,
+        # shortcuts for gen.* (None: gen's value)
+        max_new_tokens=None, min_new_tokens=None, greedy=None, top_p=None, top_k=None, temperature=None)
     p.validate()
 
 
