@@ -25,6 +25,7 @@ from typing import Any, Iterator, List, Optional, Sequence
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.base import constants, logging, name_resolve
 from realhf.scheduler import client as sched_client
+from realhf.system import trial_files
 from realhf.system import watchdog as wd
 from realhf.system import worker_control
 
@@ -62,26 +63,53 @@ def launch(
         raise ValueError(f"recover_mode must be one of {RECOVER_MODES}, got {recover_mode!r}.")
     constants.set_experiment_trial_names(experiment_name, trial_name)
     log_dir = constants.get_log_path(experiment_name, trial_name)
-    os.makedirs(log_dir, exist_ok=True)
+    recover_dir = constants.get_recover_path(experiment_name, trial_name)
+    resumes = _prepare_trial_files(cfg, experiment_name, trial_name, recover_mode)
     cfg_path = os.path.join(log_dir, "experiment_config.pkl")
     with open(cfg_path + ".tmp", "wb") as f:
         pickle.dump(cfg, f)
     os.replace(cfg_path + ".tmp", cfg_path)
-    recover_dir = constants.get_recover_path(experiment_name, trial_name)
     save_states = recover_mode in ("save", "auto")
     attempts = 1 + (recover_retries if recover_mode == "auto" else 0)
     for attempt in range(attempts):
-        resume = recover_mode == "resume" or attempt > 0
+        resume = resumes or attempt > 0
         try:
             _launch_once(cfg, cfg_path, experiment_name, trial_name, mode, request_timeout, wait_timeout,
                          recover_dir if (resume or save_states) else None, save_states, list(user_modules),
-                         heartbeat_timeout_s)
+                         heartbeat_timeout_s, resume)
             return
         except sched_client.JobException as e:
             if attempt + 1 >= attempts:
                 raise
             logger.warning(f"Run failed ({e.reason}); recovering from {recover_dir} "
                            f"(retry {attempt + 1}/{attempts - 1}).")
+
+
+def _prepare_trial_files(cfg: ExperimentConfig, exp: str, trial: str, recover_mode: str) -> bool:
+    """Check and tidy the trial's directories before any worker starts; returns whether the run
+    resumes from a recover state (``resume``, or ``auto`` when one exists).
+
+    Raises :class:`~realhf.system.trial_files.LaunchRefused` (unwritable
+    directory, nothing to resume, another layout). A run that does not resume
+    starts a fresh log: the previous run's files move to ``<log dir>/previous-<time>/``.
+    """
+    log_dir, recover_dir = constants.get_log_path(exp, trial), constants.get_recover_path(exp, trial)
+    save_dir = constants.get_save_path(exp, trial)
+    dirs = {"file root": constants.get_fileroot(), "log": log_dir}
+    if any(r.is_train for r in cfg.model_rpcs):
+        dirs["checkpoint"] = save_dir
+    if recover_mode != "disabled":
+        dirs["recover"] = recover_dir
+    trial_files.check_writable(dirs)
+    trial_files.remove_interrupted_writes(save_dir, recover_dir)
+    resumes = False
+    if recover_mode in ("resume", "auto"):
+        resumes = trial_files.check_resumable(cfg, recover_dir, required=recover_mode == "resume") is not None
+    if not resumes:
+        moved = trial_files.set_aside_logs(log_dir)
+        if moved:
+            logger.info(f"The previous run's logs of {exp}/{trial} were moved to {moved}.")
+    return resumes
 
 
 @contextlib.contextmanager
@@ -102,14 +130,14 @@ def _terminate_unwinds() -> Iterator[None]:
 
 
 def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout, recover_dir, save_states,
-                 user_modules: List[str], heartbeat_timeout_s: float) -> None:
+                 user_modules: List[str], heartbeat_timeout_s: float, resume: bool) -> None:
     name_resolve.clear_subtree(_trial_root(exp, trial))
     n = cfg.n_model_workers
     for i in range(n):
         worker_control.publish_worker_config(exp, trial, f"model_worker/{i}", {"experiment_config": cfg_path})
     worker_control.publish_worker_config(exp, trial, "master_worker/0", {
         "experiment_config": cfg_path, "recover_dir": recover_dir, "save_recover_states": save_states,
-        "request_timeout": request_timeout,
+        "request_timeout": request_timeout, "resume": resume,
     })
     sched = sched_client.make(mode, exp, trial)
     base = [sys.executable, "-m", "realhf.apps.remote", "worker", "-e", exp, "-f", trial, "-i", "{jobstep_id}"]
@@ -121,17 +149,19 @@ def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout,
             env[var] = os.environ[var]
     names = [f"model_worker/{i}" for i in range(n)] + ["master_worker/0"]
     watchdog = wd.HeartbeatWatchdog(exp, trial, names, heartbeat_timeout_s)
+    master_log = os.path.join(constants.get_log_path(exp, trial), "master_worker-0")
+    # A resumed or retried run appends to the master's log; echo only what this launch writes.
+    echo_from = os.path.getsize(master_log) if os.path.exists(master_log) else 0
     with _terminate_unwinds():
-        _run_jobs(sched, base, n, env, os.path.join(constants.get_log_path(exp, trial), "master_worker-0"),
-                  wait_timeout, watchdog)
+        _run_jobs(sched, base, n, env, master_log, wait_timeout, watchdog, echo_from)
 
 
 def _run_jobs(sched, base: List[str], n: int, env, master_log: str, wait_timeout: Optional[float],
-              watchdog: Optional[wd.HeartbeatWatchdog] = None) -> None:
+              watchdog: Optional[wd.HeartbeatWatchdog] = None, echo_from: int = 0) -> None:
     try:
         sched.submit_array("model_worker", base[:4] + ["-w", "model_worker"] + base[4:], count=n, env=env)
         sched.submit_array("master_worker", base[:4] + ["-w", "master_worker"] + base[4:], count=1, env=env)
-        _wait_and_echo(sched, master_log, wait_timeout, watchdog=watchdog)
+        _wait_and_echo(sched, master_log, wait_timeout, watchdog=watchdog, start_pos=echo_from)
     except sched_client.JobException as e:
         if isinstance(e, wd.RunStopped) and e.worker_index is not None:
             # A frozen process cannot act on SIGTERM; do not wait a grace period for it.
@@ -148,13 +178,13 @@ def _run_jobs(sched, base: List[str], n: int, env, master_log: str, wait_timeout
 
 
 def _wait_and_echo(sched, master_log: str, timeout: Optional[float], echo: bool = True,
-                   watchdog: Optional[wd.HeartbeatWatchdog] = None) -> None:
+                   watchdog: Optional[wd.HeartbeatWatchdog] = None, start_pos: int = 0) -> None:
     """Wait for the jobs, copying the master's new log lines to stdout meanwhile (step logs, progress);
     ``watchdog`` is asked between waits whether a worker froze."""
     import time
 
     deadline = None if timeout is None else time.monotonic() + timeout
-    pos = 0
+    pos = start_pos
 
     def echo_new() -> None:
         nonlocal pos
@@ -218,6 +248,9 @@ def main_start(config: Any) -> int:
                recover_mode=getattr(config, "recover_mode", "disabled"),
                recover_retries=getattr(config, "recover_retries", 1), user_modules=user_modules_of_this_run(),
                heartbeat_timeout_s=getattr(config, "heartbeat_timeout_s", wd.DEFAULT_STALE_AFTER_S))
+    except trial_files.LaunchRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except sched_client.JobException as e:
         logger.error(str(e))
         print(f"realhf: experiment {exp}/{trial} failed: {e}", file=sys.stderr)

@@ -36,6 +36,7 @@ from realhf.api.core.model_api import FinetuneSpec
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.base import constants, logging, timeutil
 from realhf.system.model_worker import data_head_ranks, source_rpc
+from realhf.system.trial_files import describe_layouts
 from realhf.system.watchdog import check_finite_stats
 
 logger = logging.getLogger("master_worker")
@@ -71,7 +72,8 @@ class MasterCore:
     """Runs an experiment to completion over ``transport``; see the module docstring."""
 
     def __init__(self, cfg: ExperimentConfig, transport: WorkerTransport, experiment_name: str,
-                 trial_name: str, recover_dir: Optional[str] = None, save_recover_states: bool = False):
+                 trial_name: str, recover_dir: Optional[str] = None, save_recover_states: bool = False,
+                 resume: bool = True):
         self.cfg = cfg
         self.t = transport
         self.exp, self.trial = experiment_name, trial_name
@@ -84,6 +86,7 @@ class MasterCore:
         self.epoch = self.epoch_step = self.global_step = 0
         self.recover_dir = recover_dir
         self.save_recover_states = save_recover_states
+        self.resume = resume  # load the state in recover_dir (False: recover_dir is only written)
         self.history: List[StepLog] = []
 
     # ----------------------------------------------------------------- layout
@@ -247,7 +250,7 @@ class MasterCore:
         os.makedirs(self.recover_dir, exist_ok=True)
         step_dir = os.path.join(self.recover_dir, f"globalstep{self.global_step}")
         self.t.call_all("state", {"dir": step_dir})
-        info = dict(self._recover_state(), dir=step_dir)
+        info = dict(self._recover_state(), dir=step_dir, layouts=describe_layouts(self.cfg))
         path = os.path.join(self.recover_dir, "recover_info.pkl")
         with open(path + ".tmp", "wb") as f:
             pickle.dump(info, f)
@@ -302,7 +305,8 @@ class MasterCore:
     def run(self) -> List[StepLog]:
         if not hasattr(self, "ft_spec"):
             self.initialize()
-        self.load_recover()
+        if self.resume:
+            self.load_recover()
         total = self.total_steps()
         start = time.perf_counter()
         while self.global_step < total:
@@ -411,7 +415,7 @@ class MasterWorker(Worker):
     """Runs :class:`MasterCore` over a ZeroMQ :class:`MasterStream` to all model workers.
 
     Config: ``{"experiment_config": path, "recover_dir": str or None,
-    "save_recover_states": bool, "request_timeout": seconds}``.
+    "save_recover_states": bool, "resume": bool, "request_timeout": seconds}``.
     """
 
     def _configure(self, config: Dict[str, Any]) -> None:
@@ -424,7 +428,8 @@ class MasterWorker(Worker):
                                    timeout_s=config.get("request_timeout", 3600.0))
         self.core = MasterCore(cfg, self.stream, self.experiment_name, self.trial_name,
                                recover_dir=config.get("recover_dir"),
-                               save_recover_states=bool(config.get("save_recover_states", False)))
+                               save_recover_states=bool(config.get("save_recover_states", False)),
+                               resume=bool(config.get("resume", True)))
 
     def _poll(self) -> PollResult:
         self.core.run()
