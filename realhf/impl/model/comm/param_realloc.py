@@ -14,7 +14,10 @@ shard it needs is a sub-block of the full tensor: rows of a column-split
 tensor (q/k/v, gate/up, embedding, LM head), columns of a row-split one (one
 interval per row when the shard widths differ), or the whole tensor for
 replicated ones (taken from source tp rank ``dst_tp % src_tp``, which spreads
-the load). Intersecting it with the sub-blocks held by the source tp ranks of
+the load). K/V projections are row-split unless the layout has fewer KV heads
+than tp ranks; then each rank holds all of them, so a replicating source serves
+any K/V sub-block from one rank and a replicating destination gathers every
+source shard. Intersecting it with the sub-blocks held by the source tp ranks of
 the source stage holding that layer gives chunks ``(src_offset, dst_offset,
 length)``. Chunks are grouped per (source stage, source tp rank); for each
 destination global rank (every dp replica of the target needs the whole

@@ -166,14 +166,6 @@ def check_layouts(
             check_tp_supported(config, tp)
         except (ValueError, NotImplementedError) as e:
             raise ReallocError(f"The {name} layout's tp={tp} does not fit the model: {e}") from e
-    rep_src = kv_heads_partition(config.n_kv_heads, src_tp)[1]
-    rep_dst = kv_heads_partition(config.n_kv_heads, dst_tp)[1]
-    if rep_src != rep_dst:
-        state = {True: "replicated", False: "partitioned"}
-        raise ReallocError(
-            f"Whether KV heads are partitioned must not change: n_kv_heads={config.n_kv_heads} is "
-            f"{state[rep_src]} with source tp={src_tp} but {state[rep_dst]} with destination tp={dst_tp}."
-        )
     for name, pp in (("source", src_pp), ("destination", dst_pp)):
         if not 1 <= pp <= config.n_layers + 2:
             raise ReallocError(f"The {name} layout's pp={pp} exceeds the model's {config.n_layers + 2} layers.")
@@ -198,12 +190,26 @@ def stage_layout(config: ReaLModelConfig, pp_size: int, pp_rank: int, tp_size: i
     return build_param_spec(shard_config(config, tp_size), layers)
 
 
-def _split_dim(kind: str, kv_replicated: bool) -> Optional[int]:
-    if kind == COL or (kind == KV and not kv_replicated):
+def _split_dim(kind: str) -> Optional[int]:
+    """The dimension a tp layout may split (K/V rows are split unless their heads are replicated)."""
+    if kind in (COL, KV):
         return 0
     if kind == ROW:
         return 1
     return None
+
+
+def _held_range(extent: int, kind: str, replicated_kv: bool, tp: int, tp_size: int) -> Tuple[int, int]:
+    """(first index, width) along the split dimension that tp rank ``tp`` holds.
+
+    A rank whose K/V heads are replicated holds all of them, so it can serve
+    any destination shard of K/V, and a destination that replicates them
+    gathers every source shard.
+    """
+    if kind == KV and replicated_kv:
+        return 0, extent
+    width = extent // tp_size
+    return tp * width, width
 
 
 def _key_chunks(
@@ -211,19 +217,18 @@ def _key_chunks(
     dim: Optional[int],
     src_slot: ParamSlot,
     dst_slot: ParamSlot,
-    src_tp: int,
-    src_tp_size: int,
-    dst_tp: int,
-    dst_tp_size: int,
+    src_range: Tuple[int, int],
+    dst_range: Tuple[int, int],
 ) -> Optional[np.ndarray]:
-    """Chunks [N, 3] (src offset, dst offset, length) of one key from one source tp rank, or None."""
+    """Chunks [N, 3] (src offset, dst offset, length) of one key from one source tp rank, or None.
+
+    ``src_range`` / ``dst_range``: (first index, width) held along ``dim``.
+    """
     if dim is None:
         if dst_slot.numel != src_slot.numel:
             raise AssertionError(f"Replicated slot sizes differ: {src_slot} vs {dst_slot}.")
         return np.array([[src_slot.start, dst_slot.start, dst_slot.numel]], dtype=np.int64)
-    extent = shape[dim]
-    s_w, d_w = extent // src_tp_size, extent // dst_tp_size
-    s_lo, d_lo = src_tp * s_w, dst_tp * d_w
+    (s_lo, s_w), (d_lo, d_w) = src_range, dst_range
     lo, hi = max(s_lo, d_lo), min(s_lo + s_w, d_lo + d_w)
     if lo >= hi:
         return None
@@ -270,7 +275,8 @@ def _stage_pieces(
     """{(src pp, src tp): chunks} needed by destination stage (dst_pp, dst_tp), and its flat size."""
     src_pp_size, _, src_tp_size = src_dims
     dst_pp_size, _, dst_tp_size = dst_dims
-    kv_rep = kv_heads_partition(config.n_kv_heads, dst_tp_size)[1]
+    src_kv_rep = kv_heads_partition(config.n_kv_heads, src_tp_size)[1]
+    dst_kv_rep = kv_heads_partition(config.n_kv_heads, dst_tp_size)[1]
     dst_spec, dst_size = stage_layout(config, dst_pp_size, dst_pp, dst_tp_size)
     full_shapes: Dict[str, Tuple[int, ...]] = {}
     pieces: Dict[Tuple[int, int], List[np.ndarray]] = {}
@@ -284,11 +290,20 @@ def _stage_pieces(
         if key not in full_shapes:
             full_shapes.update((k, tuple(s)) for k, s in layer_param_shapes(config, layer))
         src_pp = layer_stage[layer]
-        dim = _split_dim(param_kind(key, config), kv_rep)
-        src_tps = [dst_tp % src_tp_size] if dim is None else range(src_tp_size)
+        kind = param_kind(key, config)
+        dim = _split_dim(kind)
+        # Where every source tp rank holds all of it, spread the readers over them.
+        whole_on_each = dim is None or (kind == KV and src_kv_rep)
+        src_tps = [dst_tp % src_tp_size] if whole_on_each else range(src_tp_size)
+        src_range = dst_range = (0, 0)
+        if dim is not None:
+            extent = full_shapes[key][dim]
+            dst_range = _held_range(extent, kind, dst_kv_rep, dst_tp, dst_tp_size)
         for src_tp in src_tps:
             src_slot = src_specs[(src_pp, src_tp)][key]
-            c = _key_chunks(full_shapes[key], dim, src_slot, slot, src_tp, src_tp_size, dst_tp, dst_tp_size)
+            if dim is not None:
+                src_range = _held_range(extent, kind, src_kv_rep, src_tp, src_tp_size)
+            c = _key_chunks(full_shapes[key], dim, src_slot, slot, src_range, dst_range)
             if c is not None:
                 pieces.setdefault((src_pp, src_tp), []).append(c)
     return {k: np.concatenate(v) for k, v in pieces.items()}, dst_size
