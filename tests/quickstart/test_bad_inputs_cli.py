@@ -79,6 +79,15 @@ BAD = [
     ("gen-on-critic", "gen", ["model.type.is_critic=True"], ["model.type.is_critic=True", "is_critic=False"]),
     ("dpo-actor-critic", "dpo", ["actor.type.is_critic=True"], ["actor.type.is_critic=True", "is_critic=False"]),
     ("rw-on-lm", "rw", ["model.type.is_critic=False"], ["model.type.is_critic=False", "is_critic=True"]),
+    # options that would otherwise be accepted and ignored
+    ("allocation-use-cache", "sft", ["allocation_use_cache=True"],
+     ["allocation_use_cache=True", "search", "allocation_use_cache=False"]),
+    ("rew-head-path", "ppo", ["rew_head_path=/tmp/head.bin"], ["rew_head_path='/tmp/head.bin'", "rew.path"]),
+    ("gen-cuda-graph", "gen", ["gen.use_cuda_graph=True"], ["gen.use_cuda_graph=True", "gen.use_cuda_graph=False"]),
+    ("ppo-cuda-graph", "ppo", ["ppo.gen.use_cuda_graph=True"], ["ppo.gen.use_cuda_graph=True"]),
+    ("mesh-foreign-host", "sft", ["n_gpus_per_node=2", "allocation_mode=manual", "allocation.device_mesh=gpu-node-7:0"],
+     ["allocation.device_mesh='gpu-node-7:0'", "mode='local'", "localhost"]),
+    ("nodelist-foreign", "sft", ["nodelist=NODE[01-02]"], ["nodelist='NODE[01-02]'", "NODE01", "mode='local'"]),
 ]
 
 
@@ -119,3 +128,15 @@ def test_non_finite_refused_in_programmatic_configs(tiny_model_dir):
     cfg.model.optimizer.weight_decay = float("inf")
     with pytest.raises(ConfigError, match=r"model\.optimizer\.weight_decay=inf is not a finite number"):
         cfg.validate()
+
+
+def test_local_host_names_accepted(good_overrides):
+    """``localhost`` and this machine's name are valid hosts of a device mesh in local mode."""
+    import socket
+
+    from realhf.api.quickstart.entrypoint import parse_quickstart
+
+    for host in ("localhost", socket.gethostname()):
+        cfg = parse_quickstart("sft", good_overrides + [
+            "allocation_mode=manual", f"allocation.device_mesh={host}:1", f"nodelist={host}"])
+        assert cfg.resolved_allocations()["trainDefault"].device_mesh == f"{host}:1"

@@ -43,7 +43,8 @@ class GenerationHyperparameters:
     :param top_p: nucleus sampling threshold in (0, 1].
     :param top_k: keep the k most likely tokens (>= 1).
     :param temperature: softmax temperature; 0 means greedy.
-    :param use_cuda_graph: capture the decoding step in a CUDA graph (GPU only).
+    :param use_cuda_graph: capture the decoding step in a CUDA graph; not supported (decoding runs
+        eagerly), so the quickstart configs refuse True.
     :param force_cudagraph_recapture: recapture on every call, freeing the KV cache in between.
     :param force_no_logits_mask: do not return the mask of tokens removed by top-k/top-p.
     """

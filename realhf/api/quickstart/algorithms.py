@@ -213,6 +213,12 @@ class PPOConfig(CommonExperimentConfig):
         super().validate()
         if self.is_sft_lora or self.sft_lora_path or self.is_rew_lora or self.rew_lora_path:
             raise ConfigError("LoRA options (is_sft_lora, sft_lora_path, is_rew_lora, rew_lora_path) are not available yet.")
+        if self.rew_head_path is not None:
+            raise ConfigError(
+                f"rew_head_path={self.rew_head_path!r}: a separately saved reward head is only used with a LoRA "
+                "reward model, which is not available; point rew.path at the whole reward model that the rw "
+                "experiment saves (it includes the value head) and set rew_head_path=null."
+            )
         for key, critic in (("actor", False), ("ref", False), ("critic", True), ("rew", True)):
             m = getattr(self, key)
             if m.type.is_critic != critic:

@@ -20,6 +20,7 @@ Every layout must use exactly the devices of its mesh (the whole cluster is
 
 import dataclasses
 import re
+import socket
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from realhf.api.quickstart.base import ConfigError
@@ -127,8 +128,33 @@ def _expand_nodelist(nodelist: str, key: str) -> List[str]:
     return names
 
 
-def device_mesh_size(device_mesh: Optional[str], n_nodes: int, n_gpus_per_node: int, key: str) -> int:
-    """Number of devices of a mesh string (None = the whole cluster)."""
+def local_host_names() -> List[str]:
+    """Names that denote this machine: localhost, 127.0.0.1 and its host names."""
+    names = ["localhost", "127.0.0.1"]
+    for n in (socket.gethostname(), socket.getfqdn()):
+        for v in (n, n.split(".")[0]):
+            if v and v not in names:
+                names.append(v)
+    return names
+
+
+def check_local_hosts(hosts: Sequence[str], key: str, value: str) -> None:
+    """In ``mode=local`` every host named by ``key`` must be this machine."""
+    local = local_host_names()
+    foreign = [h for h in hosts if h not in local]
+    if foreign:
+        raise ConfigError(
+            f"{key}={value!r} names host(s) {foreign}, but mode='local' runs on this machine only; use one of "
+            f"{local} (or mode=ray / mode=slurm for other machines)."
+        )
+
+
+def device_mesh_size(device_mesh: Optional[str], n_nodes: int, n_gpus_per_node: int, key: str,
+                     *, local: bool = False) -> int:
+    """Number of devices of a mesh string (None = the whole cluster).
+
+    ``local``: the run is ``mode=local``, so host names must denote this machine.
+    """
     if device_mesh is None:
         return n_nodes * n_gpus_per_node
     mesh = device_mesh.strip()
@@ -145,8 +171,12 @@ def device_mesh_size(device_mesh: Optional[str], n_nodes: int, n_gpus_per_node: 
                 f"{key}={device_mesh!r} must list distinct device indices in [0, n_gpus_per_node="
                 f"{n_gpus_per_node}) of one host."
             )
+        if local:
+            check_local_hosts([host.strip()], key, device_mesh)
         return len(devices)
     nodes = _expand_nodelist(mesh, key)
+    if local:
+        check_local_hosts(nodes, key, device_mesh)
     if len(nodes) > n_nodes:
         raise ConfigError(f"{key}={device_mesh!r} names {len(nodes)} nodes but n_nodes={n_nodes}.")
     return len(nodes) * n_gpus_per_node
@@ -238,7 +268,8 @@ def resolve_allocations(
             alloc = existing[name]
             key = keys[name]
             alloc.validate(key)
-            size = device_mesh_size(alloc.device_mesh, n_nodes, gpn, f"{key}.device_mesh")
+            size = device_mesh_size(alloc.device_mesh, n_nodes, gpn, f"{key}.device_mesh",
+                                    local=getattr(cfg, "mode", None) == "local")
             if alloc.parallel.world_size != size:
                 where = "the whole cluster" if alloc.device_mesh is None else f"device_mesh={alloc.device_mesh!r}"
                 raise ConfigError(
@@ -297,6 +328,7 @@ def resolve_allocations(
 
 
 __all__ = [
-    "AllocationMode", "NAMED_MODES", "check_parallel_fits", "device_mesh_size", "parse_3d",
+    "AllocationMode", "NAMED_MODES", "check_local_hosts", "check_parallel_fits", "device_mesh_size",
+    "local_host_names", "parse_3d",
     "parse_allocation_mode", "resolve_allocations",
 ]

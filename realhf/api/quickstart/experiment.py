@@ -24,7 +24,12 @@ from omegaconf import MISSING
 
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.api.core.system_api import ExperimentSaveEvalControl as _SystemSaveEvalControl
-from realhf.api.quickstart.allocation import _expand_nodelist, parse_allocation_mode, resolve_allocations
+from realhf.api.quickstart.allocation import (
+    _expand_nodelist,
+    check_local_hosts,
+    parse_allocation_mode,
+    resolve_allocations,
+)
 from realhf.api.quickstart.base import (
     ConfigError,
     check_choice,
@@ -168,7 +173,9 @@ class CommonExperimentConfig:
         check_positive_int("cache_clear_freq", self.cache_clear_freq, allow_none=True)
         check_range("heartbeat_timeout_s", self.heartbeat_timeout_s, 5.0)
         if self.nodelist is not None:
-            _expand_nodelist(self.nodelist, "nodelist")
+            nodes = _expand_nodelist(self.nodelist, "nodelist")
+            if self.mode == "local":
+                check_local_hosts(nodes, "nodelist", self.nodelist)
         if self.mode == "local":
             if self.n_nodes != 1:
                 raise ConfigError(f"n_nodes={self.n_nodes} with mode='local'; local runs use one node (n_nodes=1).")
@@ -191,6 +198,12 @@ class CommonExperimentConfig:
                 raise ConfigError("mode='ray' needs the 'ray' package (pip install ray); or use mode=local.")
         self.exp_ctrl.validate("exp_ctrl")
         parse_allocation_mode(self.allocation_mode)
+        if self.allocation_use_cache:
+            raise ConfigError(
+                "allocation_use_cache=True reuses the result of an allocation search, but "
+                "allocation_mode='search' is not available, so there is nothing to cache; "
+                "set allocation_use_cache=False."
+            )
 
     def resolved_allocations(self) -> Dict[str, MFCConfig]:
         """Per-MFC allocations after applying ``allocation_mode`` (checks the layouts fit the models)."""

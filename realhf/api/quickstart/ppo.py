@@ -24,6 +24,11 @@ def validate_generation(gen: GenerationHyperparameters, prefix: str = "gen") -> 
     check_range(k("top_p"), gen.top_p, 0.0, 1.0, lo_open=True)
     check_positive_int(k("top_k"), gen.top_k)
     check_range(k("temperature"), gen.temperature, 0.0)
+    if gen.use_cuda_graph:
+        raise ConfigError(
+            f"{k('use_cuda_graph')}=True is not supported: decoding runs eagerly (no CUDA graph capture) "
+            f"on every device; set {k('use_cuda_graph')}=False."
+        )
 
 
 @dataclasses.dataclass
