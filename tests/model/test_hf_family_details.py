@@ -191,3 +191,25 @@ def test_critic_head_through_model_factory(tmp_path):
                             init_critic_from_actor=True, seed=3, tokenizer_path=tokenizer_path())
         heads.append(m.module.get_param("3.weight").clone())
     assert torch.equal(heads[0], heads[1])
+
+
+def _tp2_critic_head(rank: int, world: int, path: str):
+    from realhf.base import constants
+    from tests.parallel._mesh import MODEL, setup_mesh
+
+    setup_mesh(dp=1, tp=2, pp=1)
+    torch.manual_seed(100 + rank)  # a different global RNG state on each rank
+    with constants.model_scope(MODEL):
+        critic = ReaLModel.from_llama(path, init_critic_from_actor=True, seed=7)
+        assert critic.tp_size == 2
+        return critic.get_param("3.weight").clone()
+
+
+@pytest.mark.distributed
+def test_critic_head_from_actor_same_on_tp_ranks(tmp_path):
+    from realhf.base.testing import run_distributed
+
+    path = _llama_ckpt(tmp_path)
+    heads = run_distributed(_tp2_critic_head, 2, timeout=60, args=(path,))
+    single = ReaLModel.from_llama(path, init_critic_from_actor=True, seed=7).get_param("3.weight")
+    assert all(torch.equal(h, single) for h in heads)
