@@ -44,7 +44,7 @@ prompts (Austen contexts and math questions), the mean reward rises within
         exp_ctrl.benchmark_steps=80 exp_ctrl.total_train_epochs=2
 
 where ``$SFT`` is the checkpoint directory, e.g.
-``~/.cache/realhf/checkpoints/<user>/demo-sft/demo/default/epoch2epochstep50globalstep300``.
+``~/.cache/realhf/checkpoints/<user>/demo-sft/demo/default/epoch3epochstep50globalstep300``.
 """
 
 from __future__ import annotations
@@ -55,13 +55,13 @@ from typing import List, Optional
 import torch
 
 import realhf.experiments  # noqa: F401  (registers ``ppo`` and the built-in interfaces)
+from realhf import PPOConfig
 from realhf.api.core import config as config_api
 from realhf.api.core import dfg, model_api
-from realhf.api.core import system_api as sa
 from realhf.api.core.data_api import SequenceSample
+from realhf.api.core.system_api import ExperimentConfig
 from realhf.api.quickstart.entrypoint import quickstart_main, register_quickstart_exp
 from realhf.base import constants
-from realhf.experiments.common.ppo_exp import PPOExperiment
 
 _ANALYZER = None
 
@@ -150,17 +150,23 @@ model_api.register_interface("sentiment_scoring", SentimentScoringInterface)
 # --------------------------------------------------------------------------- #
 # The experiment
 # --------------------------------------------------------------------------- #
-@dataclasses.dataclass
-class MyPPOConfig(PPOExperiment):
+class MyPPOConfig(PPOConfig):
     """``ppo`` with the reward model replaced by VADER sentiment of the answer."""
 
-    def initial_setup(self) -> sa.ExperimentConfig:
+    def initial_setup(self) -> ExperimentConfig:
         cfg = super().initial_setup()
         for mw in cfg.model_worker:
             for s in mw.shards:
                 if s.id.model_name.role == "reward":
-                    s.model = config_api.Model("tokenizer", args=dict(tokenizer_path=self.rew.path))
+                    # Remove the original reward model because we are using a customized one.
+                    s.model = config_api.Model(
+                        "tokenizer",
+                        args=dict(
+                            tokenizer_path=self.rew.path,
+                        ),
+                    )
                     s.backend = config_api.ModelBackend("null")
+        # Change the MFC of Reward.
         idx = 0
         for rpc in cfg.model_rpcs:
             if rpc.model_name.role == "reward":
@@ -170,10 +176,12 @@ class MyPPOConfig(PPOExperiment):
         inf_reward_rpc.interface_impl = dfg.ModelInterface(
             "sentiment_scoring",
             args=dict(output_scaling=self.ppo.reward_output_scaling, output_bias=self.ppo.reward_output_bias))
-        # The answer is what follows the prompt: actor_gen writes prompt_mask, so the graph stays valid.
+        inf_reward_rpc.post_hooks = []
+        # Beyond the plain replacement: score only the answer. actor_gen writes
+        # prompt_mask, so the reward call may read it; resolve() rebuilds the
+        # dataflow graph after the edit of its input keys.
         if "prompt_mask" not in inf_reward_rpc.input_keys:
             inf_reward_rpc.input_keys = list(inf_reward_rpc.input_keys) + ["prompt_mask"]
-        inf_reward_rpc.post_hooks = []  # nothing to offload
         cfg.resolve()
         return cfg
 

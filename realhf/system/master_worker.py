@@ -59,6 +59,9 @@ class _Item:
 
 @dataclasses.dataclass
 class StepLog:
+    """One finished step. Every count is 1-based, in the log line, stats.jsonl and checkpoint names
+    alike: the first step is epoch 1, step 1, global step 1."""
+
     epoch: int
     epoch_step: int
     global_step: int
@@ -214,7 +217,7 @@ class MasterCore:
     def save(self) -> List[str]:
         """Save every trained model, named after the last finished step."""
         last = self.history[-1] if self.history else None
-        epoch, epoch_step = (last.epoch, last.epoch_step) if last else (self.epoch, self.epoch_step)
+        epoch, epoch_step = (last.epoch, last.epoch_step) if last else (self.epoch + 1, self.epoch_step)
         dirs = []
         for rpc in self._train_rpcs():
             d = os.path.join(constants.get_save_path(self.exp, self.trial), rpc.role,
@@ -294,7 +297,7 @@ class MasterCore:
         self.global_step += 1
         self.epoch_step += 1
         # The step is labelled within the epoch it belongs to; only then does the epoch roll over.
-        log = StepLog(self.epoch, self.epoch_step, self.global_step, time.perf_counter() - t0, n_tokens, stats,
+        log = StepLog(self.epoch + 1, self.epoch_step, self.global_step, time.perf_counter() - t0, n_tokens, stats,
                       self._timing)
         if epoch_done:
             self.epoch += 1
@@ -320,7 +323,7 @@ class MasterCore:
             width = 20
             bar = "#" * (width * done // total) + "." * (width - width * done // total)
             logger.info(
-                f"[{bar}] epoch {log.epoch + 1}/{self.cfg.exp_ctrl.total_train_epochs} step {log.epoch_step} "
+                f"[{bar}] epoch {log.epoch}/{self.cfg.exp_ctrl.total_train_epochs} step {log.epoch_step} "
                 f"global step {done}/{total} | {log.seconds:.2f}s, {log.n_tokens} tokens, "
                 f"{log.n_tokens / max(log.seconds, 1e-9):.0f} tokens/s, ETA {eta:.0f}s | " + " | ".join(parts)
             )

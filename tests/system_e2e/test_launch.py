@@ -78,7 +78,7 @@ def test_launch_trains_and_saves_hf_checkpoint(fileroot):
     assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
     ckpt_root = os.path.join(fileroot, "checkpoints", _user(), "launch-sft", "ok", "default")
     (ckpt,) = os.listdir(ckpt_root)
-    assert ckpt == "epoch0epochstep4globalstep4"
+    assert ckpt == "epoch1epochstep4globalstep4"
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(ckpt_root, ckpt))
     with torch.no_grad():
         assert torch.isfinite(hf(torch.tensor([[1, 2, 3]])).logits).all()

@@ -54,6 +54,6 @@ def test_steps_are_labelled_within_their_epoch(tmp_path):
 
     master = run_with_pipes(sft_experiment(2, 1, 1, n_seqs=100, epochs=2), "ep", "t", fileroot=str(tmp_path))
     labels = [(h.epoch, h.epoch_step, h.global_step) for h in master.history]
-    assert labels == [(0, 1, 1), (0, 2, 2), (1, 1, 3), (1, 2, 4)]
+    assert labels == [(1, 1, 1), (1, 2, 2), (2, 1, 3), (2, 2, 4)]
     saved = os.listdir(os.path.join(tmp_path, "checkpoints", constants.get_user(), "ep", "t", "default"))
-    assert saved == ["epoch1epochstep2globalstep4"]
+    assert saved == ["epoch2epochstep2globalstep4"]

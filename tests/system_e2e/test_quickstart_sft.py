@@ -61,7 +61,7 @@ def test_quickstart_sft(tmp_path, extra, trial):
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.5
     assert evals and evals[-1]["loss"] < losses[0]
     ckpt = os.path.join(tmp_path, "checkpoints", _user(), "quickstart-sft", trial, "default",
-                        "epoch0epochstep8globalstep8")
+                        "epoch1epochstep8globalstep8")
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
     tok = transformers.AutoTokenizer.from_pretrained(ckpt)
     ids = torch.tensor([tok.encode("What is 2 + 3?")])

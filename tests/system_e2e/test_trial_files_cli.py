@@ -128,3 +128,19 @@ def test_read_only_log_directory_is_refused(tmp_path):
             f"error: cannot write the log directory {_dir(root, 'logs', 'files-ro', 't')}: [Errno 13] Permission denied")
     finally:
         os.chmod(logs, 0o700)
+
+
+def test_epochs_are_labelled_alike_in_logs_stats_and_checkpoints(tmp_path):
+    # 200 records in batches of 100: two steps per epoch, two epochs, a checkpoint per epoch.
+    exp, trial = "files-epochs", "t"
+    res = _run(tmp_path, exp, trial, *ONE, "dataset.train_path=realhf/assets/data/sft-valid.jsonl",
+               "dataset.train_bs_n_seqs=100", "exp_ctrl.total_train_epochs=2", "exp_ctrl.save_freq_epochs=1")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    saved = sorted(os.listdir(os.path.join(_dir(tmp_path, "checkpoints", exp, trial), "default")))
+    assert saved == ["epoch1epochstep2globalstep2", "epoch2epochstep2globalstep4"]
+    for e, s, g in [(1, 1, 1), (1, 2, 2), (2, 1, 3), (2, 2, 4)]:
+        assert f"epoch {e}/2 step {s} global step {g}/4 " in res.stdout
+    with open(os.path.join(_dir(tmp_path, "logs", exp, trial), "stats.jsonl")) as f:
+        recs = [json.loads(l) for l in f]
+    assert [(r["epoch"], r["epoch_step"], r["global_step"]) for r in recs if "stats" in r] == \
+        [(1, 1, 1), (1, 2, 2), (2, 1, 3), (2, 2, 4)]

@@ -129,7 +129,7 @@ class SFTInterface(TrainedModelInterface):
 
         Collective over the model's mesh; the file writer is dp 0 / tp 0 /
         stage 0. ``save_dir`` is the final checkpoint directory, e.g.
-        ``<fileroot>/checkpoints/<user>/<exp>/<trial>/<role>/epoch{E}epochstep{S}globalstep{G}``.
+        ``<fileroot>/checkpoints/<user>/<exp>/<trial>/<role>/epoch{E}epochstep{S}globalstep{G}`` (1-based, as in the step log).
         """
         from realhf.impl.model.conversion.parallel_save import save_hf_checkpoint
 
