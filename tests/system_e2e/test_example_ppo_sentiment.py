@@ -75,6 +75,10 @@ def test_sentiment_interface_scores_only_the_answer(example):
 
 
 def test_example_ppo_sentiment_runs(example, tmp_path):
+    import realhf
+
+    # The documented form: a subclass of realhf.PPOConfig (the registered ``ppo`` experiment).
+    assert example.MyPPOConfig.__bases__ == (realhf.PPOConfig,)
     config = parse_quickstart("my-ppo", _args(steps=2))
     assert isinstance(config, example.MyPPOConfig)
     cfg = config.initial_setup()
