@@ -16,17 +16,24 @@ def build(cfg: DPOConfig) -> sa.ExperimentConfig:
     ds = cfg.dataset
     train = sa.Dataset("rw_pair", args=dict(dataset_path=ds.train_path, max_length=ds.max_seqlen,
                                             max_pairs_per_prompt=ds.max_pairs_per_prompt))
+    # The valid set is evaluated by the actor (``actor_train``'s interface): pair-mean DPO loss,
+    # margin and accuracy of the policy's log-probs (no reference pass runs on it; see DPOInterface.evaluate).
+    valid = sa.Dataset("rw_pair", args=dict(dataset_path=ds.valid_path, max_length=ds.max_seqlen,
+                                            max_pairs_per_prompt=ds.max_pairs_per_prompt)) if ds.valid_path else None
     from realhf.experiments.common.data_checks import check_datasets, max_dp
 
     dp, dp_mfc = max_dp(allocs)
     check_datasets(train, cfg.actor.path, cfg.seed, train_key="dataset.train_path", batch_size=ds.train_bs_n_seqs,
-                   batch_key="dataset.train_bs_n_seqs", dp=dp, dp_mfc=dp_mfc, length_key="dataset.max_seqlen")
+                   batch_key="dataset.train_bs_n_seqs", dp=dp, dp_mfc=dp_mfc, length_key="dataset.max_seqlen",
+                   valid=valid, valid_key="dataset.valid_path",
+                   eval_dp=allocs["actor_train"].parallel.data_parallel_size)
     actor, ref = ModelName("actor", 0), ModelName("ref", 0)
     shards: dict = {}
     a_ranks = utils.mesh_ranks(allocs["actor_train"], cfg.n_nodes, cfg.n_gpus_per_node)
     r_ranks = utils.mesh_ranks(allocs["ref_inf"], cfg.n_nodes, cfg.n_gpus_per_node)
     utils.add_shards(shards, actor, utils.topology_of(allocs["actor_train"], cfg.actor, train=True), a_ranks,
-                     utils.real_model(cfg.actor), sa.ModelBackend("train", args=cfg.actor.backend_args()))
+                     utils.real_model(cfg.actor), sa.ModelBackend("train", args=cfg.actor.backend_args()),
+                     eval_dataset=valid, eval_bs=ds.valid_bs_n_seqs)
     utils.add_shards(shards, ref, utils.topology_of(allocs["ref_inf"], cfg.ref, train=False), r_ranks,
                      utils.real_model(cfg.ref), sa.ModelBackend("inference"))
     workers = utils.workers_from_shards(cfg.n_workers, shards, cfg.seed, [train], cfg.actor.path,

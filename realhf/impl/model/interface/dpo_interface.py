@@ -154,10 +154,15 @@ class DPOInterface(TrainedModelInterface):
     # --------------------------------------------------------------- evaluate
     def evaluate(self, model: Model, eval_dataloader: Optional[Iterable[SequenceSample]]) -> Dict[str, float]:
         """Pair-mean DPO ``loss``, ``margin`` and ``acc`` (fraction of positive
-        margins) over a validation set whose batches carry the reference
-        ``seqlogp`` (batches without it are scored against a zero reference,
-        i.e. by the policy's own log-prob difference). The same on every rank;
-        ``None`` loader: ``{}``."""
+        margins) and ``n_pairs`` over a validation set.
+
+        Batches that carry the reference ``seqlogp`` are scored against it.
+        The ``dpo`` experiment's valid set carries none (no reference pass
+        runs on it), so there the reference is uniform: ``margin`` is
+        beta * (chosen - rejected) answer log-prob of the policy, ``acc`` the
+        fraction of pairs where the policy prefers the chosen answer and
+        ``loss`` = mean -logsigmoid(margin). The same on every rank; ``None``
+        loader: ``{}``."""
         if eval_dataloader is None:
             return {}
         engine = as_engine(model.module)
