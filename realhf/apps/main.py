@@ -20,7 +20,7 @@ import pickle
 import signal
 import sys
 import threading
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.base import constants, logging, name_resolve
@@ -49,6 +49,7 @@ def launch(
     wait_timeout: Optional[float] = None,
     user_modules: Sequence[str] = (),
     heartbeat_timeout_s: float = wd.DEFAULT_STALE_AFTER_S,
+    debug: bool = True,
 ) -> None:
     """Run ``cfg`` to completion; raises JobException if a worker fails (after retries).
 
@@ -57,7 +58,8 @@ def launch(
     registered in their own script exist in the workers too. A worker whose
     heartbeat is older than ``heartbeat_timeout_s`` (a frozen process; a busy
     one keeps beating from its background thread) stops the run with
-    :class:`~realhf.system.watchdog.RunStopped` naming it.
+    :class:`~realhf.system.watchdog.RunStopped` naming it. ``debug=False`` runs
+    the workers with ``python -O`` (assert statements off).
     """
     if recover_mode not in RECOVER_MODES:
         raise ValueError(f"recover_mode must be one of {RECOVER_MODES}, got {recover_mode!r}.")
@@ -76,7 +78,7 @@ def launch(
         try:
             _launch_once(cfg, cfg_path, experiment_name, trial_name, mode, request_timeout, wait_timeout,
                          recover_dir if (resume or save_states) else None, save_states, list(user_modules),
-                         heartbeat_timeout_s, resume)
+                         heartbeat_timeout_s, resume, debug)
             return
         except sched_client.JobException as e:
             if attempt + 1 >= attempts:
@@ -112,6 +114,23 @@ def _prepare_trial_files(cfg: ExperimentConfig, exp: str, trial: str, recover_mo
     return resumes
 
 
+def worker_command(worker_type: str, exp: str, trial: str, user_modules: Sequence[str] = (),
+                   debug: bool = True) -> List[str]:
+    """The command line of one worker job (``{jobstep_id}`` is filled in by the scheduler)."""
+    cmd = [sys.executable] + ([] if debug else ["-O"])
+    cmd += ["-m", "realhf.apps.remote", "worker", "-w", worker_type, "-e", exp, "-f", trial, "-i", "{jobstep_id}"]
+    for module in user_modules:
+        cmd += ["--import", module]
+    return cmd
+
+
+def apply_common_options(cfg: ExperimentConfig, config: Any) -> ExperimentConfig:
+    """Copy the quickstart options the runtime acts on (``cache_clear_freq``, ``wandb_mode``) onto ``cfg``."""
+    cfg.cache_clear_freq = getattr(config, "cache_clear_freq", None)
+    cfg.wandb_mode = getattr(config, "wandb_mode", "disabled")
+    return cfg
+
+
 @contextlib.contextmanager
 def _terminate_unwinds() -> Iterator[None]:
     """SIGTERM (a job system, ``kill``) unwinds like Ctrl-C, so the launcher stops its workers too."""
@@ -130,7 +149,7 @@ def _terminate_unwinds() -> Iterator[None]:
 
 
 def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout, recover_dir, save_states,
-                 user_modules: List[str], heartbeat_timeout_s: float, resume: bool) -> None:
+                 user_modules: List[str], heartbeat_timeout_s: float, resume: bool, debug: bool) -> None:
     name_resolve.clear_subtree(_trial_root(exp, trial))
     n = cfg.n_model_workers
     for i in range(n):
@@ -140,9 +159,7 @@ def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout,
         "request_timeout": request_timeout, "resume": resume,
     })
     sched = sched_client.make(mode, exp, trial)
-    base = [sys.executable, "-m", "realhf.apps.remote", "worker", "-e", exp, "-f", trial, "-i", "{jobstep_id}"]
-    for module in user_modules:
-        base += ["--import", module]
+    cmd = {t: worker_command(t, exp, trial, user_modules, debug) for t in ("model_worker", "master_worker")}
     env = {"REAL_FILEROOT": constants.get_fileroot()}
     for var in ("REAL_NAME_RESOLVE", "REAL_NO_EXT", "PYTHONPATH"):
         if var in os.environ:
@@ -153,14 +170,14 @@ def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout,
     # A resumed or retried run appends to the master's log; echo only what this launch writes.
     echo_from = os.path.getsize(master_log) if os.path.exists(master_log) else 0
     with _terminate_unwinds():
-        _run_jobs(sched, base, n, env, master_log, wait_timeout, watchdog, echo_from)
+        _run_jobs(sched, cmd, n, env, master_log, wait_timeout, watchdog, echo_from)
 
 
-def _run_jobs(sched, base: List[str], n: int, env, master_log: str, wait_timeout: Optional[float],
+def _run_jobs(sched, cmd: Dict[str, List[str]], n: int, env, master_log: str, wait_timeout: Optional[float],
               watchdog: Optional[wd.HeartbeatWatchdog] = None, echo_from: int = 0) -> None:
     try:
-        sched.submit_array("model_worker", base[:4] + ["-w", "model_worker"] + base[4:], count=n, env=env)
-        sched.submit_array("master_worker", base[:4] + ["-w", "master_worker"] + base[4:], count=1, env=env)
+        sched.submit_array("model_worker", cmd["model_worker"], count=n, env=env)
+        sched.submit_array("master_worker", cmd["master_worker"], count=1, env=env)
         _wait_and_echo(sched, master_log, wait_timeout, watchdog=watchdog, start_pos=echo_from)
     except sched_client.JobException as e:
         if isinstance(e, wd.RunStopped) and e.worker_index is not None:
@@ -238,7 +255,7 @@ def main_start(config: Any) -> int:
 
     exp, trial = config.experiment_name, config.trial_name
     try:
-        cfg = config.initial_setup()
+        cfg = apply_common_options(config.initial_setup(), config)
     except (DatasetFormatError, GraphError, ExperimentConfigError) as e:
         # Refused before any worker starts, in one line.
         print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
@@ -247,7 +264,8 @@ def main_start(config: Any) -> int:
         launch(cfg, exp, trial, mode=getattr(config, "mode", "local"),
                recover_mode=getattr(config, "recover_mode", "disabled"),
                recover_retries=getattr(config, "recover_retries", 1), user_modules=user_modules_of_this_run(),
-               heartbeat_timeout_s=getattr(config, "heartbeat_timeout_s", wd.DEFAULT_STALE_AFTER_S))
+               heartbeat_timeout_s=getattr(config, "heartbeat_timeout_s", wd.DEFAULT_STALE_AFTER_S),
+               debug=getattr(config, "debug", True))
     except trial_files.LaunchRefused as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,6 +36,7 @@ from realhf.api.core.model_api import FinetuneSpec
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.base import constants, logging, timeutil
 from realhf.system.model_worker import data_head_ranks, source_rpc
+from realhf.system.stats_sinks import TensorboardSink, make_wandb_sink
 from realhf.system.trial_files import describe_layouts
 from realhf.system.watchdog import check_finite_stats
 
@@ -91,6 +92,7 @@ class MasterCore:
         self.save_recover_states = save_recover_states
         self.resume = resume  # load the state in recover_dir (False: recover_dir is only written)
         self.history: List[StepLog] = []
+        self.cache_clears: List[int] = []  # global steps after which workers emptied their CUDA cache
 
     # ----------------------------------------------------------------- layout
     def _dp_ranks(self, name: ModelName) -> List[List[int]]:
@@ -335,6 +337,10 @@ class MasterCore:
                 self.save()
             if self.save_recover_states and self.recover_dir:
                 self.dump_recover()
+            freq = getattr(self.cfg, "cache_clear_freq", None)
+            if freq and done % freq == 0:
+                self.t.call_all("empty_cache")
+                self.cache_clears.append(done)
         return self.history
 
     def _write_stats(self, log: StepLog, eta: float) -> None:
@@ -343,31 +349,24 @@ class MasterCore:
         rec["eta_s"] = eta
         self._append_stats(rec)
 
-    def _tensorboard(self):
-        """A SummaryWriter under ``<log dir>/tensorboard`` when the tensorboard package is installed."""
-        if not hasattr(self, "_tb"):
-            self._tb = None
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+    def _sinks(self) -> List[Any]:
+        """Tensorboard (when installed) and wandb (``cfg.wandb_mode``), created on first use."""
+        if not hasattr(self, "_stat_sinks"):
+            log_dir = constants.get_log_path(self.exp, self.trial)
+            wandb = make_wandb_sink(getattr(self.cfg, "wandb_mode", "disabled"), self.exp, self.trial, log_dir)
+            self._stat_sinks = [TensorboardSink(log_dir)] + ([wandb] if wandb is not None else [])
+        return self._stat_sinks
 
-                self._tb = SummaryWriter(os.path.join(constants.get_log_path(self.exp, self.trial), "tensorboard"))
-            except ImportError:
-                logger.info("tensorboard is not installed; step statistics go to stats.jsonl only.")
-        return self._tb
+    def close(self) -> None:
+        for sink in getattr(self, "_stat_sinks", []):
+            if hasattr(sink, "close"):
+                sink.close()
 
     def _append_stats(self, rec: Dict[str, Any]) -> None:
         import json
 
-        tb = self._tensorboard()
-        if tb is not None:
-            groups = rec.get("stats") or {f"eval/{k}": v for k, v in rec.get("eval", {}).items()}
-            for call, stats in groups.items():
-                for k, v in stats.items():
-                    tb.add_scalar(f"{call}/{k}", v, rec["global_step"])
-            if "seconds" in rec:
-                tb.add_scalar("step/seconds", rec["seconds"], rec["global_step"])
-                tb.add_scalar("step/tokens_per_s", rec["n_tokens"] / max(rec["seconds"], 1e-9), rec["global_step"])
-            tb.flush()
+        for sink in self._sinks():
+            sink.log(rec)
 
         d = constants.get_log_path(self.exp, self.trial)
         os.makedirs(d, exist_ok=True)
@@ -435,7 +434,10 @@ class MasterWorker(Worker):
                                resume=bool(config.get("resume", True)))
 
     def _poll(self) -> PollResult:
-        self.core.run()
+        try:
+            self.core.run()
+        finally:
+            self.core.close()
         self.stream.call_all("exit")
         raise WorkerExit()
 

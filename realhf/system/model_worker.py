@@ -18,7 +18,8 @@ Handlers (``handle(name, data)``):
   where they are produced; dp heads return output metadata and stats;
 * ``hook`` -> parameter reallocation / offload hooks;
 * ``evaluate`` / ``save`` -> the interface's evaluate / save;
-* ``clear`` -> forget items; ``state`` / ``load_state`` -> recovery states.
+* ``clear`` -> forget items; ``state`` / ``load_state`` -> recovery states;
+* ``empty_cache`` -> ``torch.cuda.empty_cache()`` (every ``cache_clear_freq`` steps).
 
 Calls that are collective (mfc over a model's mesh, transfer, hooks) are
 sent to every worker; ranks without a part return at once.
@@ -106,6 +107,7 @@ class ModelWorkerCore:
             "spec": self._spec, "initialize": self._initialize, "fetch": self._fetch, "transfer": self._transfer,
             "mfc": self._mfc, "hook": self._hook, "evaluate": self._evaluate, "save": self._save,
             "clear": self._clear, "state": self._state, "load_state": self._load_state, "ping": lambda d: "pong",
+            "empty_cache": self._empty_cache,
         }
 
     # ------------------------------------------------------------------ setup
@@ -319,6 +321,13 @@ class ModelWorkerCore:
         flag = torch.tensor([0.0 if ok else 1.0], device=dev)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item() == 0)
+
+    def _empty_cache(self, _: Any) -> bool:
+        """Return cached CUDA blocks to the driver (fragmentation builds up over steps); False on CPU."""
+        if self.spec.device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            return True
+        return False
 
     def _clear(self, ids: Sequence[Any]) -> None:
         for i in ids:

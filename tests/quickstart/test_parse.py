@@ -117,9 +117,9 @@ def test_builtin_sft_can_be_replaced():
 
 
 def test_string_fields_kept_verbatim(good_overrides):
-    cfg = parse_quickstart("sft", good_overrides + ["trial_name=0012", "experiment_name=1e3", "partition=yes", "wandb_mode='offline'"])
+    cfg = parse_quickstart("sft", good_overrides + ["trial_name=0012", "experiment_name=1e3", "partition=yes", "wandb_mode='disabled'"])
     assert cfg.trial_name == "0012" and cfg.experiment_name == "1e3" and cfg.partition == "yes"
-    assert cfg.wandb_mode == "offline"
+    assert cfg.wandb_mode == "disabled"  # quotes stripped
     # (not validated: a nodelist of other machines is refused in mode=local)
     cfg = parse_quickstart("sft", good_overrides + ["image_name=null", "nodelist=NODE[01]"], validate=False)
     assert cfg.image_name is None and cfg.nodelist == "NODE[01]"

@@ -113,6 +113,10 @@ class ExperimentConfig:
     :param model_worker: one entry per device, index = global rank.
     :param exp_ctrl: save / evaluation / stop schedule.
     :param dataset_keys: keys the datasets provide (checked against the graph).
+    :param cache_clear_freq: model workers empty the CUDA cache every N steps
+        (None = never; nothing to do on CPU).
+    :param wandb_mode: "online" or "offline" also logs step statistics to wandb;
+        "disabled" does not.
     """
 
     exp_ctrl: ExperimentSaveEvalControl
@@ -120,6 +124,8 @@ class ExperimentConfig:
     model_worker: List[ModelWorker]
     dataset_keys: Optional[List[str]] = None
     seed: int = 1
+    cache_clear_freq: Optional[int] = None
+    wandb_mode: str = "disabled"
 
     def __post_init__(self):
         if not self.model_worker:

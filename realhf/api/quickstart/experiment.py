@@ -78,12 +78,14 @@ class CommonExperimentConfig:
         "ray" or "slurm".
     :param debug: False runs workers with ``python -O`` (asserts off).
     :param partition: Slurm partition.
-    :param wandb_mode: "online", "offline" or "disabled".
+    :param wandb_mode: "online", "offline" or "disabled"; the first two also log
+        the step statistics (as in tensorboard) to wandb, which must be installed.
     :param image_name: Slurm container image override.
     :param recover_mode: "auto", "save", "resume" or "disabled".
     :param recover_retries: relaunches in "auto" recover mode.
-    :param ignore_worker_error: keep going when a worker fails (recover_mode
-        must be "disabled").
+    :param ignore_worker_error: not supported (True is refused): a failed worker
+        leaves its shards and collectives in an unknown state, so the run stops;
+        ``recover_mode=auto`` restarts it from the last recover state.
     :param allocation_mode: see :mod:`realhf.api.quickstart.allocation`.
     :param allocation_use_cache: reuse a cached searched allocation.
     :param n_nodes: number of nodes ("local" needs 1).
@@ -167,6 +169,15 @@ class CommonExperimentConfig:
             raise ConfigError(
                 f"ignore_worker_error=True needs recover_mode='disabled', got recover_mode={self.recover_mode!r}."
             )
+        if self.ignore_worker_error:
+            raise ConfigError(
+                "ignore_worker_error=True is not supported: a failed worker leaves its model shards and "
+                "collectives in an unknown state, so the run stops; use recover_mode=auto to restart it "
+                "from the last recover state."
+            )
+        if self.wandb_mode != "disabled" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"wandb_mode={self.wandb_mode!r} needs the wandb package (pip install wandb); "
+                              "or use wandb_mode=disabled.")
         check_positive_int("n_nodes", self.n_nodes)
         check_positive_int("n_gpus_per_node", self.n_gpus_per_node)
         check_range("seed", self.seed, 0)
