@@ -78,7 +78,7 @@ def test_resume_without_a_recover_state_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_needs_the_saved_layout_and_keeps_the_log(tmp_path):
+def test_resume_needs_the_saved_layout_and_keeps_the_log_save_starts_fresh(tmp_path):
     exp, trial = "files-layout", "t"
     logs = _dir(tmp_path, "logs", exp, trial)
     res = _run(tmp_path, exp, trial, *TWO, "recover_mode=save", "exp_ctrl.benchmark_steps=1")
@@ -93,6 +93,11 @@ def test_resume_needs_the_saved_layout_and_keeps_the_log(tmp_path):
     assert "global step 2/2" in res.stdout and "global step 1/2" not in res.stdout
     assert _steps(logs) == [1, 2]  # the resumed run continues the same log
     assert not [d for d in os.listdir(logs) if d.startswith("previous-")]
+    # recover_mode=save only writes recover states: a rerun starts from step 1 with a fresh log.
+    res = _run(tmp_path, exp, trial, *TWO, "recover_mode=save", "exp_ctrl.benchmark_steps=2")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "global step 1/2" in res.stdout and _steps(logs) == [1, 2]
+    assert len([d for d in os.listdir(logs) if d.startswith("previous-")]) == 1
 
 
 @pytest.mark.parametrize("where", ["fileroot", "checkpoints"])
