@@ -70,3 +70,27 @@ def test_non_finite_training_stats(stats, bad):
     with pytest.raises(FatalError) as e:
         wd.check_finite_stats("trainDefault", stats, 3, 1, 3)
     assert str(e.value).startswith(f"trainDefault produced non-finite {bad} at global step 3 (epoch 1 step 3)")
+
+
+def test_model_worker_refuses_to_save_non_finite_parameters(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from realhf.api.core.config import ModelName
+    from realhf.base import constants
+    from realhf.system.model_worker import ModelWorkerCore
+
+    name = ModelName("default", 0)
+    net = torch.nn.Linear(2, 2)
+    saved = []
+    core = ModelWorkerCore.__new__(ModelWorkerCore)
+    core.models = {name: SimpleNamespace(module=net)}
+    core.interfaces = {"train": SimpleNamespace(save=lambda model, d: saved.append(d))}
+    monkeypatch.setattr(constants, "parallelism_group", lambda: None)  # one process, no group
+    core._save({"model_name": name, "rpc": "train", "save_dir": str(tmp_path / "ok")})
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    with pytest.raises(FatalError, match=r"^model default: parameters contain NaN or inf; checkpoint .*bad was not"):
+        core._save({"model_name": name, "rpc": "train", "save_dir": str(tmp_path / "bad")})
+    assert saved == [str(tmp_path / "ok")]
