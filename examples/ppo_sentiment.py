@@ -178,11 +178,10 @@ class MyPPOConfig(PPOConfig):
             args=dict(output_scaling=self.ppo.reward_output_scaling, output_bias=self.ppo.reward_output_bias))
         inf_reward_rpc.post_hooks = []
         # Beyond the plain replacement: score only the answer. actor_gen writes
-        # prompt_mask, so the reward call may read it; resolve() rebuilds the
-        # dataflow graph after the edit of its input keys.
+        # prompt_mask, so the reward call may read it (the launcher rebuilds the
+        # dataflow graph from the edited calls).
         if "prompt_mask" not in inf_reward_rpc.input_keys:
             inf_reward_rpc.input_keys = list(inf_reward_rpc.input_keys) + ["prompt_mask"]
-        cfg.resolve()
         return cfg
 
 

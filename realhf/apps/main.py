@@ -125,9 +125,13 @@ def worker_command(worker_type: str, exp: str, trial: str, user_modules: Sequenc
 
 
 def apply_common_options(cfg: ExperimentConfig, config: Any) -> ExperimentConfig:
-    """Copy the quickstart options the runtime acts on (``cache_clear_freq``, ``wandb_mode``) onto ``cfg``."""
+    """Copy the quickstart options the runtime acts on (``cache_clear_freq``, ``wandb_mode``) onto ``cfg``
+    and resolve it (graph and layouts) as it will run."""
     cfg.cache_clear_freq = getattr(config, "cache_clear_freq", None)
     cfg.wandb_mode = getattr(config, "wandb_mode", "disabled")
+    # A customized initial_setup() may have edited calls, keys or shards after
+    # the base class resolved them: the graph and layouts are rebuilt here.
+    cfg.resolve()
     return cfg
 
 
