@@ -87,6 +87,7 @@ BAD = [
     ("ppo-cuda-graph", "ppo", ["ppo.gen.use_cuda_graph=True"], ["ppo.gen.use_cuda_graph=True"]),
     ("mesh-foreign-host", "sft", ["n_gpus_per_node=2", "allocation_mode=manual", "allocation.device_mesh=gpu-node-7:0"],
      ["allocation.device_mesh='gpu-node-7:0'", "mode='local'", "localhost"]),
+    ("size-mismatch", "sft", ["model.type.size=13"], ["model.type.size=13", "0.00134B parameters", "or 0"]),
     ("nodelist-foreign", "sft", ["nodelist=NODE[01-02]"], ["nodelist='NODE[01-02]'", "NODE01", "mode='local'"]),
 ]
 
@@ -140,3 +141,10 @@ def test_local_host_names_accepted(good_overrides):
         cfg = parse_quickstart("sft", good_overrides + [
             "allocation_mode=manual", f"allocation.device_mesh={host}:1", f"nodelist={host}"])
         assert cfg.resolved_allocations()["trainDefault"].device_mesh == f"{host}:1"
+
+
+def test_model_size_matching_checkpoint_accepted(good_overrides):
+    from realhf.api.quickstart.entrypoint import parse_quickstart
+
+    for size in (0, 1, 7):  # unspecified, right order for a tiny model, the default placeholder
+        assert parse_quickstart("sft", good_overrides + [f"model.type.size={size}"]).model.type.size == size

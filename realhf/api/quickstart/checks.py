@@ -58,4 +58,43 @@ def check_seqlen_fits(length_key: str, length: int, model_key: str, model: Model
         )
 
 
-__all__ = ["check_batch_covers_dp", "check_language_model", "check_prompt_room", "check_seqlen_fits"]
+DEFAULT_SIZE = 7  # the reference's placeholder default of ``type.size``: not checked
+
+
+def checkpoint_billions(real_config) -> float:
+    """Parameters of a model config, in billions (embedding, blocks and head)."""
+    from realhf.impl.model.nn.flat_param import stage_param_shapes
+
+    n = 0
+    for _, shape in stage_param_shapes(real_config, range(real_config.n_layers + 2)):
+        k = 1
+        for d in shape:
+            k *= int(d)
+        n += k
+    return n / 1e9
+
+
+def check_model_size(key: str, model: ModelTrainEvalConfig) -> None:
+    """A ``type.size`` other than 0 (unspecified) or the default must match the checkpoint.
+
+    Allowed: within 50% of the checkpoint's parameter count in billions, or
+    within 1 for models under 2B parameters.
+    """
+    size = model.type.size
+    if size in (0, DEFAULT_SIZE):
+        return
+    try:
+        real = load_real_config(model)
+    except Exception:  # noqa: BLE001 - a family mismatch is reported by resolved_allocations
+        return
+    if real is None:
+        return
+    b = checkpoint_billions(real)
+    if abs(size - b) > max(1.0, 0.5 * b):
+        raise ConfigError(
+            f"{join_key(key, 'type.size')}={size} does not match the checkpoint at {join_key(key, 'path')}, which has "
+            f"{b:.3g}B parameters; set it to about {max(round(b), 0)} (billions) or 0 (unspecified)."
+        )
+
+
+__all__ = ["check_batch_covers_dp", "check_model_size", "check_language_model", "check_prompt_room", "check_seqlen_fits"]

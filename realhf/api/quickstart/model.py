@@ -102,7 +102,8 @@ class ModelTrainEvalConfig:
     """One model of an experiment: its family, checkpoint, precision and optimizer.
 
     :param type: model family (``type._class`` e.g. "llama"), size in billions
-        (``type.size``, only used by allocation heuristics) and head
+        (``type.size``: 0 = unspecified; other than 0 or the default 7 it must
+        match the checkpoint's parameter count, see ``checks.check_model_size``) and head
         (``type.is_critic``: scalar value head instead of the LM head).
     :param backend: "train" (default), "megatron" (alias of "train") or
         "deepspeed" (refused: not available).
@@ -193,6 +194,9 @@ class ModelTrainEvalConfig:
                 )
             if not os.path.isdir(self.path):
                 raise ConfigError(f"{k('path')}={self.path!r} is not an existing local directory.")
+            from realhf.api.quickstart.checks import check_model_size
+
+            check_model_size(prefix, self)
 
     def backend_args(self) -> Dict[str, Any]:
         """Keyword arguments of the "train" backend (``TrainEngine``) for this model."""
