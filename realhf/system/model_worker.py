@@ -241,7 +241,7 @@ class ModelWorkerCore:
             last_stage = constants.is_last_pipe_stage()
             sample = self._input(rpc, data["ids"][d])
             model, iface = self.models[name], self.interfaces[rpc.name]
-            mb_spec = MicroBatchSpec(n_mbs=rpc.n_mbs or 1)
+            mb_spec = MicroBatchSpec(n_mbs=rpc.n_mbs or 1, max_tokens_per_mb=rpc.max_tokens_per_mb)
             kind = rpc.interface_type
             if kind == ModelInterfaceType.TRAIN_STEP:
                 out = iface.train_step(model, sample, mb_spec)

@@ -91,6 +91,8 @@ class MFCDef:
         keys and the interface's (graph key -> interface key for inputs,
         interface key -> graph key for outputs).
     :param n_mbs: micro-batches per call (None: one, or the pipeline default).
+    :param max_tokens_per_mb: token budget of one micro-batch (None: no budget); with it the
+        call uses at least as many micro-batches as the budget needs.
     :param balanced_dp: equal numbers of sequences per dp rank (else token-balanced).
     :param log_return_value: log the call's returned statistics.
     :param pre_hooks / post_hooks: hooks run before / after the call.
@@ -106,6 +108,7 @@ class MFCDef:
     output_keys: Sequence[str] = ()
     output_key_remap: Dict[str, str] = dataclasses.field(default_factory=dict)
     n_mbs: Optional[int] = None
+    max_tokens_per_mb: Optional[int] = None
     balanced_dp: bool = False
     log_return_value: bool = False
     model_type: Optional[ModelFamily] = None
@@ -129,6 +132,10 @@ class MFCDef:
             raise GraphError(f"MFC {self.name}: n_seqs must be a positive int, got {self.n_seqs!r}.")
         if self.n_mbs is not None and (not isinstance(self.n_mbs, int) or self.n_mbs < 1):
             raise GraphError(f"MFC {self.name}: n_mbs must be None or a positive int, got {self.n_mbs!r}.")
+        if self.max_tokens_per_mb is not None and (not isinstance(self.max_tokens_per_mb, int)
+                                                   or self.max_tokens_per_mb < 1):
+            raise GraphError(f"MFC {self.name}: max_tokens_per_mb must be None or a positive int, "
+                             f"got {self.max_tokens_per_mb!r}.")
         self.input_keys = tuple(self.input_keys)
         self.output_keys = tuple(self.output_keys)
         for k in self.input_key_remap:

@@ -242,7 +242,7 @@ class PPOConfig(CommonExperimentConfig):
 
         def on(call, ranks):
             mesh = None if host is None or len(ranks) == n else f"{host}:" + ",".join(map(str, ranks))
-            return MFCConfig(n_mbs=getattr(self, call).n_mbs,
+            return MFCConfig(n_mbs=getattr(self, call).n_mbs, max_tokens_per_mb=getattr(self, call).max_tokens_per_mb,
                              parallel=ParallelismConfig(data_parallel_size=len(ranks)), device_mesh=mesh)
 
         every = list(range(n))

@@ -215,7 +215,9 @@ def check_parallel_fits(parallel: ParallelismConfig, real_config: Any, key: str)
 
 def _with_n_mbs(parallel: ParallelismConfig, base: Optional[MFCConfig], sp: bool) -> MFCConfig:
     p = dataclasses.replace(parallel, use_sequence_parallel=sp)
-    return MFCConfig(n_mbs=base.n_mbs if base is not None else None, parallel=p, device_mesh=None)
+    return MFCConfig(n_mbs=base.n_mbs if base is not None else None,
+                     max_tokens_per_mb=base.max_tokens_per_mb if base is not None else None, parallel=p,
+                     device_mesh=None)
 
 
 def resolve_allocations(

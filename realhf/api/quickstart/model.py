@@ -283,17 +283,21 @@ class MFCConfig:
     """Allocation of one model function call (MFC).
 
     :param n_mbs: number of micro-batches (None: the runtime's default).
+    :param max_tokens_per_mb: token budget of one micro-batch (None: none); the call then uses at
+        least as many micro-batches as the budget needs (a sequence longer than it is an error).
     :param parallel: its 3D layout.
     :param device_mesh: where it runs: None (the whole cluster), a nodelist of
         whole nodes (``NODE[01-02]``) or ``host:i,j,...`` for devices of one node.
     """
 
     n_mbs: Optional[int] = None
+    max_tokens_per_mb: Optional[int] = None
     parallel: ParallelismConfig = dataclasses.field(default_factory=ParallelismConfig)
     device_mesh: Optional[str] = None
 
     def validate(self, prefix: str = "allocation") -> None:
         check_positive_int(join_key(prefix, "n_mbs"), self.n_mbs, allow_none=True)
+        check_positive_int(join_key(prefix, "max_tokens_per_mb"), self.max_tokens_per_mb, allow_none=True)
         self.parallel.validate(join_key(prefix, "parallel"))
 
 

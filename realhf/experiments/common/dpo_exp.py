@@ -41,14 +41,16 @@ def build(cfg: DPOConfig) -> sa.ExperimentConfig:
     ref_inf = dfg.MFCDef("ref_inf", n_seqs=ds.train_bs_n_seqs, interface_type=ModelInterfaceType.INFERENCE,
                          interface_impl=dfg.ModelInterface("dpo", args=dict(beta=cfg.beta, enable_save=False)),
                          model_name=ref, input_keys=["packed_input_ids", "prompt_lens"],
-                         output_keys=["seqlogp"], n_mbs=allocs["ref_inf"].n_mbs)
+                         output_keys=["seqlogp"], n_mbs=allocs["ref_inf"].n_mbs,
+                         max_tokens_per_mb=allocs["ref_inf"].max_tokens_per_mb)
     if set(a_ranks) & set(r_ranks):
         ref_inf.post_hooks.append(dfg.OffloadHook())  # the frozen reference shares devices
     actor_train = dfg.MFCDef("actor_train", n_seqs=ds.train_bs_n_seqs,
                              interface_type=ModelInterfaceType.TRAIN_STEP,
                              interface_impl=dfg.ModelInterface("dpo", args=dict(beta=cfg.beta, enable_save=True)),
                              model_name=actor, input_keys=["packed_input_ids", "seqlogp", "prompt_lens"],
-                             n_mbs=allocs["actor_train"].n_mbs, log_return_value=True)
+                             n_mbs=allocs["actor_train"].n_mbs,
+                             max_tokens_per_mb=allocs["actor_train"].max_tokens_per_mb, log_return_value=True)
     return sa.ExperimentConfig(utils.exp_ctrl(cfg.exp_ctrl), [ref_inf, actor_train], workers,
                                dataset_keys=["packed_input_ids", "prompt_lens"], seed=cfg.seed)
 

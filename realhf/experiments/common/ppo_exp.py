@@ -128,6 +128,7 @@ def build(cfg: PPOConfig) -> sa.ExperimentConfig:
         name = replica[call]
         rpc = dfg.MFCDef(call, n_seqs=ds.train_bs_n_seqs, interface_type=kind, interface_impl=iface[name.role],
                          model_name=name, input_keys=ins, output_keys=outs, n_mbs=allocs[call].n_mbs,
+                         max_tokens_per_mb=allocs[call].max_tokens_per_mb,
                          balanced_dp=call == "actor_gen", log_return_value=kind == ModelInterfaceType.TRAIN_STEP)
         train_replica = ModelName(name.role, 0)
         if name.role in TRAIN_CALL and name != train_replica:

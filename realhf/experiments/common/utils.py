@@ -103,6 +103,6 @@ def single_model_training(exp, rpc_name: str, dataset_type: str, data_args: Dict
     workers = workers_from_shards(exp.n_workers, shards, exp.seed, [train], exp.model.path, device())
     rpc = dfg.MFCDef(rpc_name, n_seqs=ds.train_bs_n_seqs, interface_type=ModelInterfaceType.TRAIN_STEP,
                      interface_impl=dfg.ModelInterface(interface), model_name=name, input_keys=list(input_keys),
-                     n_mbs=alloc.n_mbs, log_return_value=True)
+                     n_mbs=alloc.n_mbs, max_tokens_per_mb=alloc.max_tokens_per_mb, log_return_value=True)
     return sa.ExperimentConfig(exp_ctrl(exp.exp_ctrl), [rpc], workers, dataset_keys=list(dataset_keys),
                                seed=exp.seed)
