@@ -35,6 +35,7 @@ INSTALL_REQUIRES = [
     "psutil",
     "omegaconf>=2.3",
     "hydra-core>=1.3",
+    "tensorboard",  # step and eval statistics as event files under <log dir>/tensorboard
 ]
 
 EXTRAS_REQUIRE = {
