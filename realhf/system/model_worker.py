@@ -140,7 +140,11 @@ class ModelWorkerCore:
             tok = self.models[src.model_name].tokenizer or self.spec.tokenizer_name_or_path
             self.dataset = make_dataset(self.spec.datasets[0], cfg.seed, 0, 1, tok,
                                         self.experiment_name, self.trial_name)
-            self.loader = PackedDataLoader(self.dataset, batch_size=src.n_seqs, shuffle=True, seed=cfg.seed)
+            # Each batch is split over the dp ranks of every call: a trailing batch
+            # smaller than the largest dp size is skipped (every rank needs an item).
+            max_dp = max(cfg.model_layouts[r.model_name].topology.get_dim("data") for r in cfg.model_rpcs)
+            self.loader = PackedDataLoader(self.dataset, batch_size=src.n_seqs, shuffle=True, seed=cfg.seed,
+                                           min_last_batch=max_dp)
         for shard in self.spec.shards:
             if shard.eval_dataset is not None:
                 name = shard.id.model_name
@@ -158,8 +162,8 @@ class ModelWorkerCore:
 
     # --------------------------------------------------------------- handlers
     def _spec(self, _: Any) -> Optional[int]:
-        # Every head holds the whole dataset; head 0 reports its size.
-        return None if self.dataset is None or self.head_index != 0 else len(self.dataset)
+        # Every head holds the whole dataset; head 0 reports the items of one epoch.
+        return None if self.dataset is None or self.head_index != 0 else self.loader.items_per_epoch()
 
     def _initialize(self, data: Dict[str, Any]) -> None:
         name, ft_spec = data["model_name"], data["ft_spec"]

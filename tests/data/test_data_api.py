@@ -156,6 +156,18 @@ def test_loader_drop_last_and_eval_order():
     assert epoch_ids(ev) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
+def test_loader_skips_a_trailing_batch_smaller_than_min_last_batch():
+    ds = SampleDataset(11)
+    # 11 = 4 + 4 + 3: a last batch of 3 feeds 3 data-parallel ranks, not 4.
+    assert [b.bs for b in PackedDataLoader(ds, batch_size=4, min_last_batch=3)] == [4, 4, 3]
+    loader = PackedDataLoader(ds, batch_size=4, seed=2, min_last_batch=4)
+    assert loader.items_per_epoch() == 8 and len(loader) == 2
+    first, second = epoch_ids(loader), epoch_ids(loader)
+    assert [len(b) for b in first] == [4, 4] and [len(b) for b in second] == [4, 4]
+    assert first != second and loader.epoch == 2  # each epoch skips other items of its own order
+    assert PackedDataLoader(SampleDataset(12), batch_size=4, min_last_batch=4).items_per_epoch() == 12
+
+
 @pytest.mark.parametrize("stop_after", [0, 2, 4, 5, 7])
 def test_loader_resumes_exactly(stop_after):
     ds = SampleDataset(17)

@@ -58,8 +58,6 @@ BAD = [
     # data smaller than the data-parallel size
     ("sft-train-fewer-than-dp", "sft", DP2 + ["dataset.train_path={tmp}/one-sft.jsonl"],
      ["dataset.train_path=", "one-sft.jsonl", "1 usable sample", "data-parallel size 2"]),
-    ("sft-last-batch-below-dp", "sft", DP2 + ["dataset.train_path={tmp}/three-sft.jsonl", "dataset.train_bs_n_seqs=2"],
-     ["three-sft.jsonl", "3 usable samples", "last batch", "holds 1", "data-parallel size 2"]),
     ("sft-valid-fewer-than-dp", "sft", DP2 + ["dataset.valid_path={tmp}/one-sft.jsonl"],
      ["dataset.valid_path=", "one-sft.jsonl", "1 sample", "data-parallel size 2"]),
     ("ppo-prompts-fewer-than-dp", "ppo", DP2 + ["dataset.path={tmp}/one-prompt.jsonl"],
@@ -95,7 +93,6 @@ BAD = [
 @pytest.fixture
 def small_data(tmp_path):
     _records_file(tmp_path, "one-sft.jsonl", "sft-train.jsonl", 1)
-    _records_file(tmp_path, "three-sft.jsonl", "sft-train.jsonl", 3)
     _records_file(tmp_path, "one-prompt.jsonl", "prompt-train.jsonl", 1)
     return str(tmp_path)
 

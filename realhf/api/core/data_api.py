@@ -670,7 +670,9 @@ class PackedDataLoader:
     """
 
     def __init__(self, dataset: Any, batch_size: int = 1, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False):
+                 drop_last: bool = False, min_last_batch: int = 1):
+        """``min_last_batch``: a trailing partial batch with fewer items is skipped (a batch
+        split over ``k`` data-parallel ranks needs at least ``k`` items)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.dataset = dataset
@@ -678,6 +680,7 @@ class PackedDataLoader:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_last = drop_last
+        self.min_last_batch = max(1, int(min_last_batch))
         self._epoch = 0
         self._offset = 0
 
@@ -692,7 +695,12 @@ class PackedDataLoader:
 
     def _num_items_per_epoch(self) -> int:
         n = len(self.dataset)
-        return n - n % self.batch_size if self.drop_last else n
+        rest = n % self.batch_size
+        return n - rest if self.drop_last or rest < self.min_last_batch else n
+
+    def items_per_epoch(self) -> int:
+        """Items one epoch yields (the dataset less a skipped trailing batch)."""
+        return self._num_items_per_epoch()
 
     def __len__(self) -> int:
         return math.ceil(self._num_items_per_epoch() / self.batch_size)

@@ -3,8 +3,9 @@
 The model workers read the training set whole (every data head, in batches
 of ``train_bs_n_seqs``) and shard an evaluation set over the data-parallel
 ranks of the model that evaluates it. Each batch is split over the
-data-parallel ranks of every call that consumes it, so every batch (the last,
-partial one of an epoch included) must hold at least one sequence per rank.
+data-parallel ranks of every call that consumes it, so every batch must hold
+at least one sequence per rank (a trailing batch with fewer is skipped, and
+said so here).
 The errors name the config key, the file, its sample count and the sizes.
 """
 
@@ -65,13 +66,12 @@ def check_datasets(train: sa.Dataset, tokenizer_path: str, seed: int, *, train_k
         )
     last = n % batch_size
     if 0 < last < dp:
-        ok = [b for b in range(dp, min(n, batch_size * 2) + 1) if n % b == 0 or n % b >= dp]
-        hint = f" (e.g. {batch_key}={min(ok, key=lambda b: abs(b - batch_size))})" if ok else ""
-        raise ExperimentConfigError(
+        from realhf.base import logging
+
+        logging.getLogger("data_checks").warning(
             f"{train_key}={path!r} has {n} usable samples, so with {batch_key}={batch_size} the last batch of "
-            f"each epoch holds {last}, fewer than the data-parallel size {dp} of MFC {dp_mfc!r}; choose "
-            f"{batch_key} so that the remainder is 0 or at least {dp}{hint}."
-        )
+            f"each epoch would hold {last}, fewer than the data-parallel size {dp} of MFC {dp_mfc!r}; those "
+            f"{last} samples are skipped each epoch (a different {batch_key} keeps them).")
     if valid is None:
         return
     vpath = valid.args.get("dataset_path")
