@@ -55,6 +55,9 @@ BAD = [
      ["dataset.max_prompt_len=1024", "n_positions=1024", "at most 1023"]),
     ("gen-prompt-fills-context", "gen", ["dataset.max_prompt_len=4096"],
      ["dataset.max_prompt_len=4096", "at most 1023"]),
+    # a token budget below the longest sequence (sequences are never split)
+    ("sft-budget-below-seqlen", "sft", ["dataset.max_seqlen=128", "allocation.max_tokens_per_mb=64"],
+     ["allocation.max_tokens_per_mb=64", "longest sequence", "dataset.max_seqlen", "at least 128"]),
     # data smaller than the data-parallel size
     ("sft-train-fewer-than-dp", "sft", DP2 + ["dataset.train_path={tmp}/one-sft.jsonl"],
      ["dataset.train_path=", "one-sft.jsonl", "1 usable sample", "data-parallel size 2"]),
@@ -145,3 +148,19 @@ def test_model_size_matching_checkpoint_accepted(good_overrides):
 
     for size in (0, 1, 7):  # unspecified, right order for a tiny model, the default placeholder
         assert parse_quickstart("sft", good_overrides + [f"model.type.size={size}"]).model.type.size == size
+
+
+def test_ppo_token_budget_counts_prompt_and_answer():
+    """PPO's training and inference calls see prompt + answer; generation sees the prompt."""
+    import realhf.experiments  # noqa: F401  (registers ppo)
+    from realhf.api.quickstart import ConfigError
+    from realhf.api.quickstart.entrypoint import parse_quickstart
+
+    base = ["experiment_name=a", "trial_name=b", "n_gpus_per_node=1", "allocation_mode=manual", *BASE["ppo"],
+            "dataset.max_prompt_len=64", "ppo.gen.max_new_tokens=32"]
+    cfg = parse_quickstart("ppo", base + ["actor_gen.max_tokens_per_mb=64", "critic_inf.max_tokens_per_mb=96"])
+    assert cfg.resolved_allocations()["critic_inf"].max_tokens_per_mb == 96
+    with pytest.raises(ConfigError, match=r"critic_inf\.max_tokens_per_mb=95 .*96 tokens"):
+        parse_quickstart("ppo", base + ["critic_inf.max_tokens_per_mb=95"])
+    with pytest.raises(ConfigError, match=r"actor_gen\.max_tokens_per_mb=63 .*at least 64"):
+        parse_quickstart("ppo", base + ["actor_gen.max_tokens_per_mb=63"])

@@ -56,6 +56,9 @@ class RWConfig(CommonExperimentConfig):
     def mfc_models(self) -> Dict[str, Tuple[str, ModelTrainEvalConfig]]:
         return {"rwTrain": ("model", self.model)}
 
+    def longest_sequences(self) -> Dict[str, Tuple[int, str]]:
+        return {"rwTrain": (self.dataset.max_seqlen, "dataset.max_seqlen")}
+
     def validate(self, *, check_paths: bool = True) -> None:
         super().validate()
         if self.is_sft_lora or self.sft_lora_path:
@@ -100,6 +103,9 @@ class DPOConfig(CommonExperimentConfig):
     @property
     def mfc_models(self) -> Dict[str, Tuple[str, ModelTrainEvalConfig]]:
         return {"actor_train": ("actor", self.actor), "ref_inf": ("ref", self.ref)}
+
+    def longest_sequences(self) -> Dict[str, Tuple[int, str]]:
+        return {n: (self.dataset.max_seqlen, "dataset.max_seqlen") for n in ("actor_train", "ref_inf")}
 
     def validate(self, *, check_paths: bool = True) -> None:
         super().validate()
@@ -147,6 +153,9 @@ class GenerationConfig(CommonExperimentConfig):
     @property
     def mfc_models(self) -> Dict[str, Tuple[str, ModelTrainEvalConfig]]:
         return {"gen": ("model", self.model)}
+
+    def longest_sequences(self) -> Dict[str, Tuple[int, str]]:
+        return {"gen": (self.dataset.max_prompt_len, "dataset.max_prompt_len")}
 
     def validate(self, *, check_paths: bool = True) -> None:
         super().validate()
@@ -208,6 +217,12 @@ class PPOConfig(CommonExperimentConfig):
         return {"actor_gen": ("actor", self.actor), "actor_train": ("actor", self.actor),
                 "critic_inf": ("critic", self.critic), "critic_train": ("critic", self.critic),
                 "ref_inf": ("ref", self.ref), "rew_inf": ("rew", self.rew)}
+
+    def longest_sequences(self) -> Dict[str, Tuple[int, str]]:
+        prompt = self.dataset.max_prompt_len
+        new = self.ppo.max_new_tokens if self.ppo.max_new_tokens is not None else self.ppo.gen.max_new_tokens
+        full = (prompt + new, "dataset.max_prompt_len + ppo.gen.max_new_tokens")
+        return {n: ((prompt, "dataset.max_prompt_len") if n == "actor_gen" else full) for n in PPO_MFCS}
 
     def validate(self, *, check_paths: bool = True) -> None:
         super().validate()

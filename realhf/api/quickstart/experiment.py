@@ -236,13 +236,31 @@ class CommonExperimentConfig:
                     "the checkpoint?") from None
             if real is not None:
                 model_configs[mfc] = real
-        return resolve_allocations(
+        allocs = resolve_allocations(
             self,
             self.mfc_names,
             train_mfc_names=self.train_mfc_names,
             model_configs=model_configs,
             allocation_keys=self.allocation_keys,
         )
+        self._check_token_budgets(allocs)
+        return allocs
+
+    def longest_sequences(self) -> Dict[str, Tuple[int, str]]:
+        """MFC name -> (tokens of the longest sequence it may get, the keys that bound it)."""
+        return {}
+
+    def _check_token_budgets(self, allocs: Dict[str, MFCConfig]) -> None:
+        """Sequences are never split across micro-batches: a budget below the longest one cannot work."""
+        for mfc, (n, why) in self.longest_sequences().items():
+            budget = allocs[mfc].max_tokens_per_mb if mfc in allocs else None
+            if budget is not None and budget < n:
+                key = self.allocation_keys.get(mfc, mfc)
+                raise ConfigError(
+                    f"{key}.max_tokens_per_mb={budget} is smaller than the longest sequence MFC {mfc!r} may get "
+                    f"({n} tokens: {why}); sequences are never split across micro-batches, so use at least {n} "
+                    "(or null for no budget)."
+                )
 
 
 @dataclasses.dataclass
@@ -273,6 +291,9 @@ class SFTConfig(CommonExperimentConfig):
     @property
     def mfc_models(self) -> Dict[str, Tuple[str, ModelTrainEvalConfig]]:
         return {"trainDefault": ("model", self.model)}
+
+    def longest_sequences(self) -> Dict[str, Tuple[int, str]]:
+        return {"trainDefault": (self.dataset.max_seqlen, "dataset.max_seqlen")}
 
     def validate(self, *, check_paths: bool = True) -> None:
         super().validate()
