@@ -1,0 +1,31 @@
+"""Run a quickstart experiment as a user would (a subprocess on CPU) and find its log directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "realhf", "assets", "models", "tiny-llama")
+DATA = os.path.join(ROOT, "realhf", "assets", "data")
+
+
+def run_quickstart(fileroot: str, exp: str, experiment_name: str, overrides: Sequence[str],
+                   timeout: float = 300) -> Tuple[subprocess.CompletedProcess, str]:
+    """``python -m realhf.apps.quickstart <exp> experiment_name=... trial_name=t <overrides>``
+    with ``REAL_FILEROOT=fileroot``; (the finished process, the trial's log directory)."""
+    from realhf.base import constants
+
+    cmd = [sys.executable, "-m", "realhf.apps.quickstart", exp, f"experiment_name={experiment_name}",
+           "trial_name=t", *overrides]
+    env = dict(os.environ, REAL_FILEROOT=str(fileroot), REAL_FORCE_CPU="1")
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return res, os.path.join(str(fileroot), "logs", constants.get_user(), experiment_name, "t")
+
+
+def tiny_sft(*overrides: str) -> list:
+    """A from-scratch SFT of the tiny llama on the embedded data, plus ``overrides``."""
+    return [f"model.path={TINY}", "model.init_from_scratch=True", f"dataset.train_path={DATA}/sft-train.jsonl",
+            *overrides]
