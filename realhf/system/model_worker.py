@@ -181,6 +181,10 @@ class ModelWorkerCore:
                 self.models[name] = backend.initialize(model, ft_spec)
             else:
                 model.ft_spec = ft_spec
+            if name in self.eval_loaders:
+                for rpc in self.cfg.model_rpcs:
+                    if rpc.model_name == name and rpc.is_train and rpc.name in self.interfaces:
+                        self.interfaces[rpc.name].prepare_evaluation(self.models[name], self.eval_loaders[name])
         return None
 
     def _fetch(self, _: Any) -> Optional[Dict[str, Any]]:

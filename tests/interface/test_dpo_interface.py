@@ -172,6 +172,33 @@ def test_train_step_micro_batches_and_margin_grows():
     assert ev["margin"] > margins[-1] - 1e-3 and ev["acc"] == 1.0 and ev["n_pairs"] == 7
 
 
+def test_evaluation_against_the_initial_policy_as_reference():
+    """A valid set without ``seqlogp``: prepare_evaluation records the starting policy's
+    log-probs (the reference's when both load the same weights) and evaluate scores
+    against them, so the numbers equal those of batches that carry the reference."""
+    config = tiny_config()
+    sd = full_state(config, std=0.2)
+    valid = dpo_batch(config.vocab_size, seed=5, prefix="v")
+    ref_lp = DPOInterface().inference(Model("ref", whole_model(config, sd), tokenizer=None), valid)
+    model = train_model(whole_model(config, sd), lr=1e-2)
+    iface = DPOInterface(beta=0.1, reference_is_initial_policy=True)
+    iface.prepare_evaluation(model, [valid])
+    start = iface.evaluate(model, [valid])
+    assert start["loss"] == pytest.approx(math.log(2.0), rel=1e-6) and abs(start["margin"]) < 1e-6
+    base = dpo_batch(config.vocab_size)
+    base_ref = DPOInterface().inference(Model("ref", whole_model(config, sd), tokenizer=None), base)
+    for _ in range(5):
+        iface.train_step(model, with_ref(base, base_ref.data["seqlogp"]), MicroBatchSpec(n_mbs=2))
+    after = iface.evaluate(model, [valid])
+    explicit = DPOInterface(beta=0.1).evaluate(model, [with_ref(valid, ref_lp.data["seqlogp"])])
+    for k in ("loss", "margin", "acc", "n_pairs"):
+        assert after[k] == pytest.approx(explicit[k], rel=1e-5, abs=1e-6), (k, after, explicit)
+    assert after["margin"] != pytest.approx(0.0, abs=1e-4)
+    # Without the flag the reference is uniform: other numbers.
+    uniform = DPOInterface(beta=0.1).evaluate(model, [valid])
+    assert uniform["margin"] != pytest.approx(after["margin"], abs=1e-4)
+
+
 # ----------------------------------------------------------- dp / tp / pp
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 1, 2)]
 

@@ -212,6 +212,10 @@ class ModelInterface(abc.ABC):
     def save(self, model: Model, save_dir: str) -> None:
         pass
 
+    def prepare_evaluation(self, model: Model, eval_dataloader: Any) -> None:
+        """Called once on every rank of the model's mesh after the model is initialized
+        and before any step (a baseline the later :meth:`evaluate` calls compare with)."""
+
     def evaluate(self, model: Model, eval_dataloader: Any) -> Dict[str, float]:
         return {}
 

@@ -10,14 +10,22 @@ from realhf.api.quickstart.entrypoint import register_quickstart_exp
 from realhf.experiments.common import utils
 
 
+def same_weights(a, b) -> bool:
+    """Whether two model configs load identical weights (same checkpoint and family, or the
+    same from-scratch initialization, which depends only on the config and the seed)."""
+    return (a.path == b.path and a.type._class == b.type._class and a.init_from_scratch == b.init_from_scratch
+            and a.type.is_critic == b.type.is_critic)
+
+
 def build(cfg: DPOConfig) -> sa.ExperimentConfig:
     """The ExperimentConfig of a DPO run: ``ref_inf`` on the frozen reference, then ``actor_train``."""
     allocs = cfg.resolved_allocations()
     ds = cfg.dataset
     train = sa.Dataset("rw_pair", args=dict(dataset_path=ds.train_path, max_length=ds.max_seqlen,
                                             max_pairs_per_prompt=ds.max_pairs_per_prompt))
-    # The valid set is evaluated by the actor (``actor_train``'s interface): pair-mean DPO loss,
-    # margin and accuracy of the policy's log-probs (no reference pass runs on it; see DPOInterface.evaluate).
+    # The valid set is evaluated by the actor (``actor_train``'s interface): pair-mean DPO loss, margin and
+    # accuracy. When ref and actor load the same weights, the actor's valid log-probs before its first step
+    # are the reference's (recorded once); otherwise the reference counts as uniform (DPOInterface.evaluate).
     valid = sa.Dataset("rw_pair", args=dict(dataset_path=ds.valid_path, max_length=ds.max_seqlen,
                                             max_pairs_per_prompt=ds.max_pairs_per_prompt)) if ds.valid_path else None
     from realhf.experiments.common.data_checks import check_datasets, max_dp
@@ -47,7 +55,9 @@ def build(cfg: DPOConfig) -> sa.ExperimentConfig:
         ref_inf.post_hooks.append(dfg.OffloadHook())  # the frozen reference shares devices
     actor_train = dfg.MFCDef("actor_train", n_seqs=ds.train_bs_n_seqs,
                              interface_type=ModelInterfaceType.TRAIN_STEP,
-                             interface_impl=dfg.ModelInterface("dpo", args=dict(beta=cfg.beta, enable_save=True)),
+                             interface_impl=dfg.ModelInterface("dpo", args=dict(
+                                 beta=cfg.beta, enable_save=True,
+                                 reference_is_initial_policy=valid is not None and same_weights(cfg.actor, cfg.ref))),
                              model_name=actor, input_keys=["packed_input_ids", "seqlogp", "prompt_lens"],
                              n_mbs=allocs["actor_train"].n_mbs,
                              max_tokens_per_mb=allocs["actor_train"].max_tokens_per_mb, log_return_value=True)

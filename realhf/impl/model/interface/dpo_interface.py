@@ -78,10 +78,15 @@ class DPOInterface(TrainedModelInterface):
     :param enable_save: whether :meth:`save` writes a checkpoint (off for the reference).
     :param hf_family: HF family for :meth:`save` when the model records none.
     :param eval_n_mbs: micro-batches per evaluation batch.
+    :param reference_is_initial_policy: the frozen reference starts from the
+        policy's own weights (same checkpoint), so the policy's log-probs of the
+        valid set before the first step are the reference's; evaluation uses them.
     """
 
     beta: float = 0.1
     enable_save: bool = True
+    reference_is_initial_policy: bool = False
+    _eval_ref: Dict[object, torch.Tensor] = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     # ------------------------------------------------------------------ loss
     @staticmethod
@@ -152,26 +157,53 @@ class DPOInterface(TrainedModelInterface):
         return out
 
     # --------------------------------------------------------------- evaluate
+    def _eval_mb_spec(self, engine) -> MicroBatchSpec:
+        return MicroBatchSpec(n_mbs=max(self.eval_n_mbs, engine.par.pp_size))
+
+    def prepare_evaluation(self, model: Model, eval_dataloader: Optional[Iterable[SequenceSample]]) -> None:
+        """With ``reference_is_initial_policy``, record the answer log-probs of every
+        valid sequence before training (the reference's, as the two start equal)."""
+        if not self.reference_is_initial_policy or eval_dataloader is None:
+            return
+        engine = as_engine(model.module)
+        vocab = _vocab_size(engine)
+
+        def hook(logits: torch.Tensor, mb: SequenceSample) -> torch.Tensor:
+            lp = answer_logp(logits, mb, vocab).detach().float().cpu()
+            counts = [len(s) for s in mb.seqlens["packed_input_ids"]]
+            for id_, part in zip(mb.ids, torch.split(lp, counts)):
+                self._eval_ref[id_] = part
+            return torch.zeros(1, dtype=torch.float64)
+
+        forward_sums(model, engine, eval_dataloader, self._eval_mb_spec(engine), hook, 1)
+
+    def _eval_reference(self, mb: SequenceSample, pi: torch.Tensor) -> torch.Tensor:
+        if SEQLOGP in mb.keys:
+            return mb.data[SEQLOGP].to(pi.device).float().reshape(-1)
+        if self._eval_ref:
+            return torch.cat([self._eval_ref[i] for i in mb.ids]).to(pi.device)
+        return torch.zeros_like(pi)
+
     def evaluate(self, model: Model, eval_dataloader: Optional[Iterable[SequenceSample]]) -> Dict[str, float]:
         """Pair-mean DPO ``loss``, ``margin`` and ``acc`` (fraction of positive
         margins) and ``n_pairs`` over a validation set.
 
-        Batches that carry the reference ``seqlogp`` are scored against it.
-        The ``dpo`` experiment's valid set carries none (no reference pass
-        runs on it), so there the reference is uniform: ``margin`` is
-        beta * (chosen - rejected) answer log-prob of the policy, ``acc`` the
-        fraction of pairs where the policy prefers the chosen answer and
-        ``loss`` = mean -logsigmoid(margin). The same on every rank; ``None``
-        loader: ``{}``."""
+        The reference log-probs come from the batch's ``seqlogp`` when it
+        carries them, else from :meth:`prepare_evaluation` (the ``dpo``
+        experiment sets ``reference_is_initial_policy`` when ``ref`` and
+        ``actor`` load the same weights), else the reference is uniform:
+        ``margin`` is then beta * (chosen - rejected) answer log-prob of the
+        policy and ``loss`` = mean -logsigmoid(margin). The same on every rank;
+        ``None`` loader: ``{}``."""
         if eval_dataloader is None:
             return {}
         engine = as_engine(model.module)
         vocab = _vocab_size(engine)
-        mb_spec = MicroBatchSpec(n_mbs=max(self.eval_n_mbs, engine.par.pp_size))
+        mb_spec = self._eval_mb_spec(engine)
 
         def hook(logits: torch.Tensor, mb: SequenceSample) -> torch.Tensor:
             pi = answer_logp(logits, mb, vocab)
-            ref = mb.data[SEQLOGP].to(pi.device).float().reshape(-1) if SEQLOGP in mb.keys else torch.zeros_like(pi)
+            ref = self._eval_reference(mb, pi)
             t = self.dpo_terms(pi, ref, self.beta)
             margin = t["pos"] - t["neg"]
             return torch.stack([t["loss"].sum(), margin.sum(), (margin > 0).float().sum(),
