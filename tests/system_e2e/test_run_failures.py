@@ -68,6 +68,17 @@ def _cleanup(launcher: subprocess.Popen, workers) -> list:
     return alive
 
 
+def _finish(launcher: subprocess.Popen, out, out_path, timeout: float = 150):
+    """Wait for the launcher (killed if it outlives ``timeout``); (exit code, its output)."""
+    try:
+        code = launcher.wait(timeout=timeout)
+    finally:
+        out.close()
+        if launcher.poll() is None:
+            launcher.kill()
+    return code, out_path.read_text()
+
+
 def test_frozen_worker_stops_the_run_and_is_named(tmp_path):
     trial = "frozen"
     launcher, out = _start(tmp_path, "fail-frozen", trial, "heartbeat_timeout_s=6",
@@ -105,13 +116,7 @@ def test_nan_loss_stops_the_run_before_saving(tmp_path):
     launcher, out = _start(tmp_path, "fail-nan", trial, "model.optimizer.lr=1e30",
                            "model.optimizer.warmup_steps_proportion=0", "model.optimizer.lr_scheduler_type=constant",
                            "exp_ctrl.save_freq_steps=1", "exp_ctrl.benchmark_steps=6")
-    try:
-        code = launcher.wait(timeout=150)
-    finally:
-        out.close()
-        if launcher.poll() is None:
-            launcher.kill()
-    text = (tmp_path / f"{trial}.out").read_text()
+    code, text = _finish(launcher, out, tmp_path / f"{trial}.out")
     last = text.strip().splitlines()[-1]
     assert code != 0, text[-3000:]
     assert "master_worker/0: trainDefault produced non-finite loss=" in last or \
@@ -131,13 +136,7 @@ def test_long_busy_call_is_not_mistaken_for_a_frozen_worker(tmp_path):
     trial = "busy"
     launcher, out = _start(tmp_path, "fail-busy", trial, "heartbeat_timeout_s=5", "exp_ctrl.benchmark_steps=2",
                           imports=[os.path.join(ROOT, "tests", "system_e2e", "_busy_step.py")])
-    try:
-        code = launcher.wait(timeout=150)
-    finally:
-        out.close()
-        if launcher.poll() is None:
-            launcher.kill()
-    text = (tmp_path / f"{trial}.out").read_text()
+    code, text = _finish(launcher, out, tmp_path / f"{trial}.out")
     assert code == 0 and "global step 2/2" in text, text[-3000:]
     first = [l for l in text.splitlines() if "global step 1/2" in l][0]
     assert float(first.split("| ")[1].split("s,")[0]) >= 10.0  # the step really took that long
