@@ -45,6 +45,7 @@ def good_overrides(tiny_model_dir):
         "experiment_name=qs-test",
         "trial_name=t1",
         f"model.path={tiny_model_dir}",
+        "model.init_from_scratch=True",  # the directory holds a config only
         f"dataset.train_path={dataset_path('sft-train')}",
         f"dataset.valid_path={dataset_path('sft-valid')}",
         "n_gpus_per_node=2",

@@ -78,6 +78,8 @@ CASES = {
                          [repr(UP), "model.safetensors", "[256, 64]", "[256, 128]"]),
     "corrupt-tokenizer": (lambda d: (d / "tokenizer.json").write_text("{broken"), ["cannot load the tokenizer"]),
     "bad-config-json": (lambda d: (d / "config.json").write_text("{"), ["config.json", "not valid JSON"]),
+    "no-weight-files": (lambda d: (d / "model.safetensors").unlink(),
+                        ["holds no weight files", "model.init_from_scratch=True"]),
 }
 
 

@@ -126,7 +126,8 @@ def test_default_pipe_model_with_tiny_model(tiny_model_dir):
     from realhf.assets import dataset_path
 
     cfg = parse_quickstart("sft", [
-        "experiment_name=x", f"model.path={tiny_model_dir}", f"dataset.train_path={dataset_path('sft-train')}",
+        "experiment_name=x", f"model.path={tiny_model_dir}", "model.init_from_scratch=True",
+        f"dataset.train_path={dataset_path('sft-train')}",
         "n_gpus_per_node=2",
     ])
     assert cfg.trial_name.startswith("run") and "_" not in cfg.trial_name

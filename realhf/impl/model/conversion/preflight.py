@@ -134,8 +134,8 @@ def preflight_model(
     heads), the tokenizer (``tokenizer_path``, or ``path`` when it holds
     tokenizer files: it must load and fit in ``vocab_size``) and, unless
     ``init_from_scratch``, the weight files: readable safetensors headers and
-    every tensor the family's converter needs, with the expected shape. A
-    directory without any weight file is left to the loader.
+    every tensor the family's converter needs, with the expected shape (a
+    directory without any weight file is refused unless ``init_from_scratch``).
     """
     import realhf.api.from_hf  # noqa: F401  (registers the families)
     from realhf.api.core.model_api import get_hf_family
@@ -154,8 +154,11 @@ def preflight_model(
         raise ConfigError(f"{role}: {cfg_file} cannot be read as family {key}.type._class={family!r} "
                           f"({type(e).__name__}: {_one_line(e)}); does the family match the checkpoint?") from None
     _check_tokenizer(role, path, tokenizer_path, config.vocab_size, cfg_file)
-    if init_from_scratch or not _has_weight_files(path):
+    if init_from_scratch:
         return
+    if not _has_weight_files(path):
+        raise ConfigError(f"{role} holds no weight files (*.safetensors, a safetensors index or "
+                          f"pytorch_model.bin); pass {key}.init_from_scratch=True to start from random weights.")
     _check_weights(role, fam, config, path, cfg_file, with_head=not init_critic_from_actor)
 
 
