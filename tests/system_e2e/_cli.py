@@ -13,12 +13,13 @@ DATA = os.path.join(ROOT, "realhf", "assets", "data")
 
 
 def run_quickstart(fileroot: str, exp: str, experiment_name: str, overrides: Sequence[str],
-                   timeout: float = 300) -> Tuple[subprocess.CompletedProcess, str]:
-    """``python -m realhf.apps.quickstart <exp> experiment_name=... trial_name=t <overrides>``
+                   timeout: float = 300, imports: Sequence[str] = ()) -> Tuple[subprocess.CompletedProcess, str]:
+    """``python -m realhf.apps.quickstart [--import M] <exp> experiment_name=... trial_name=t <overrides>``
     with ``REAL_FILEROOT=fileroot``; (the finished process, the trial's log directory)."""
     from realhf.base import constants
 
-    cmd = [sys.executable, "-m", "realhf.apps.quickstart", exp, f"experiment_name={experiment_name}",
+    flags = [x for m in imports for x in ("--import", m)]
+    cmd = [sys.executable, "-m", "realhf.apps.quickstart", *flags, exp, f"experiment_name={experiment_name}",
            "trial_name=t", *overrides]
     env = dict(os.environ, REAL_FILEROOT=str(fileroot), REAL_FORCE_CPU="1")
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -126,3 +126,22 @@ def test_documented_ppo_reward_customization_runs(tmp_path):
         model_api.INTERFACES.unregister("decoded_text_reward")
     assert len(history) == 1
     assert history[0].stats["actor_train"]["task_reward"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------
+# A new dataset through the ``datasets`` property, as the documentation shows
+# ---------------------------------------------------------------------------
+def test_custom_dataset_through_datasets_property(tmp_path):
+    import json
+
+    from tests.system_e2e._cli import run_quickstart, tiny_sft
+
+    module = os.path.join(ROOT, "tests", "system_e2e", "_my_dataset.py")
+    res, log_dir = run_quickstart(tmp_path, "my-sft-data", "my-data", tiny_sft(
+        "n_records=6", "n_gpus_per_node=1", "allocation_mode=d1", "dataset.max_seqlen=128",
+        "dataset.train_bs_n_seqs=4", "exp_ctrl.total_train_epochs=2"), imports=[module])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    with open(os.path.join(log_dir, "stats.jsonl")) as f:
+        steps = [json.loads(line) for line in f if '"stats"' in line]
+    # 6 records in batches of 4: 2 steps per epoch (the embedded file would give hundreds).
+    assert len(steps) == 4, len(steps)

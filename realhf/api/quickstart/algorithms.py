@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from realhf.api.core.model_api import GenerationHyperparameters
-from realhf.api.core.system_api import ExperimentConfig
+from realhf.api.core.system_api import Dataset, ExperimentConfig
 from realhf.api.quickstart.base import ConfigError
 from realhf.api.quickstart.checks import (
     check_batch_covers_dp,
@@ -18,6 +18,11 @@ from realhf.api.quickstart.dataset import PairedComparisonDatasetConfig, PromptO
 from realhf.api.quickstart.experiment import CommonExperimentConfig
 from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig, ParallelismConfig
 from realhf.api.quickstart.ppo import PPOHyperparameters, validate_generation
+
+
+def _prompt_dataset(ds: PromptOnlyDatasetConfig) -> Dataset:
+    return Dataset("prompt", args=dict(dataset_path=ds.path, max_length=ds.max_prompt_len,
+                                       pad_to_max_length=ds.pad_to_max_length))
 
 
 def _critic_model() -> ModelTrainEvalConfig:
@@ -58,6 +63,12 @@ class RWConfig(CommonExperimentConfig):
 
     def longest_sequences(self) -> Dict[str, Tuple[int, str]]:
         return {"rwTrain": (self.dataset.max_seqlen, "dataset.max_seqlen")}
+
+    @property
+    def datasets(self) -> List[Dataset]:
+        ds = self.dataset
+        return [Dataset("rw_pair", args=dict(max_length=ds.max_seqlen, dataset_path=ds.train_path,
+                                             max_pairs_per_prompt=ds.max_pairs_per_prompt))]
 
     def validate(self, *, check_paths: bool = True) -> None:
         super().validate()
@@ -106,6 +117,12 @@ class DPOConfig(CommonExperimentConfig):
 
     def longest_sequences(self) -> Dict[str, Tuple[int, str]]:
         return {n: (self.dataset.max_seqlen, "dataset.max_seqlen") for n in ("actor_train", "ref_inf")}
+
+    @property
+    def datasets(self) -> List[Dataset]:
+        ds = self.dataset
+        return [Dataset("rw_pair", args=dict(max_length=ds.max_seqlen, dataset_path=ds.train_path,
+                                             max_pairs_per_prompt=ds.max_pairs_per_prompt))]
 
     def validate(self, *, check_paths: bool = True) -> None:
         super().validate()
@@ -156,6 +173,10 @@ class GenerationConfig(CommonExperimentConfig):
 
     def longest_sequences(self) -> Dict[str, Tuple[int, str]]:
         return {"gen": (self.dataset.max_prompt_len, "dataset.max_prompt_len")}
+
+    @property
+    def datasets(self) -> List[Dataset]:
+        return [_prompt_dataset(self.dataset)]
 
     def validate(self, *, check_paths: bool = True) -> None:
         super().validate()
@@ -223,6 +244,10 @@ class PPOConfig(CommonExperimentConfig):
         new = self.ppo.max_new_tokens if self.ppo.max_new_tokens is not None else self.ppo.gen.max_new_tokens
         full = (prompt + new, "dataset.max_prompt_len + ppo.gen.max_new_tokens")
         return {n: ((prompt, "dataset.max_prompt_len") if n == "actor_gen" else full) for n in PPO_MFCS}
+
+    @property
+    def datasets(self) -> List[Dataset]:
+        return [_prompt_dataset(self.dataset)]
 
     def validate(self, *, check_paths: bool = True) -> None:
         super().validate()

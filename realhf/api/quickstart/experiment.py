@@ -18,11 +18,11 @@ import importlib.util
 import os
 import re
 import shutil
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import MISSING
 
-from realhf.api.core.system_api import ExperimentConfig
+from realhf.api.core.system_api import Dataset, ExperimentConfig
 from realhf.api.core.system_api import ExperimentSaveEvalControl as _SystemSaveEvalControl
 from realhf.api.quickstart.allocation import (
     _expand_nodelist,
@@ -250,6 +250,13 @@ class CommonExperimentConfig:
         """MFC name -> (tokens of the longest sequence it may get, the keys that bound it)."""
         return {}
 
+    @property
+    def datasets(self) -> List[Dataset]:
+        """The training data as the system API's datasets: a registered dataset name
+        and its constructor arguments. A subclass may return another registered
+        dataset; an evaluation set uses the same name and arguments with its own path."""
+        return []
+
     def _check_token_budgets(self, allocs: Dict[str, MFCConfig]) -> None:
         """Sequences are never split across micro-batches: a budget below the longest one cannot work."""
         for mfc, (n, why) in self.longest_sequences().items():
@@ -294,6 +301,12 @@ class SFTConfig(CommonExperimentConfig):
 
     def longest_sequences(self) -> Dict[str, Tuple[int, str]]:
         return {"trainDefault": (self.dataset.max_seqlen, "dataset.max_seqlen")}
+
+    @property
+    def datasets(self) -> List[Dataset]:
+        return [Dataset("prompt_answer", args=dict(max_length=self.dataset.max_seqlen,
+                                                   dataset_path=self.dataset.train_path,
+                                                   pad_to_max_length=self.dataset.pad_to_max_length))]
 
     def validate(self, *, check_paths: bool = True) -> None:
         super().validate()

@@ -21,13 +21,11 @@ def build(cfg: DPOConfig) -> sa.ExperimentConfig:
     """The ExperimentConfig of a DPO run: ``ref_inf`` on the frozen reference, then ``actor_train``."""
     allocs = cfg.resolved_allocations()
     ds = cfg.dataset
-    train = sa.Dataset("rw_pair", args=dict(dataset_path=ds.train_path, max_length=ds.max_seqlen,
-                                            max_pairs_per_prompt=ds.max_pairs_per_prompt))
+    train = cfg.datasets[0]
     # The valid set is evaluated by the actor (``actor_train``'s interface): pair-mean DPO loss, margin and
     # accuracy. When ref and actor load the same weights, the actor's valid log-probs before its first step
     # are the reference's (recorded once); otherwise the reference counts as uniform (DPOInterface.evaluate).
-    valid = sa.Dataset("rw_pair", args=dict(dataset_path=ds.valid_path, max_length=ds.max_seqlen,
-                                            max_pairs_per_prompt=ds.max_pairs_per_prompt)) if ds.valid_path else None
+    valid = utils.with_path(train, ds.valid_path) if ds.valid_path else None
     from realhf.experiments.common.data_checks import check_datasets, max_dp
 
     dp, dp_mfc = max_dp(allocs)

@@ -14,8 +14,7 @@ def build(cfg: GenerationConfig) -> sa.ExperimentConfig:
     """The ExperimentConfig of a generation run: one ``gen`` call writing ``output_file``."""
     alloc = cfg.resolved_allocations()["gen"]
     ds = cfg.dataset
-    data = sa.Dataset("prompt", args=dict(dataset_path=ds.path, max_length=ds.max_prompt_len,
-                                          pad_to_max_length=ds.pad_to_max_length))
+    data = cfg.datasets[0]
     from realhf.experiments.common.data_checks import check_datasets, max_dp
 
     dp, dp_mfc = max_dp({"gen": alloc})

@@ -85,8 +85,7 @@ def build(cfg: PPOConfig) -> sa.ExperimentConfig:
     replica = resolve_replicas(list(PPO_MFCS), ranks, allocs)
     models = _models(cfg)
     ds = cfg.dataset
-    data = sa.Dataset("prompt", args=dict(dataset_path=ds.path, max_length=ds.max_prompt_len,
-                                          pad_to_max_length=ds.pad_to_max_length))
+    data = cfg.datasets[0]
     from realhf.experiments.common.data_checks import check_datasets, max_dp
 
     dp, dp_mfc = max_dp(allocs)

@@ -15,10 +15,8 @@ RW_KEYS = ["packed_input_ids", "prompt_lens"]
 
 def build(cfg: RWConfig) -> sa.ExperimentConfig:
     """The ExperimentConfig of a reward-modeling run: one trained critic, one ``rwTrain`` call."""
-    ds = cfg.dataset
-    return utils.single_model_training(
-        cfg, "rwTrain", "rw_pair", dict(max_length=ds.max_seqlen, max_pairs_per_prompt=ds.max_pairs_per_prompt),
-        interface="paired_rw", input_keys=["packed_input_ids"], dataset_keys=RW_KEYS)
+    return utils.single_model_training(cfg, "rwTrain", cfg.datasets[0], interface="paired_rw",
+                                       input_keys=["packed_input_ids"], dataset_keys=RW_KEYS)
 
 
 RWExperiment = RWConfig  # earlier name of the same class

@@ -16,10 +16,8 @@ SFT_KEYS = ["packed_input_ids", "prompt_mask"]
 
 def build(cfg: SFTConfig) -> sa.ExperimentConfig:
     """The ExperimentConfig of an SFT run: one trained model, one ``trainDefault`` call."""
-    ds = cfg.dataset
-    return utils.single_model_training(
-        cfg, "trainDefault", "prompt_answer", dict(max_length=ds.max_seqlen, pad_to_max_length=ds.pad_to_max_length),
-        interface="sft", input_keys=SFT_KEYS, dataset_keys=SFT_KEYS)
+    return utils.single_model_training(cfg, "trainDefault", cfg.datasets[0], interface="sft", input_keys=SFT_KEYS,
+                                       dataset_keys=SFT_KEYS)
 
 
 SFTExperiment = SFTConfig  # earlier name of the same class

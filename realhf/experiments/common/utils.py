@@ -76,19 +76,23 @@ def preflight_datasets(datasets: List[Optional[sa.Dataset]], tokenizer_path: str
             make_dataset(ds, seed, 0, 1, tok)
 
 
-def single_model_training(exp, rpc_name: str, dataset_type: str, data_args: Dict, interface: str,
+def with_path(ds: sa.Dataset, path: str) -> sa.Dataset:
+    """The same registered dataset and arguments, reading ``path``."""
+    return sa.Dataset(ds.type_, args=dict(ds.args, dataset_path=path))
+
+
+def single_model_training(exp, rpc_name: str, train: sa.Dataset, interface: str,
                           input_keys: List[str], dataset_keys: List[str]) -> sa.ExperimentConfig:
-    """One trained model and one ``train_step`` call on ``exp.dataset`` (SFT, reward modeling).
+    """One trained model and one ``train_step`` call on ``train`` (SFT, reward modeling).
 
     ``exp`` is the quickstart config (``model``, ``dataset`` with train/valid
-    paths and batch sizes, allocations, seed); ``data_args`` are the dataset's
-    arguments besides its path.
+    paths and batch sizes, allocations, seed); the valid set, when
+    ``dataset.valid_path`` is set, is ``train`` with that path.
     """
     alloc = exp.resolved_allocations()[rpc_name]
     name = ModelName("default", 0)
     ds = exp.dataset
-    train = sa.Dataset(dataset_type, args=dict(dataset_path=ds.train_path, **data_args))
-    valid = sa.Dataset(dataset_type, args=dict(dataset_path=ds.valid_path, **data_args)) if ds.valid_path else None
+    valid = with_path(train, ds.valid_path) if ds.valid_path else None
     from realhf.experiments.common.data_checks import check_datasets
 
     check_datasets(train, exp.model.path, exp.seed, train_key="dataset.train_path",
