@@ -83,7 +83,39 @@ def _to_bytes(obj: Any) -> torch.Tensor:
 
 
 def _from_bytes(t: torch.Tensor) -> Any:
-    return torch.load(io.BytesIO(t.numpy().tobytes()), weights_only=False)
+    """Decode a :func:`_to_bytes` tensor; received buffers live on the NCCL device,
+    and ``.numpy()`` only works on CPU, so copy to host first."""
+    return torch.load(io.BytesIO(t.detach().cpu().numpy().tobytes()), weights_only=False)
+
+
+def cuda_device_index(worker_index: int, device: str) -> Optional[int]:
+    """The CUDA device this worker binds, or None when it runs on CPU.
+
+    Scheme: an explicit index (``cuda:3``) wins; otherwise the worker takes
+    ``worker_index % torch.cuda.device_count()``, i.e. its local rank on a
+    node whose visible devices (after CUDA_VISIBLE_DEVICES) are shared by
+    consecutive workers. Binding must happen before any CUDA allocation or
+    NCCL communicator creation, else every worker lands on device 0.
+    """
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    n = torch.cuda.device_count()
+    if n < 1:
+        return None
+    dev = torch.device(device)
+    if dev.index is not None:
+        if dev.index >= n:
+            raise RuntimeError(f"Model worker {worker_index}: device {device} but only {n} CUDA devices are visible.")
+        return dev.index
+    return worker_index % n
+
+
+def bind_cuda_device(worker_index: int, device: str) -> Optional[int]:
+    """Make this process's current CUDA device the one :func:`cuda_device_index` picks."""
+    idx = cuda_device_index(worker_index, device)
+    if idx is not None:
+        torch.cuda.set_device(idx)
+    return idx
 
 
 class ModelWorkerCore:
@@ -428,7 +460,10 @@ class ModelWorker(Worker):
             addr = name_resolve.wait(key, timeout=300)
         torch.set_num_threads(int(os.environ.get("REAL_WORKER_THREADS", "1")))
         backend = "nccl" if cfg.model_worker[rank].device.startswith("cuda") else "gloo"
+        bind_cuda_device(rank, cfg.model_worker[rank].device)
         dist.init_process_group(backend, init_method=f"tcp://{addr}", rank=rank, world_size=world)
+        # Data transfers batch p2p ops on the world group between only some ranks.
+        global_comm.warm_up_group(None)
         self.core = ModelWorkerCore(cfg, rank, self.experiment_name, self.trial_name)
         self.core.setup()
         self.stream = WorkerStream(self.experiment_name, self.trial_name, self.name)

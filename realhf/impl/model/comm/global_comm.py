@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
+import torch
 import torch.distributed as dist
 
 from realhf.base import constants
@@ -48,7 +49,25 @@ def new_or_get_group(ranks: Sequence[int], backend: Optional[str] = None) -> Any
     if group is None:
         group = dist.new_group(ranks=list(key), backend=backend)
         _group_cache[key] = group
+        if dist.get_rank() in key:
+            warm_up_group(group)
     return group
+
+
+def warm_up_group(group: Any) -> bool:
+    """Run one all-reduce over ``group`` if its backend is NCCL; True if it did.
+
+    NCCL creates a group's communicator lazily, and a ``batch_isend_irecv``
+    that is the group's first collective must involve every rank of the group.
+    Worker data transfers and parameter reallocation batch p2p ops between
+    only some ranks, so each NCCL group runs one collective with all members
+    right after creation. Must be called by every member; gloo needs nothing.
+    """
+    if dist.get_backend(group) != "nccl":
+        return False
+    flag = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(flag, group=group)
+    return True
 
 
 def cached_group(ranks: Sequence[int]) -> Any:
