@@ -16,6 +16,7 @@ from realhf.api.quickstart.checks import (
 )
 from realhf.api.quickstart.dataset import PairedComparisonDatasetConfig, PromptOnlyDatasetConfig
 from realhf.api.quickstart.experiment import CommonExperimentConfig
+from realhf.api.quickstart.heuristic import heuristic_mfc, whole_cluster_heuristic
 from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig, ParallelismConfig
 from realhf.api.quickstart.ppo import PPOHyperparameters, validate_generation
 
@@ -83,6 +84,10 @@ class RWConfig(CommonExperimentConfig):
         check_batch_covers_dp("dataset.train_bs_n_seqs", self.dataset.train_bs_n_seqs, allocs, self.allocation_keys)
         check_seqlen_fits("dataset.max_seqlen", self.dataset.max_seqlen, "model", self.model)
 
+    def _heuristic_rpc_allocation(self) -> Dict[str, MFCConfig]:
+        """Every call on all devices, laid out by :mod:`realhf.api.quickstart.heuristic`."""
+        return whole_cluster_heuristic(self)
+
     def initial_setup(self) -> ExperimentConfig:
         """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.rw_exp`)."""
         from realhf.experiments.common import rw_exp
@@ -142,6 +147,10 @@ class DPOConfig(CommonExperimentConfig):
         for key in ("actor", "ref"):
             check_seqlen_fits("dataset.max_seqlen", self.dataset.max_seqlen, key, getattr(self, key))
 
+    def _heuristic_rpc_allocation(self) -> Dict[str, MFCConfig]:
+        """Every call on all devices, laid out by :mod:`realhf.api.quickstart.heuristic`."""
+        return whole_cluster_heuristic(self)
+
     def initial_setup(self) -> ExperimentConfig:
         """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.dpo_exp`)."""
         from realhf.experiments.common import dpo_exp
@@ -191,6 +200,10 @@ class GenerationConfig(CommonExperimentConfig):
         allocs = self.resolved_allocations()
         check_batch_covers_dp("dataset.train_bs_n_seqs", self.dataset.train_bs_n_seqs, allocs, self.allocation_keys)
         check_prompt_room("dataset.max_prompt_len", self.dataset.max_prompt_len, "model", self.model)
+
+    def _heuristic_rpc_allocation(self) -> Dict[str, MFCConfig]:
+        """Every call on all devices, laid out by :mod:`realhf.api.quickstart.heuristic`."""
+        return whole_cluster_heuristic(self)
 
     def initial_setup(self) -> ExperimentConfig:
         """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.gen_exp`)."""
@@ -275,15 +288,15 @@ class PPOConfig(CommonExperimentConfig):
 
     def _heuristic_rpc_allocation(self) -> Dict[str, MFCConfig]:
         """Layouts sized for the devices present (``allocation_mode=heuristic``): generation and the
-        reference on all of them (data parallel), actor and critic training on one half each, reward
-        and critic inference on one half each. Odd device counts put every call on all devices."""
+        reference on all of them, actor and critic training on one half each, reward and critic
+        inference on one half each. Odd device counts put every call on all devices. Each call's
+        (dp, tp, pp) on its mesh follows :mod:`realhf.api.quickstart.heuristic`."""
         n = self.n_nodes * self.n_gpus_per_node
         host = "localhost" if self.n_nodes == 1 else None
 
         def on(call, ranks):
             mesh = None if host is None or len(ranks) == n else f"{host}:" + ",".join(map(str, ranks))
-            return MFCConfig(n_mbs=getattr(self, call).n_mbs, max_tokens_per_mb=getattr(self, call).max_tokens_per_mb,
-                             parallel=ParallelismConfig(data_parallel_size=len(ranks)), device_mesh=mesh)
+            return heuristic_mfc(self, call, len(ranks), device_mesh=mesh)
 
         every = list(range(n))
         if n < 2 or n % 2 or host is None:

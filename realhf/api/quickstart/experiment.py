@@ -41,6 +41,7 @@ from realhf.api.quickstart.base import (
 )
 from realhf.api.quickstart.checks import check_batch_covers_dp, check_language_model, check_seqlen_fits
 from realhf.api.quickstart.dataset import PromptAnswerDatasetConfig
+from realhf.api.quickstart.heuristic import whole_cluster_heuristic
 from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig, load_real_config
 
 MODES = ("local", "ray", "slurm")
@@ -317,6 +318,10 @@ class SFTConfig(CommonExperimentConfig):
         allocs = self.resolved_allocations()
         check_batch_covers_dp("dataset.train_bs_n_seqs", self.dataset.train_bs_n_seqs, allocs, self.allocation_keys)
         check_seqlen_fits("dataset.max_seqlen", self.dataset.max_seqlen, "model", self.model)
+
+    def _heuristic_rpc_allocation(self) -> Dict[str, MFCConfig]:
+        """Every call on all devices, laid out by :mod:`realhf.api.quickstart.heuristic`."""
+        return whole_cluster_heuristic(self)
 
     def initial_setup(self) -> "ExperimentConfig":
         """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.sft_exp`)."""
