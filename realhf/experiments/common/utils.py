@@ -63,19 +63,6 @@ def add_shards(out: Dict[int, List[sa.StandaloneModelShard]], name: ModelName, t
         out.setdefault(rank, []).append(shard)
 
 
-def preflight_datasets(datasets: List[Optional[sa.Dataset]], tokenizer_path: str, seed: int) -> None:
-    """Build each dataset once in the launching process, so a malformed file or a
-    ``max_seqlen`` no sample fits fails before any worker starts (DatasetFormatError
-    names the file, line and field)."""
-    from realhf.api.core.data_api import load_hf_tokenizer, make_dataset
-    import realhf.impl.dataset  # noqa: F401  (registers the datasets)
-
-    tok = load_hf_tokenizer(tokenizer_path)
-    for ds in datasets:
-        if ds is not None:
-            make_dataset(ds, seed, 0, 1, tok)
-
-
 def with_path(ds: sa.Dataset, path: str) -> sa.Dataset:
     """The same registered dataset and arguments, reading ``path``."""
     return sa.Dataset(ds.type_, args=dict(ds.args, dataset_path=path))
