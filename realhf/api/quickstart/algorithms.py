@@ -16,7 +16,7 @@ from realhf.api.quickstart.checks import (
 )
 from realhf.api.quickstart.dataset import PairedComparisonDatasetConfig, PromptOnlyDatasetConfig
 from realhf.api.quickstart.experiment import CommonExperimentConfig
-from realhf.api.quickstart.heuristic import heuristic_mfc, whole_cluster_heuristic
+from realhf.api.quickstart.heuristic import heuristic_mfc
 from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig, ParallelismConfig
 from realhf.api.quickstart.ppo import PPOHyperparameters, validate_generation
 
@@ -84,10 +84,6 @@ class RWConfig(CommonExperimentConfig):
         check_batch_covers_dp("dataset.train_bs_n_seqs", self.dataset.train_bs_n_seqs, allocs, self.allocation_keys)
         check_seqlen_fits("dataset.max_seqlen", self.dataset.max_seqlen, "model", self.model)
 
-    def _heuristic_rpc_allocation(self) -> Dict[str, MFCConfig]:
-        """Every call on all devices, laid out by :mod:`realhf.api.quickstart.heuristic`."""
-        return whole_cluster_heuristic(self)
-
     def initial_setup(self) -> ExperimentConfig:
         """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.rw_exp`)."""
         from realhf.experiments.common import rw_exp
@@ -147,10 +143,6 @@ class DPOConfig(CommonExperimentConfig):
         for key in ("actor", "ref"):
             check_seqlen_fits("dataset.max_seqlen", self.dataset.max_seqlen, key, getattr(self, key))
 
-    def _heuristic_rpc_allocation(self) -> Dict[str, MFCConfig]:
-        """Every call on all devices, laid out by :mod:`realhf.api.quickstart.heuristic`."""
-        return whole_cluster_heuristic(self)
-
     def initial_setup(self) -> ExperimentConfig:
         """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.dpo_exp`)."""
         from realhf.experiments.common import dpo_exp
@@ -200,10 +192,6 @@ class GenerationConfig(CommonExperimentConfig):
         allocs = self.resolved_allocations()
         check_batch_covers_dp("dataset.train_bs_n_seqs", self.dataset.train_bs_n_seqs, allocs, self.allocation_keys)
         check_prompt_room("dataset.max_prompt_len", self.dataset.max_prompt_len, "model", self.model)
-
-    def _heuristic_rpc_allocation(self) -> Dict[str, MFCConfig]:
-        """Every call on all devices, laid out by :mod:`realhf.api.quickstart.heuristic`."""
-        return whole_cluster_heuristic(self)
 
     def initial_setup(self) -> ExperimentConfig:
         """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.gen_exp`)."""

@@ -251,6 +251,11 @@ class CommonExperimentConfig:
         """MFC name -> (tokens of the longest sequence it may get, the keys that bound it)."""
         return {}
 
+    def _heuristic_rpc_allocation(self) -> Dict[str, MFCConfig]:
+        """``allocation_mode=heuristic``: every call on all devices, laid out by
+        :mod:`realhf.api.quickstart.heuristic` (PPO overrides it to split the devices)."""
+        return whole_cluster_heuristic(self)
+
     @property
     def datasets(self) -> List[Dataset]:
         """The training data as the system API's datasets: a registered dataset name
@@ -318,10 +323,6 @@ class SFTConfig(CommonExperimentConfig):
         allocs = self.resolved_allocations()
         check_batch_covers_dp("dataset.train_bs_n_seqs", self.dataset.train_bs_n_seqs, allocs, self.allocation_keys)
         check_seqlen_fits("dataset.max_seqlen", self.dataset.max_seqlen, "model", self.model)
-
-    def _heuristic_rpc_allocation(self) -> Dict[str, MFCConfig]:
-        """Every call on all devices, laid out by :mod:`realhf.api.quickstart.heuristic`."""
-        return whole_cluster_heuristic(self)
 
     def initial_setup(self) -> "ExperimentConfig":
         """The workers and dataflow graph of this run (built by :mod:`realhf.experiments.common.sft_exp`)."""
