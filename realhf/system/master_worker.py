@@ -1,20 +1,25 @@
 """Master worker: walks the dataflow graph once per step and drives the model workers.
 
 The master holds only metadata. Per step it asks the data heads for the
-next batch (``fetch``), then for each call in graph order: runs its pre-hooks,
-assigns the batch's items to the call's dp ranks (each data head keeps its
-own items on the source model; elsewhere items are spread to balance
-tokens), tells workers which stored items to send to which ranks
-(``transfer``: tensors go worker to worker, never through the master), runs
-the call (``mfc``), records where the outputs now live, and runs its
-post-hooks. Calls run one at a time in topological order, so calls on one
-model always see parameters in version order. After each step: save /
-evaluate triggers, a log line, and the step's items are dropped.
+next batch (``fetch``); then every call whose dependencies are done is
+issued at once: its pre-hooks (parameter reallocation), the transfer of its
+inputs (tensors go worker to worker, never through the master; items are
+assigned to the call's dp ranks, each data head keeping its own items on
+the source model, elsewhere spread to balance tokens), the call itself
+(``mfc``) and its post-hooks. Each request goes only to the ranks that take
+part in it (the call's mesh, a transfer's senders and receivers, a hook's
+layouts), so calls on disjoint meshes run at the same time, and a transfer
+for one call overlaps another call's compute. Calls on one model role keep
+graph order, so they see parameters in version order. When a call's replies
+are in, the master records where its outputs live and issues what became
+ready. Per-call start/end (the workers' clocks, relative to the step start)
+go to ``StepLog.timing``. After each step: save / evaluate triggers, a log
+line, and the step's items are dropped.
 
-:class:`MasterCore` is transport-agnostic: ``transport.call_all(handle,
-data)`` sends the same request to every model worker (each picks its own
-part, e.g. its dp rank's ids) and returns the replies in rank order, raising
-if a worker failed or timed out.
+:class:`MasterCore` is transport-agnostic (:mod:`realhf.system.transport`):
+``submit(ranks, handle, data)`` / ``wait_any(tickets)`` for operations,
+``call_all(handle, data)`` for requests every worker answers (each picks its
+own part, e.g. its dp rank's ids). Failures and timeouts raise.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import os
 import pickle
 import time
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import networkx as nx
 
@@ -38,16 +43,10 @@ from realhf.base import constants, logging, timeutil
 from realhf.system.model_worker import data_head_ranks, source_rpc
 from realhf.system.stats_sinks import TensorboardSink, make_wandb_sink
 from realhf.system.trial_files import describe_layouts
+from realhf.system.transport import PipeTransport, Ticket, WorkerTransport  # noqa: F401  (re-exported)
 from realhf.system.watchdog import check_finite_stats
 
 logger = logging.getLogger("master_worker")
-
-
-class WorkerTransport(Protocol):
-    n_workers: int
-
-    def call_all(self, handle: str, data: Any = None) -> List[Any]:
-        ...
 
 
 @dataclasses.dataclass
@@ -77,11 +76,13 @@ class MasterCore:
 
     def __init__(self, cfg: ExperimentConfig, transport: WorkerTransport, experiment_name: str,
                  trial_name: str, recover_dir: Optional[str] = None, save_recover_states: bool = False,
-                 resume: bool = True):
+                 resume: bool = True, concurrent: bool = True):
         self.cfg = cfg
         self.t = transport
+        self.concurrent = concurrent
         self.exp, self.trial = experiment_name, trial_name
         self.order = [next(r for r in cfg.model_rpcs if r.name == n) for n in nx.topological_sort(cfg.graph)]
+        self._by_name = {r.name: r for r in cfg.model_rpcs}
         self.src = source_rpc(cfg)
         self.heads = data_head_ranks(cfg, self.src.model_name)
         ctl = cfg.exp_ctrl
@@ -179,23 +180,48 @@ class MasterCore:
         return [(src, list(dsts), ids, list(keys)) for (src, dsts, keys), ids in plan.items()]
 
     # ------------------------------------------------------------------- step
-    def _run_hooks(self, rpc: MFCDef, hooks) -> None:
-        for h in hooks:
-            self.t.call_all("hook", {"hook": h, "call": rpc.model_name})
+    def _mesh(self, name: ModelName) -> List[int]:
+        layout = self.cfg.model_layouts[name]
+        return sorted(layout.to_global(r) for r in range(layout.topology.world_size()))
 
-    def _run_rpc(self, rpc: MFCDef, items: Dict[Any, _Item], by_head) -> Dict[str, float]:
-        t0 = time.perf_counter()
-        self._run_hooks(rpc, rpc.pre_hooks)
-        t1 = time.perf_counter()
+    def _hook_ranks(self, hook: Any, call: ModelName) -> List[int]:
+        """Ranks that take part in ``hook``: the layouts it reads and writes."""
+        other = getattr(hook, "source", None) or getattr(hook, "target", None)
+        names = [call] + ([other] if other in self.cfg.model_layouts else [])
+        return sorted({r for n in names for r in self._mesh(n)})
+
+    def _issue_transfer(self, rpc: MFCDef, items: Dict[Any, _Item], by_head) -> List[Tuple[str, Ticket]]:
+        """Assign the call's items to its dp ranks and send its inputs there."""
         assignment = self._assign(rpc, items, by_head)
+        self._assignments[rpc.name] = assignment
         plan = self._transfer_plan(rpc, assignment, items)
-        if plan:
-            self.t.call_all("transfer", plan)
-        t2 = time.perf_counter()
-        replies = self.t.call_all("mfc", {"rpc": rpc.name, "ids": assignment})
-        t3 = time.perf_counter()
+        if not plan:
+            return []
+        ranks = sorted({src for src, _, _, _ in plan} | {d for _, dsts, _, _ in plan for d in dsts})
+        return [("transfer", self.t.submit(ranks, "transfer", plan))]
+
+    def _issue_call(self, rpc: MFCDef) -> List[Tuple[str, Ticket]]:
+        """Pre-hooks, the call, post-hooks. Nothing waits here: each worker runs its
+        requests in arrival order, so inputs land before the call and post-hooks run after it."""
+        ops: List[Tuple[str, Ticket]] = []
+        for h in rpc.pre_hooks:
+            ops.append(("pre_hooks", self.t.submit(self._hook_ranks(h, rpc.model_name), "hook",
+                                                   {"hook": h, "call": rpc.model_name})))
+        ops.append(("call", self.t.submit(self._mesh(rpc.model_name), "mfc",
+                                          {"rpc": rpc.name, "ids": self._assignments.pop(rpc.name)})))
+        for h in rpc.post_hooks:
+            ops.append(("post_hooks", self.t.submit(self._hook_ranks(h, rpc.model_name), "hook",
+                                                    {"hook": h, "call": rpc.model_name})))
+        return ops
+
+    def _finish(self, rpc: MFCDef, ops: List[Tuple[str, Ticket]], items: Dict[Any, _Item],
+                t_step: float) -> Dict[str, float]:
+        """Record where the call's outputs live; return its statistics and fill its timeline entry."""
+        call = next(t for kind, t in ops if kind == "call")
+        first = min(t.sent_at for _, t in ops)
         stats: Dict[str, float] = {}
-        for rank, r in enumerate(replies):
+        for rank in call.ranks:
+            r = call.replies[rank]
             if r is None:
                 continue
             if r["meta"] is not None:
@@ -208,10 +234,60 @@ class MasterCore:
                         items[id_].lengths[k] = sum(meta.seqlens[k][n])
             if isinstance(r["stats"], dict) and not stats:
                 stats = {k: float(v) for k, v in r["stats"].items() if isinstance(v, (int, float))}
-        self._run_hooks(rpc, rpc.post_hooks)
-        self._timing[rpc.name] = {"pre_hooks_s": t1 - t0, "transfer_s": t2 - t1, "call_s": t3 - t2,
-                                  "post_hooks_s": time.perf_counter() - t3}
+        timing = {"pre_hooks_s": 0.0, "transfer_s": 0.0, "call_s": 0.0, "post_hooks_s": 0.0,
+                  "issued": first - t_step,
+                  "done": max(t.received_at for _, t in ops) - t_step}
+        for kind, t in ops:
+            span = t.span()
+            if span is not None:
+                timing[f"{kind}_s"] += span[1] - span[0]
+        span = call.span()
+        if span is not None:
+            timing["start"], timing["end"] = span[0] - t_step, span[1] - t_step
+        timing["ranks"] = list(call.ranks)
+        self._timing[rpc.name] = timing
         return stats
+
+    def _dependencies(self) -> Dict[str, Set[str]]:
+        """Graph parents, plus: calls on one model role keep graph order (parameter versions)."""
+        deps = {r.name: set(self.cfg.graph.predecessors(r.name)) for r in self.order}
+        last: Dict[str, str] = {}
+        for r in self.order:
+            if r.role in last:
+                deps[r.name].add(last[r.role])
+            last[r.role] = r.name
+        return deps
+
+    def _run_calls(self, items: Dict[Any, _Item], by_head, t_step: float) -> Dict[str, Dict[str, float]]:
+        """Issue every call as soon as its dependencies are done (one at a time when not
+        ``concurrent``); calls on disjoint meshes then run at the same time."""
+        deps = self._dependencies()
+        done: Set[str] = set()
+        in_flight: Dict[str, List[Tuple[str, Ticket]]] = {}
+        stats: Dict[str, Dict[str, float]] = {}
+        self._assignments: Dict[str, List[List[Any]]] = {}
+        while len(done) < len(self.order):
+            ready = [r for r in self.order if r.name not in done and r.name not in in_flight
+                     and deps[r.name] <= done]
+            if not self.concurrent:
+                ready = ready[:1] if not in_flight else []
+            # Inputs move first: a rank about to start a long call still serves
+            # the transfers other calls need from it.
+            for rpc in ready:
+                in_flight[rpc.name] = self._issue_transfer(rpc, items, by_head)
+            for rpc in ready:
+                in_flight[rpc.name] += self._issue_call(rpc)
+            pending = [t for ops in in_flight.values() for _, t in ops if not t.done]
+            if pending:
+                self.t.wait_any(pending)
+            for name in [n for n, ops in in_flight.items() if all(t.done for _, t in ops)]:
+                rpc = self._by_name[name]
+                stats[name] = self._finish(rpc, in_flight.pop(name), items, t_step)
+                done.add(name)
+                if rpc.is_train:
+                    check_finite_stats(rpc.name, stats[name], self.global_step + 1, self.epoch + 1,
+                                       self.epoch_step + 1)
+        return {r.name: stats[r.name] for r in self.order}
 
     def _train_rpcs(self) -> List[MFCDef]:
         return [r for r in self.order if r.is_train]
@@ -285,15 +361,11 @@ class MasterCore:
         return min(total, bench) if bench else total
 
     def step(self) -> StepLog:
-        t0 = time.perf_counter()
+        t0, t_step = time.perf_counter(), time.time()
         items, by_head, epoch_done = self._fetch()
-        self._timing: Dict[str, Dict[str, float]] = {"fetch": {"call_s": time.perf_counter() - t0}}
-        stats = {}
-        for rpc in self.order:
-            stats[rpc.name] = self._run_rpc(rpc, items, by_head)
-            if rpc.is_train:
-                check_finite_stats(rpc.name, stats[rpc.name], self.global_step + 1, self.epoch + 1,
-                                   self.epoch_step + 1)
+        fetch_s = time.perf_counter() - t0
+        self._timing: Dict[str, Dict[str, float]] = {"fetch": {"call_s": fetch_s, "start": 0.0, "end": fetch_s}}
+        stats = self._run_calls(items, by_head, t_step)
         n_tokens = sum(max(it.lengths.values(), default=0) for it in items.values())
         self.t.call_all("clear", list(items))
         self.global_step += 1
@@ -376,35 +448,6 @@ class MasterCore:
     def _has_eval(self) -> bool:
         ctl = self.cfg.exp_ctrl
         return any(v is not None for v in (ctl.eval_freq_epochs, ctl.eval_freq_steps, ctl.eval_freq_secs))
-
-
-class PipeTransport:
-    """``call_all`` over multiprocessing connections to workers running ``serve_pipe`` (tests, single host)."""
-
-    def __init__(self, conns: Sequence[Any], timeout: float = 300.0):
-        self.conns = list(conns)
-        self.n_workers = len(self.conns)
-        self.timeout = timeout
-
-    def call_all(self, handle: str, data: Any = None) -> List[Any]:
-        for c in self.conns:
-            c.send((handle, data))
-        out = []
-        for rank, c in enumerate(self.conns):
-            if not c.poll(self.timeout):
-                raise TimeoutError(f"Model worker {rank} did not answer {handle!r} within {self.timeout}s.")
-            status, value = c.recv()
-            if status == "error":
-                raise RuntimeError(f"Model worker {rank} failed in {handle!r}:\n{value}")
-            out.append(value)
-        return out
-
-    def close(self) -> None:
-        for c in self.conns:
-            try:
-                c.send(("exit", None))
-            except (BrokenPipeError, OSError):
-                pass
 
 
 # ---------------------------------------------------------------------------

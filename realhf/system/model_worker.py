@@ -21,8 +21,11 @@ Handlers (``handle(name, data)``):
 * ``clear`` -> forget items; ``state`` / ``load_state`` -> recovery states;
 * ``empty_cache`` -> ``torch.cuda.empty_cache()`` (every ``cache_clear_freq`` steps).
 
-Calls that are collective (mfc over a model's mesh, transfer, hooks) are
-sent to every worker; ranks without a part return at once.
+The master sends a call (``mfc``) to the ranks of its model's mesh, a
+transfer to its senders and receivers, a hook to the ranks of the layouts it
+touches; the rest goes to every worker. Requests are served one at a time in
+arrival order (see :mod:`realhf.system.transport`), and every reply carries
+the handler's wall-clock span.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -422,7 +426,9 @@ def serve_pipe(core: ModelWorkerCore, conn) -> None:
             conn.send(("ok", None))
             return
         try:
-            conn.send(("ok", core.handle(name, data)))
+            start = time.time()
+            value = core.handle(name, data)
+            conn.send(("ok", value, (start, time.time())))
         except Exception:  # reported to the master with the traceback
             conn.send(("error", traceback.format_exc()))
 
@@ -476,7 +482,9 @@ class ModelWorker(Worker):
             self.stream.reply(req, None)
             raise WorkerExit()
         try:
-            self.stream.reply(req, self.core.handle(req.handle_name, req.data))
+            start = time.time()
+            value = self.core.handle(req.handle_name, req.data)
+            self.stream.reply(req, value, span=(start, time.time()))
         except Exception as e:
             self.stream.reply(req, exception=e)
             raise

@@ -46,13 +46,15 @@ def _worker_main(cfg: ExperimentConfig, rank: int, world: int, port: int, conn, 
 
 def run_with_pipes(cfg: ExperimentConfig, experiment_name: str, trial_name: str, timeout: float = 300.0,
                    recover_dir: Optional[str] = None, save_recover_states: bool = False,
-                   fileroot: Optional[str] = None) -> MasterCore:
-    """Run ``cfg`` to completion; returns the master (its ``history`` holds per-step logs)."""
+                   fileroot: Optional[str] = None, concurrent: bool = True) -> MasterCore:
+    """Run ``cfg`` to completion; returns the master (its ``history`` holds per-step logs).
+    ``concurrent=False`` issues one call at a time (the reference order)."""
     old_root = os.environ.get("REAL_FILEROOT")
     if fileroot:
         os.environ["REAL_FILEROOT"] = fileroot  # the master writes paths too
     try:
-        return _run(cfg, experiment_name, trial_name, timeout, recover_dir, save_recover_states, fileroot)
+        return _run(cfg, experiment_name, trial_name, timeout, recover_dir, save_recover_states, fileroot,
+                    concurrent)
     finally:
         if fileroot:
             if old_root is None:
@@ -61,7 +63,8 @@ def run_with_pipes(cfg: ExperimentConfig, experiment_name: str, trial_name: str,
                 os.environ["REAL_FILEROOT"] = old_root
 
 
-def _run(cfg, experiment_name, trial_name, timeout, recover_dir, save_recover_states, fileroot) -> MasterCore:
+def _run(cfg, experiment_name, trial_name, timeout, recover_dir, save_recover_states, fileroot,
+         concurrent) -> MasterCore:
     ctx = mp.get_context("fork")
     world = cfg.n_model_workers
     port = network.find_free_port()
@@ -74,7 +77,7 @@ def _run(cfg, experiment_name, trial_name, timeout, recover_dir, save_recover_st
     transport = PipeTransport([p[0] for p in pipes], timeout=timeout)
     try:
         master = MasterCore(cfg, transport, experiment_name, trial_name, recover_dir=recover_dir,
-                            save_recover_states=save_recover_states)
+                            save_recover_states=save_recover_states, concurrent=concurrent)
         master.run()
         transport.close()
         for p in procs:

@@ -43,6 +43,7 @@ from typing import Any, Dict, Hashable, Iterable, List, Optional, Sequence, Tupl
 import zmq
 
 from realhf.base import logging, name_resolve, names, network
+from realhf.system.transport import Ticket, first_done
 
 logger = logging.getLogger("request_reply_stream")
 
@@ -120,8 +121,10 @@ class Payload:
     no_syn: bool = True
     syn_reply_id: str = dataclasses.field(default_factory=_new_id)
     ack_reply_id: str = dataclasses.field(default_factory=_new_id)
-    # Set on replies only: the exception the worker raised.
+    # Set on replies only: the exception the worker raised, and the worker's
+    # wall-clock (start, end) of the handler.
     error: Optional[RemoteError] = None
+    span: Optional[Tuple[float, float]] = None
 
     def __post_init__(self):
         if len(self.pre_hooks) != len(self.pre_hook_data):
@@ -331,6 +334,33 @@ class MasterStream:
     def call_all(self, handle: str, data: Any = None, timeout: Optional[float] = None) -> List[Any]:
         """Send the same ``data`` to every worker; reply data in worker order."""
         return self.call(list(range(self.n_workers)), handle, [data] * self.n_workers, timeout=timeout)
+
+    def submit(self, ranks: Sequence[int], handle: str, data: Any = None) -> Ticket:
+        """Send ``handle`` with the same ``data`` to the workers ``ranks`` (indices); see
+        :mod:`realhf.system.transport`."""
+        ticket = Ticket(handle, list(ranks))
+        ids = self.request([Payload(handler=r, handle_name=handle, data=data) for r in ticket.ranks])
+        ticket.request_ids = dict(zip(ids, ticket.ranks))
+        return ticket
+
+    def wait_any(self, tickets: Sequence[Ticket], timeout: Optional[float] = None) -> Ticket:
+        """Block until one of ``tickets`` has all its replies; return it."""
+        self._check_open()
+        timeout, deadline = self._deadline(timeout)
+        while True:
+            for t in tickets:
+                for rid in [i for i in t.request_ids if i in self._replies]:
+                    reply = self._replies.pop(rid)
+                    t.accept(t.request_ids[rid], reply.data, reply.span)
+            ready = first_done(tickets)
+            if ready is not None:
+                return ready
+            if deadline is not None and time.monotonic() >= deadline:
+                if self._drain():
+                    continue
+                raise RequestTimeout(timeout, self._missing(
+                    [i for t in tickets for i, r in t.request_ids.items() if r not in t.replies]))
+            self._recv_some(deadline)
 
     # -- receiving ------------------------------------------------------- #
     def _accept(self, msg: bytes) -> None:
@@ -548,7 +578,8 @@ class WorkerStream:
             self._recv.poll(_remaining_ms(deadline))
 
     def reply(self, request: Union[str, Payload], data: Any = None,
-              exception: Optional[BaseException] = None) -> None:
+              exception: Optional[BaseException] = None,
+              span: Optional[Tuple[float, float]] = None) -> None:
         """Answer ``request`` (a Payload or its id) with ``data`` or an exception.
 
         Passing an exception instance as ``data`` is the same as passing it as
@@ -559,7 +590,7 @@ class WorkerStream:
         handle = self._handles.pop(rid, request.handle_name if isinstance(request, Payload) else "?")
         if exception is None and isinstance(data, BaseException):
             data, exception = None, data
-        reply = Payload(handler=self.worker_name, handle_name=handle, request_id=rid, data=data)
+        reply = Payload(handler=self.worker_name, handle_name=handle, request_id=rid, data=data, span=span)
         if exception is not None:
             reply.data = None
             reply.error = RemoteError.from_exception(exception)

@@ -43,6 +43,10 @@ def _serve(exp, trial, name, seen, ready, stop):
                     s.reply(req, e)
             elif req.handle_name == "silent":
                 continue
+            elif req.handle_name == "sleep":
+                start = time.time()
+                time.sleep(req.data)
+                s.reply(req, (name, req.data), span=(start, time.time()))
             elif req.handle_name == "exit":
                 s.reply(req.request_id, None)
                 return
@@ -176,3 +180,30 @@ def test_payload_hooks_default_data():
     assert p.no_syn and p.request_id != Payload(handler=0, handle_name="x").request_id
     with pytest.raises(ValueError):
         Payload(handler=0, handle_name="x", pre_hooks=["a"], pre_hook_data=[1, 2])
+
+
+def test_tickets_to_some_workers_complete_in_any_order(trial, workers):
+    exp, tr = trial
+    with MasterStream(exp, tr, WORKERS, timeout_s=5) as m:
+        slow = m.submit([0], "sleep", 0.3)
+        fast = m.submit([2, 1], "echo", 7)
+        assert m.wait_any([slow, fast]) is fast
+        assert fast.ordered() == [("model_worker/2", 7), ("model_worker/1", 7)]
+        assert not slow.done and fast.spans == {}  # the echo handler reports no span
+        assert m.wait_any([slow]) is slow
+        assert slow.ordered() == [("model_worker/0", 0.3)]
+        start, end = slow.span()
+        assert end - start >= 0.3 and slow.received_at >= end
+    assert workers["model_worker/0"] == [("sleep", 0.3)]  # nothing went to the workers not named
+    assert sorted(workers["model_worker/1"]) == [("echo", 7)]
+
+
+def test_ticket_timeout_names_the_silent_worker(trial, workers):
+    exp, tr = trial
+    with MasterStream(exp, tr, WORKERS, timeout_s=5) as m:
+        ok = m.submit([0], "echo", 1)
+        quiet = m.submit([1], "silent")
+        assert m.wait_any([ok, quiet]) is ok
+        with pytest.raises(RequestTimeout) as e:
+            m.wait_any([quiet], timeout=0.2)
+        assert "model_worker/1" in str(e.value) and "silent" in str(e.value)
