@@ -14,6 +14,9 @@ from typing import Callable, Optional
 
 import torch
 
+# One-pass AdamW kernel (CPU and CUDA); the unfused update below is the reference.
+_HAS_FUSED_ADAMW = hasattr(torch, "_fused_adamw_")
+
 LR_SCHEDULER_TYPES = ("constant", "linear", "cosine")
 OPTIMIZER_TYPES = ("adam", "empty")
 
@@ -128,19 +131,36 @@ class FlatAdamW:
     @torch.no_grad()
     def step(self, grad: torch.Tensor, lr: float) -> None:
         c = self.cfg
-        self.step_count += 1
         g = grad.float()
+        if _HAS_FUSED_ADAMW and self.param.device.type in ("cpu", "cuda"):
+            self._fused_step(g, lr)
+            return
+        self.step_count += 1
         if c.weight_decay > 0 and lr > 0:
             if self.decay_mask is None:
                 self.param.mul_(1.0 - lr * c.weight_decay)
             else:
-                self.param.sub_(self.param * self.decay_mask, alpha=lr * c.weight_decay)
+                self.param.addcmul_(self.param, self.decay_mask, value=-lr * c.weight_decay)
         self.exp_avg.mul_(c.beta1).add_(g, alpha=1.0 - c.beta1)
         self.exp_avg_sq.mul_(c.beta2).addcmul_(g, g, value=1.0 - c.beta2)
         bc1 = 1.0 - c.beta1 ** self.step_count
         bc2 = 1.0 - c.beta2 ** self.step_count
         denom = (self.exp_avg_sq / bc2).sqrt_().add_(c.eps)
         self.param.addcdiv_(self.exp_avg, denom, value=-lr / bc1)
+
+    def _fused_step(self, g: torch.Tensor, lr: float) -> None:
+        """The same update in one pass over the buffers (torch's fused AdamW kernel);
+        a per-element decay mask is applied first, as the decoupled decay it is."""
+        c = self.cfg
+        decay = c.weight_decay if lr > 0 else 0.0
+        if decay > 0 and self.decay_mask is not None:
+            self.param.addcmul_(self.param, self.decay_mask, value=-lr * decay)
+            decay = 0.0
+        self.step_count += 1
+        step = torch.tensor(float(self.step_count), device=self.param.device)  # the step being taken
+        torch._fused_adamw_([self.param], [g], [self.exp_avg], [self.exp_avg_sq], [], [step], lr=lr,
+                            beta1=c.beta1, beta2=c.beta2, weight_decay=decay, eps=c.eps, amsgrad=False,
+                            maximize=False)
 
     def state_dict(self) -> dict:
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "step": self.step_count}
