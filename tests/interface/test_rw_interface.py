@@ -138,7 +138,7 @@ def test_inference_scaling_and_bias_and_evaluate():
     out = PairedRewardInterface(output_scaling=2.5, output_bias=0.3).inference(model, sample, MicroBatchSpec(n_mbs=2))
     assert out.ids == sample.ids and out.keys == {"rewards"}
     assert out.seqlens["rewards"] == [[len(s)] for s in sample.seqlens["packed_input_ids"]]
-    torch.testing.assert_close(out.data["rewards"], (scores - 0.3) * 2.5, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.data["rewards"], (scores - 0.3) * 2.5, rtol=1e-4, atol=1e-5)  # micro-batch composition changes fp32 rounding
     plain = PairedRewardInterface().inference(model, sample)
     torch.testing.assert_close(plain.data["rewards"], scores, rtol=1e-5, atol=1e-6)
 
