@@ -245,6 +245,7 @@ class MasterCore:
         if span is not None:
             timing["start"], timing["end"] = span[0] - t_step, span[1] - t_step
         timing["ranks"] = list(call.ranks)
+        timing["rank_spans"] = {r: [a - t_step, b - t_step] for r, (a, b) in sorted(call.spans.items())}
         self._timing[rpc.name] = timing
         return stats
 

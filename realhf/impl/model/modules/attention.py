@@ -65,6 +65,15 @@ def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=dim)
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """SDPA over [..., heads, len, dim] with fewer KV heads than query heads served
+    in place (``enable_gqa``: KV head j serves query heads j * n_rep ...), so
+    a decoding step does not copy the whole KV cache per query head."""
+    if q.shape[-3] == k.shape[-3]:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+
+
 def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: Optional[int]) -> torch.Tensor:
     """Causal (and sliding-window) visibility of keys k_pos from queries q_pos."""
     mask = k_pos <= q_pos
@@ -81,14 +90,13 @@ def _attn_loop(q, k, v, ctx: PackedContext, scale: float, window: Optional[int],
         if e == s:
             continue
         qi = q[s:e].transpose(0, 1)
-        ki = _repeat_kv(k[s:e].transpose(0, 1), n_rep, 0)
-        vi = _repeat_kv(v[s:e].transpose(0, 1), n_rep, 0)
+        ki, vi = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
         if window is None or e - s <= window:
-            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, dropout_p=dropout_p)
+            o = _sdpa(qi, ki, vi, is_causal=True, scale=scale, dropout_p=dropout_p)
         else:
             pos = torch.arange(e - s, device=q.device)
             mask = _window_mask(pos[:, None], pos[None, :], window)
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, dropout_p=dropout_p)
+            o = _sdpa(qi, ki, vi, attn_mask=mask, scale=scale, dropout_p=dropout_p)
         out[s:e] = o.transpose(0, 1)
     return out
 
@@ -97,13 +105,7 @@ def _attn_block_diag(q, k, v, ctx: PackedContext, scale: float, window: Optional
     n_rep = q.shape[1] // k.shape[1]
     mask = ctx.seq_ids[:, None] == ctx.seq_ids[None, :]
     mask = mask & _window_mask(ctx.positions[:, None], ctx.positions[None, :], window)
-    o = F.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        _repeat_kv(k.transpose(0, 1), n_rep, 0),
-        _repeat_kv(v.transpose(0, 1), n_rep, 0),
-        attn_mask=mask,
-        scale=scale,
-    )
+    o = _sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
     return o.transpose(0, 1)
 
 
@@ -128,9 +130,9 @@ def _attn_with_cache(q, k, v, cache_k, cache_v, ctx: PackedContext, scale: float
     # Padding queries see everything so that no softmax row is empty; they are dropped.
     mask = mask | (j[None, :] >= ctx.seqlens[:, None])[:, :, None]
     n_rep = q.shape[1] // k.shape[1]
-    keys = _repeat_kv(cache_k[:, :max_k].transpose(1, 2), n_rep, 1).to(q.dtype)
-    vals = _repeat_kv(cache_v[:, :max_k].transpose(1, 2), n_rep, 1).to(q.dtype)
-    o = F.scaled_dot_product_attention(grid_q.transpose(1, 2), keys, vals, attn_mask=mask[:, None], scale=scale)
+    keys = cache_k[:, :max_k].transpose(1, 2).to(q.dtype)
+    vals = cache_v[:, :max_k].transpose(1, 2).to(q.dtype)
+    o = _sdpa(grid_q.transpose(1, 2), keys, vals, attn_mask=mask[:, None], scale=scale)
     return o.transpose(1, 2)[ctx.seq_ids, col]
 
 
@@ -148,8 +150,7 @@ def _attn_padded(q, k, v, ctx: PackedContext, scale: float, window: Optional[int
     # Padding queries see everything so that no softmax row is empty; they are dropped.
     mask = mask | (j[None, :, None] >= lens)
     n_rep = q.shape[1] // k.shape[1]
-    o = F.scaled_dot_product_attention(grid(q), _repeat_kv(grid(k), n_rep, 1), _repeat_kv(grid(v), n_rep, 1),
-                                       attn_mask=mask[:, None], scale=scale)
+    o = _sdpa(grid(q), grid(k), grid(v), attn_mask=mask[:, None], scale=scale)
     return o.transpose(1, 2).reshape(bs * width, *q.shape[1:]).index_select(0, cells)
 
 
