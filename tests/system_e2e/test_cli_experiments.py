@@ -233,3 +233,16 @@ def test_ppo_cli(tmp_path, alloc):
         _finite(r["stats"]["critic_train"], ["task_reward", "value_loss", "returns", "grad_norm"],
                 where + " critic_train")
         assert r["stats"]["actor_train"]["avg_seq_len"] > r["stats"]["actor_train"]["avg_prompt_len"]
+    # The launched master (ZeroMQ) records each call's mesh and its span on the workers' clocks.
+    with open(os.path.join(_log_dir(tmp_path, "ppo", "t"), "experiment_config.pkl"), "rb") as f:
+        cfg = pickle.load(f)
+    meshes = {rpc.name: sorted(cfg.model_layouts[rpc.model_name].global_ranks) for rpc in cfg.model_rpcs}
+    for r in steps:
+        timing = r["timing"]
+        for call, mesh in meshes.items():
+            assert timing[call]["ranks"] == mesh and 0 <= timing[call]["start"] <= timing[call]["end"]
+        assert timing["actor_train"]["start"] >= timing["actor_gen"]["end"]
+    if alloc is not PPO_MANUAL:  # the heuristic trains actor and critic on disjoint halves, at the same time
+        assert set(meshes["actor_train"]).isdisjoint(meshes["critic_train"])
+        assert any(t["actor_train"]["start"] < t["critic_train"]["end"]
+                   and t["critic_train"]["start"] < t["actor_train"]["end"] for t in (r["timing"] for r in steps))
