@@ -23,7 +23,7 @@ Kernels:
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,10 @@ class PackedContext:
     cos: Optional[torch.Tensor] = None  # [T, head_dim // 2]
     sin: Optional[torch.Tensor] = None
     past: Optional[torch.Tensor] = None  # int64 [bs], cached tokens per row (cache only)
+    # Grid indices and mask of a cached forward per attention window, built by the
+    # first block and reused by the others.
+    cache_grids: Dict[Optional[int], Tuple[torch.Tensor, torch.Tensor, int, int]] = dataclasses.field(
+        default_factory=dict)
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
@@ -109,27 +113,34 @@ def _attn_block_diag(q, k, v, ctx: PackedContext, scale: float, window: Optional
     return o.transpose(0, 1)
 
 
-def _attn_with_cache(q, k, v, cache_k, cache_v, ctx: PackedContext, scale: float, window: Optional[int]):
-    """Append k/v to the cache rows, then attend to each row's cached prefix + new tokens."""
-    cache_k[ctx.seq_ids, ctx.positions] = k.to(cache_k.dtype)
-    cache_v[ctx.seq_ids, ctx.positions] = v.to(cache_v.dtype)
+def _cache_grid(q: torch.Tensor, ctx: PackedContext, window: Optional[int]):
+    """Where each new query sits in the [bs, max_new] grid, and which cached keys it sees."""
     bs = ctx.seqlens.shape[0]
     total = ctx.past + ctx.seqlens
     max_q = int(ctx.seqlens.max()) if bs > 0 else 0
     max_k = int(total.max()) if bs > 0 else 0
-    if q.shape[0] == 0 or max_k == 0:
-        return torch.empty_like(q)
     # Query j of row i sits at grid cell (i, j); its position is past_i + j.
     col = torch.arange(q.shape[0], device=q.device) - ctx.cu_seqlens[ctx.seq_ids]
-    grid_q = q.new_zeros(bs, max_q, q.shape[1], q.shape[2])
-    grid_q[ctx.seq_ids, col] = q
     j = torch.arange(max_q, device=q.device)
     q_pos = ctx.past[:, None] + j[None, :]  # [bs, max_q]
     k_pos = torch.arange(max_k, device=q.device)
     mask = _window_mask(q_pos[:, :, None], k_pos[None, None, :], window)
     # Padding queries see everything so that no softmax row is empty; they are dropped.
     mask = mask | (j[None, :] >= ctx.seqlens[:, None])[:, :, None]
-    n_rep = q.shape[1] // k.shape[1]
+    return col, mask, max_q, max_k
+
+
+def _attn_with_cache(q, k, v, cache_k, cache_v, ctx: PackedContext, scale: float, window: Optional[int]):
+    """Append k/v to the cache rows, then attend to each row's cached prefix + new tokens."""
+    cache_k[ctx.seq_ids, ctx.positions] = k.to(cache_k.dtype)
+    cache_v[ctx.seq_ids, ctx.positions] = v.to(cache_v.dtype)
+    if window not in ctx.cache_grids:
+        ctx.cache_grids[window] = _cache_grid(q, ctx, window)
+    col, mask, max_q, max_k = ctx.cache_grids[window]
+    if q.shape[0] == 0 or max_k == 0:
+        return torch.empty_like(q)
+    grid_q = q.new_zeros(ctx.seqlens.shape[0], max_q, q.shape[1], q.shape[2])
+    grid_q[ctx.seq_ids, col] = q
     keys = cache_k[:, :max_k].transpose(1, 2).to(q.dtype)
     vals = cache_v[:, :max_k].transpose(1, 2).to(q.dtype)
     o = _sdpa(grid_q.transpose(1, 2), keys, vals, attn_mask=mask[:, None], scale=scale)
