@@ -8,3 +8,4 @@ from realhf.impl.model.interface import (  # noqa: F401
     rw_interface,
     sft_interface,
 )
+import realhf.impl.reward  # noqa: F401  (registers "rule_reward")
