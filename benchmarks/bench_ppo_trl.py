@@ -1,35 +1,46 @@
 """PPO samples/s of our system next to TRL's ``PPOTrainer``, in one run.
 
-Both sides train the same workload: the tiny llama of
-``realhf/assets/models/tiny-llama`` (hidden 128, 2 layers, vocab 4096) as
-actor, critic, reference and reward model, all randomly initialized and in
-fp32; the prompts of ``realhf/assets/data/prompt-train.jsonl`` (the last 64
-tokens of each, no special tokens added, the same tokenizer); 16 prompts per
-PPO step; exactly 24 new tokens per prompt (EOS can neither end a sample nor
-an entire batch early); plain sampling at temperature 1 (no top-k, no top-p);
-one PPO epoch of 2 minibatches, so 2 optimizer steps per step; no gradient
-checkpointing.
+Both sides train the same workload, the compute-bound shape of
+``benchmarks/_shape.py``: a llama of hidden 256, SwiGLU width 688, 4 layers,
+4 query / 2 key-value heads and a 1024-id vocabulary as actor, critic,
+reference and reward model, all randomly initialized from one config and in
+fp32; 16 prompts of 10..28 tokens (``_shape.write_prompts``, all of them in
+every PPO step); exactly 32 new tokens per prompt (EOS can neither end a
+sample nor an entire batch early); plain sampling at temperature 1 (no
+top-k, no top-p); one PPO epoch of 2 minibatches, so 2 optimizer steps per
+step; no gradient checkpointing.
 
 * ``ours``: the ``ppo`` quickstart experiment through
-  ``realhf.system.pipe_runner.run_with_pipes`` with 4 forked worker
-  processes of one torch thread each, in the two layouts of
-  ``benchmarks/bench_ppo.py`` (``same``: generation on the actor's dp2 x tp2
-  training layout; ``realloc``: generation on a dp4 replica). A step is the
-  master's step time (``master.history``).
+  ``realhf.system.pipe_runner.run_with_pipes`` with forked worker processes
+  of one torch thread each, in these layouts (``--layouts``):
+
+  - ``dp2``: 2 workers (one per core), every call data-parallel over both;
+  - ``split``: 2 workers, actor and reference model on worker 0, critic and
+    reward model on worker 1; the master runs calls on the two meshes at
+    the same time (reference and reward/critic inference together, actor
+    and critic training together), generation uses one core.
+
+  A step is the master's step time (``master.history``); the table under
+  the ratios is the per-call timeline of our median step (each call's start
+  and end on the workers' clocks, relative to the step's start).
 * ``trl``: ``trl.experimental.ppo.PPOTrainer`` (``trl==1.12.0``, the last
   release that has it) in a fresh Python process after ours has finished,
   on the CPU with ``torch.set_num_threads(2)``. Policy and reference are
   ``LlamaForCausalLM``, value and reward model are
   ``LlamaForSequenceClassification`` (``num_labels=1``), built from the same
   ``config.json`` with a fixed seed. A step lasts from one ``on_step_end``
-  callback to the next (the first from ``on_train_begin``).
+  callback to the next (the first from ``on_train_begin``). TRL calls
+  ``gc.collect()`` twice per step: ``trl`` runs it as users do, ``trl
+  (no gc.collect)`` replaces ``gc.collect`` by a no-op in its process (the
+  collector still runs automatically, as in ours).
 
 Each side runs ``--steps`` steps (6; ``--quick``: 3 steps of 8 prompts x 8
 tokens) and the table gives the median step time over steps 2.. (the first
 includes start-up work), samples/s = prompts per step / median step, and
-``ratio`` = ours samples/s / TRL samples/s. Results go to
-``benchmarks/results/bench_ppo_trl.json`` (``bench_ppo_trl_quick.json`` for
-``--quick``) with the versions, thread counts and load averages.
+``ratio`` = ours samples/s / samples/s of the TRL row named in the header.
+Results go to ``benchmarks/results/bench_ppo_trl.json``
+(``bench_ppo_trl_quick.json`` for ``--quick``) with the versions, thread
+counts, load averages and every step's timeline.
 
 Run ``python benchmarks/bench_ppo_trl.py`` (a few minutes on 2 cores). TRL is
 not a dependency of this project; without it the script says what to install
@@ -41,8 +52,8 @@ where ``constraints.txt`` pins the installed ``torch`` (and ``transformers``).
 
 Differences that remain between the two setups:
 
-* Threads: ours runs 4 single-threaded processes (plus an idle master) on the
-  2 cores, TRL one process with 2 threads.
+* Threads: ours runs single-threaded worker processes (plus a master that
+  mostly waits) on the 2 cores, TRL one process with 2 threads.
 * Padding: ours packs sequences without padding; TRL left-pads the prompts of
   a batch to the longest one and runs every model over the padded batch.
 * Models per step: ours runs actor, critic, reference and reward model as
@@ -59,13 +70,8 @@ Differences that remain between the two setups:
 * Algorithm details (KL estimator, reward/advantage normalization, value
   normalization, learning rates and schedules) follow each system's defaults;
   they cost little next to the model calls.
-* TRL calls ``gc.collect()`` twice per step (and empties caches); a full
-  collection walks the whole Python heap of transformers/datasets/torch, a
-  fixed cost per step that weighs heavily with a model this small (column
-  ``median_gc_s``: time spent in the garbage collector per step). Ours leaves
-  collection to Python.
-* Data order differs (each side shuffles with its own seed), so the prompt
-  lengths of a step differ between the sides, not their distribution.
+* Data order differs (each side shuffles with its own seed); every step sees
+  all 16 prompts, so the work per step is the same.
 """
 
 from __future__ import annotations
@@ -82,21 +88,29 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_ppo  # noqa: E402
+import _shape  # noqa: E402
 from _common import print_table, write_json  # noqa: E402
 
 TRL_VERSION = "1.12.0"
 INSTALL_HINT = (f'pip install "trl=={TRL_VERSION}" accelerate datasets  '
                 "(keep the installed torch: add --no-deps or a constraints file pinning torch)")
-MAX_PROMPT_LEN = bench_ppo.MAX_PROMPT_LEN
+MAX_PROMPT_LEN = 64
 N_MINIBATCHES = 2
 PPO_EPOCHS = 1
 SEED = 1
-OURS_WORKERS = 4
+CALLS = ["fetch", "actor_gen", "ref_inf", "rew_inf", "critic_inf", "actor_train", "critic_train"]
+# layout -> (number of workers, {call: mesh ranks}); a mesh of all workers runs data parallel.
+LAYOUTS = {
+    "dp2": (2, {c: [0, 1] for c in CALLS[1:]}),
+    "split": (2, {"actor_gen": [0], "actor_train": [0], "ref_inf": [0],
+                  "critic_inf": [1], "critic_train": [1], "rew_inf": [1]}),
+    "hybrid": (2, {"actor_gen": [0, 1], "actor_train": [0], "ref_inf": [0],
+                   "critic_inf": [1], "critic_train": [1], "rew_inf": [1]}),
+}
 
 
 def trl_missing() -> Optional[str]:
@@ -116,28 +130,67 @@ def trl_missing() -> Optional[str]:
     return None
 
 
-def vocab_size() -> int:
-    return int(json.loads((bench_ppo.TINY / "config.json").read_text())["vocab_size"])
+def workload(n_prompts: int, out_dir: Path) -> Dict[str, Path]:
+    """The model directory and a prompt file of ``n_prompts`` prompts of 10..28 tokens."""
+    model = _shape.materialize()
+    tokenizer = _shape.load_tokenizer(model)
+    prompts = _shape.write_prompts(out_dir / f"prompts{n_prompts}.jsonl", tokenizer, n=n_prompts)
+    return {"model": model, "prompts": Path(prompts)}
 
 
-def matched_overrides() -> List[str]:
-    """Settings on top of ``bench_ppo.ppo_args`` that TRL's PPO cannot change:
-    untruncated sampling and no activation recomputation."""
-    return ["ppo.gen.temperature=1.0", "ppo.gen.top_p=1.0", f"ppo.gen.top_k={vocab_size()}",
+def ppo_args(layout: str, steps: int, n_prompts: int, new_tokens: int, files: Dict[str, Path]) -> List[str]:
+    n_workers, meshes = LAYOUTS[layout]
+    args = ["experiment_name=bench-ppo-trl", f"trial_name={layout}", f"n_gpus_per_node={n_workers}",
+            "allocation_mode=manual", f"dataset.path={files['prompts']}", f"dataset.train_bs_n_seqs={n_prompts}",
+            f"dataset.max_prompt_len={MAX_PROMPT_LEN}", f"ppo.gen.max_new_tokens={new_tokens}",
+            f"ppo.gen.min_new_tokens={new_tokens}", "ppo.gen.temperature=1.0", "ppo.gen.top_p=1.0",
+            f"ppo.gen.top_k={_shape.VOCAB_SIZE}", f"ppo.ppo_n_minibatches={N_MINIBATCHES}",
+            f"exp_ctrl.benchmark_steps={steps}", f"exp_ctrl.total_train_epochs={steps}",
             "actor.gradient_checkpointing=False", "critic.gradient_checkpointing=False"]
+    for role in ("actor", "critic", "ref", "rew"):
+        args += [f"{role}.path={files['model']}", f"{role}.init_from_scratch=True"]
+    for call, ranks in meshes.items():
+        if len(ranks) < n_workers:
+            args.append(f"{call}.device_mesh=localhost:{','.join(map(str, ranks))}")
+        args.append(f"{call}.parallel.data_parallel_size={len(ranks)}")
+    return args
 
 
-def run_ours(layout: str, steps: int, n_prompts: int, new_tokens: int) -> List[Dict[str, Any]]:
-    return bench_ppo.run(layout, steps, n_prompts, new_tokens, extra=matched_overrides())
+def run_ours(layout: str, steps: int, n_prompts: int, new_tokens: int, files: Dict[str, Path]) -> List[Dict[str, Any]]:
+    import realhf.experiments  # noqa: F401
+    from realhf.api.quickstart.entrypoint import parse_quickstart
+    from realhf.system.pipe_runner import run_with_pipes
+
+    cfg = parse_quickstart("ppo", ppo_args(layout, steps, n_prompts, new_tokens, files)).initial_setup()
+    with tempfile.TemporaryDirectory() as root:
+        master = run_with_pipes(cfg, "bench-ppo-trl", layout, timeout=900, fileroot=root)
+    return [{"seconds": h.seconds, "timing": h.timing} for h in master.history]
 
 
-def load_prompts(tokenizer: Any) -> List[List[int]]:
-    with open(bench_ppo.DATA / "prompt-train.jsonl") as f:
-        texts = [json.loads(line)["prompt"] for line in f if line.strip()]
-    return [list(ids)[-MAX_PROMPT_LEN:] for ids in tokenizer(texts)["input_ids"]]
+def timeline_rows(layout: str, history: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per-call start/end (ms from step start, workers' clocks) of the median steady step."""
+    steady = history[1:] or history
+    median = sorted(steady, key=lambda h: h["seconds"])[len(steady) // 2]
+    rows = []
+    scale = 40 / max(median["seconds"], 1e-9)
+    for call in CALLS:
+        t = median["timing"].get(call)
+        if t is None or "start" not in t:
+            continue
+        a, b = int(t["start"] * scale), max(int(t["start"] * scale) + 1, int(t["end"] * scale))
+        rows.append({"layout": layout, "call": call, "ranks": ",".join(map(str, t.get("ranks", []))) or "-",
+                     "start_ms": 1e3 * t["start"], "end_ms": 1e3 * t["end"],
+                     "timeline": "." * a + "#" * (b - a) + "." * max(0, 40 - b)})
+    return rows
 
 
-def run_trl(steps: int, n_prompts: int, new_tokens: int, threads: int) -> Dict[str, Any]:
+def load_prompts(tokenizer: Any, path: Path) -> List[List[int]]:
+    texts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    return [list(ids)[-MAX_PROMPT_LEN:] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def run_trl(steps: int, n_prompts: int, new_tokens: int, threads: int, keep_gc: bool,
+            files: Dict[str, Path]) -> Dict[str, Any]:
     """Train ``steps`` PPO steps with TRL; per-step seconds and observed response lengths."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
@@ -147,13 +200,12 @@ def run_trl(steps: int, n_prompts: int, new_tokens: int, threads: int) -> Dict[s
                               ProgressCallback, TrainerCallback)
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    import realhf.assets
-    from realhf.api.core.data_api import load_hf_tokenizer
-
+    if not keep_gc:
+        gc.collect = lambda generation=2: 0  # the explicit calls only; automatic collection still runs
     torch.set_num_threads(threads)
-    tokenizer = load_hf_tokenizer(realhf.assets.tokenizer_path())
+    tokenizer = _shape.load_tokenizer(files["model"])
     tokenizer.padding_side = "left"
-    config = AutoConfig.from_pretrained(bench_ppo.TINY)
+    config = AutoConfig.from_pretrained(files["model"])
     torch.manual_seed(SEED)
     policy = LlamaForCausalLM(config)
     ref = copy.deepcopy(policy)
@@ -209,7 +261,7 @@ def run_trl(steps: int, n_prompts: int, new_tokens: int, threads: int) -> Dict[s
         )
         trainer = PPOTrainer(args=ppo_config, processing_class=tokenizer, model=policy, ref_model=ref,
                              reward_model=reward, value_model=value,
-                             train_dataset=Dataset.from_dict({"input_ids": load_prompts(tokenizer)}),
+                             train_dataset=Dataset.from_dict({"input_ids": load_prompts(tokenizer, files["prompts"])}),
                              callbacks=[clock])
         for quiet in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(quiet)
@@ -218,17 +270,19 @@ def run_trl(steps: int, n_prompts: int, new_tokens: int, threads: int) -> Dict[s
     seconds = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
     gc_seconds = [b - a for a, b in zip(clock.gc_stamps, clock.gc_stamps[1:])]
     return {"seconds": seconds, "gc_seconds": gc_seconds, "new_tokens_generated": generated,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "explicit_gc": keep_gc}
 
 
-def run_trl_subprocess(steps: int, n_prompts: int, new_tokens: int, threads: int) -> Dict[str, Any]:
+def run_trl_subprocess(steps: int, n_prompts: int, new_tokens: int, threads: int, keep_gc: bool,
+                       files: Dict[str, Path]) -> Dict[str, Any]:
     """``run_trl`` in a fresh interpreter: its heap (which TRL's per-step
     ``gc.collect()`` walks) and thread pool are not shaped by our master."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "trl.json"
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--trl-child", str(out), "--steps", str(steps),
                         "--prompts", str(n_prompts), "--new-tokens", str(new_tokens),
-                        "--trl-threads", str(threads)], check=True)
+                        "--trl-threads", str(threads), "--trl-gc", str(int(keep_gc)),
+                        "--prompt-file", str(files["prompts"])], check=True)
         return json.loads(out.read_text())
 
 
@@ -247,19 +301,21 @@ def loadavg() -> List[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 steps of 8 prompts x 8 new tokens (smoke run)")
     p.add_argument("--steps", type=int, default=None, help="PPO steps per side, the first is not timed")
-    p.add_argument("--layouts", default="same,realloc", help="our layouts to run, comma-separated")
+    p.add_argument("--layouts", default="dp2,split", help=f"our layouts to run, comma-separated, of {sorted(LAYOUTS)}")
     p.add_argument("--prompts", type=int, default=None, help="prompts per PPO step (16; --quick: 8)")
-    p.add_argument("--new-tokens", type=int, default=None, help="generated tokens per prompt (24; --quick: 8)")
-    p.add_argument("--trl-threads", default="2,1",
-                   help="torch threads of the TRL runs, comma-separated; ratio uses the first (2 = all cores)")
+    p.add_argument("--new-tokens", type=int, default=None, help="generated tokens per prompt (32; --quick: 8)")
+    p.add_argument("--trl-threads", type=int, default=2, help="torch threads of the TRL runs (2 = all cores)")
     p.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)  # internal: run TRL only, write JSON here
+    p.add_argument("--trl-gc", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--prompt-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.trl_child:
-        result = run_trl(args.steps, args.prompts, args.new_tokens, int(args.trl_threads))
+        files = {"model": _shape.materialize(), "prompts": Path(args.prompt_file)}
+        result = run_trl(args.steps, args.prompts, args.new_tokens, args.trl_threads, bool(args.trl_gc), files)
         Path(args.trl_child).write_text(json.dumps(result))
         return {}
 
@@ -267,38 +323,44 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if why is not None:
         print(f"bench_ppo_trl: skipped, {why}. To compare with TRL: {INSTALL_HINT}", file=sys.stderr)
         return {}
-    steps, n_prompts, new_tokens = (3, 8, 8) if args.quick else (6, 16, 24)
+    steps, n_prompts, new_tokens = (3, 8, 8) if args.quick else (6, 16, 32)
     steps, n_prompts, new_tokens = args.steps or steps, args.prompts or n_prompts, args.new_tokens or new_tokens
     layouts = [x for x in args.layouts.split(",") if x]
-    trl_threads = [int(x) for x in args.trl_threads.split(",") if x]
+    unknown = sorted(set(layouts) - set(LAYOUTS))
+    if unknown:
+        p.error(f"unknown layouts {unknown}; choose from {sorted(LAYOUTS)}")
 
     raw: Dict[str, Any] = {}
     load: Dict[str, Any] = {"start": loadavg()}
-    rows = []
-    for layout in layouts:
-        history = run_ours(layout, steps, n_prompts, new_tokens)
-        raw[f"ours_{layout}"] = {"seconds": [h["seconds"] for h in history],
-                                 "calls": bench_ppo.summarize(layout, history, n_prompts)}
-        load[f"after_ours_{layout}"] = loadavg()
-        rows.append(step_row(f"ours ({layout})", raw[f"ours_{layout}"]["seconds"], n_prompts, new_tokens))
-    trl_rows = []
-    for threads in trl_threads:
-        key = f"trl_{threads}t"
-        raw[key] = run_trl_subprocess(steps, n_prompts, new_tokens, threads)
-        load[f"after_{key}"] = loadavg()
-        trl_rows.append(step_row(f"trl ({threads} thread{'s' * (threads > 1)})", raw[key]["seconds"], n_prompts,
-                                 new_tokens, raw[key]["gc_seconds"]))
+    rows, timeline = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = workload(n_prompts, Path(tmp))
+        for layout in layouts:
+            history = run_ours(layout, steps, n_prompts, new_tokens, files)
+            raw[f"ours_{layout}"] = history
+            load[f"after_ours_{layout}"] = loadavg()
+            rows.append(step_row(f"ours ({layout})", [h["seconds"] for h in history], n_prompts, new_tokens))
+            timeline += timeline_rows(layout, history)
+        trl_rows = []
+        for keep_gc in (True, False):
+            key = "trl" if keep_gc else "trl_no_gc"
+            raw[key] = run_trl_subprocess(steps, n_prompts, new_tokens, args.trl_threads, keep_gc, files)
+            load[f"after_{key}"] = loadavg()
+            trl_rows.append(step_row("trl" if keep_gc else "trl (no gc.collect)", raw[key]["seconds"], n_prompts,
+                                     new_tokens, raw[key]["gc_seconds"]))
     rows += trl_rows
-    best_trl = max(r["samples_per_s"] for r in trl_rows)
     ratio = {layout: row["samples_per_s"] / trl_rows[0]["samples_per_s"] for layout, row in zip(layouts, rows)}
-    ratio_best = {layout: row["samples_per_s"] / best_trl for layout, row in zip(layouts, rows)}
+    ratio_no_gc = {layout: row["samples_per_s"] / trl_rows[1]["samples_per_s"] for layout, row in zip(layouts, rows)}
     for layout, row in zip(layouts, rows):
-        row["ratio"], row["ratio_best_trl"] = ratio[layout], ratio_best[layout]
+        row["ratio"], row["ratio_no_gc"] = ratio[layout], ratio_no_gc[layout]
 
-    print(f"\nPPO samples/s, ours vs TRL, {n_prompts} prompts x {new_tokens} new tokens, "
-          f"median over steps 2..{steps}; ratio = ours / {trl_rows[0]['system']}, ratio_best_trl = ours / faster trl")
+    print(f"\nPPO samples/s, ours vs TRL {TRL_VERSION} ({args.trl_threads} threads), {n_prompts} prompts x "
+          f"{new_tokens} new tokens, median over steps 2..{steps}; ratio = ours / trl, "
+          "ratio_no_gc = ours / trl (no gc.collect)")
     print_table(rows, ["system", "prompts", "new_tokens", "median_step_s", "samples_per_s", "ratio",
-                       "ratio_best_trl", "median_gc_s"])
+                       "ratio_no_gc", "median_gc_s"])
+    print("\nOur median step, per call (workers' clocks, ms from the step's start)")
+    print_table(timeline, ["layout", "call", "ranks", "start_ms", "end_ms", "timeline"])
     print(f"load average (1, 5, 15 min): {load}")
 
     from importlib.metadata import version
@@ -308,18 +370,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     setup = {
         "steps": steps, "prompts": n_prompts, "new_tokens": new_tokens, "max_prompt_len": MAX_PROMPT_LEN,
-        "ppo_epochs": PPO_EPOCHS, "minibatches": N_MINIBATCHES, "seed": SEED,
-        "ours": {"workers": OURS_WORKERS, "threads_per_worker": 1, "layouts": layouts,
-                 "overrides": matched_overrides()},
-        "trl": {"processes": 1, "threads": [raw[f"trl_{t}t"]["threads"] for t in trl_threads]},
+        "ppo_epochs": PPO_EPOCHS, "minibatches": N_MINIBATCHES, "seed": SEED, "shape": _shape.SHAPE,
+        "ours": {"threads_per_worker": 1, "layouts": {k: LAYOUTS[k] for k in layouts}},
+        "trl": {"processes": 1, "threads": raw["trl"]["threads"]},
     }
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": version("trl"),
                 "accelerate": version("accelerate")}
     name = "bench_ppo_trl_quick" if args.quick else "bench_ppo_trl"
-    path = write_json(name, {"rows": rows, "ratio": ratio, "ratio_best_trl": ratio_best, "raw": raw},
-                      extra={"setup": setup, "versions": versions, "loadavg": load})
+    path = write_json(name, {"rows": rows, "ratio": ratio, "ratio_no_gc": ratio_no_gc, "timeline": timeline,
+                             "raw": raw}, extra={"setup": setup, "versions": versions, "loadavg": load})
     print(f"wrote {path}")
-    return {"rows": rows, "ratio": ratio}
+    return {"rows": rows, "ratio": ratio, "ratio_no_gc": ratio_no_gc}
 
 
 if __name__ == "__main__":
