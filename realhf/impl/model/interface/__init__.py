@@ -4,6 +4,7 @@ package registers them."""
 from realhf.impl.model.interface import (  # noqa: F401
     dpo_interface,
     gen_interface,
+    grpo_interface,
     ppo_interface,
     rw_interface,
     sft_interface,
