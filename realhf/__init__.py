@@ -37,6 +37,8 @@ _EXPORTS: Dict[str, str] = {
     "GenerationConfig": "realhf.api.quickstart.algorithms",
     "PPOConfig": "realhf.api.quickstart.algorithms",
     "PPOHyperparameters": "realhf.api.quickstart.ppo",
+    "GRPOConfig": "realhf.api.quickstart.grpo",
+    "GRPOHyperparameters": "realhf.api.quickstart.grpo",
     "ModelTrainEvalConfig": "realhf.api.quickstart.model",
     "OptimizerConfig": "realhf.api.quickstart.model",
     "ParallelismConfig": "realhf.api.quickstart.model",
