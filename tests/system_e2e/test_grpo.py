@@ -1,0 +1,118 @@
+"""GRPO-family runs through the master and 4 forked model workers (2 steps each).
+
+The tiny llama starts from scratch, so it never answers a math prompt; the
+reward is a rule that varies on its random text (1 if the answer contains a
+digit, plus the math check), which gives the groups different rewards and
+the update something to learn from.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+import realhf.experiments  # noqa: F401
+from realhf.api.quickstart.entrypoint import parse_quickstart
+from realhf.system.pipe_runner import run_with_pipes
+
+pytestmark = pytest.mark.distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "realhf", "assets", "models", "tiny-llama")
+DATA = os.path.join(ROOT, "realhf", "assets", "data")
+REWARD = 'rule_reward.reward=[{name: format, pattern: "[0-9]"}, math]'
+MAX_NEW = 12
+
+# actor_gen on dp4, actor_train on dp2 x tp2: generation runs on a second actor replica.
+REALLOC = ["allocation_mode=manual", "actor_gen.parallel.data_parallel_size=4",
+           "actor_train.parallel.data_parallel_size=2", "actor_train.parallel.model_parallel_size=2",
+           "rew_inf.parallel.data_parallel_size=4", "ref_inf.parallel.data_parallel_size=4"]
+
+
+def _args(*extra: str):
+    return ["experiment_name=grpo", "trial_name=t", "n_gpus_per_node=4", f"dataset.path={DATA}/prompt-train.jsonl",
+            "dataset.train_bs_n_seqs=8", "dataset.max_prompt_len=48", f"actor.path={TINY}",
+            "actor.init_from_scratch=True", "actor.optimizer.lr=1e-3", "grpo.group_size=4",
+            f"grpo.gen.max_new_tokens={MAX_NEW}", "grpo.gen.min_new_tokens=1", "grpo.n_minibatches=2",
+            "exp_ctrl.benchmark_steps=2", "rule_reward.n_workers=0", REWARD, *extra]
+
+
+def _run(tmp_path, *extra: str):
+    cfg = parse_quickstart("grpo", _args(*extra)).initial_setup()
+    hist = run_with_pipes(cfg, "grpo", "t", timeout=300, fileroot=str(tmp_path)).history
+    assert len(hist) == 2
+    stats = [h.stats["actor_train"] for h in hist]
+    for s in stats:
+        keys = ["task_reward", "advantage", "actor_loss", "grad_norm", "kept_group_frac", "avg_gen_len", "n_updates"]
+        if s["n_updates"] > 0:
+            keys += ["clip_ratio", "importance_weight", "approx_kl"]
+        for k in keys:
+            assert k in s and math.isfinite(s[k]), (k, s)
+        assert 0.0 <= s["task_reward"] <= 2.0 and s["n_seqs"] == 32  # 8 prompts x 4 samples
+        assert s["avg_seq_len"] > s["avg_prompt_len"]
+    assert any(s["n_updates"] > 0 and s["grad_norm"] > 0 for s in stats), stats
+    return cfg, stats
+
+
+def test_grpo_with_kl_loss_and_reallocated_generation(tmp_path):
+    cfg, stats = _run(tmp_path, *REALLOC, "grpo.kl_loss_coef=0.01")
+    names = {r.name: r for r in cfg.model_rpcs}
+    assert set(names) == {"actor_gen", "rew_inf", "ref_inf", "actor_train"}
+    gen = names["actor_gen"]
+    assert gen.model_name.replica_id == 1 and gen.pre_hooks and gen.post_hooks
+    assert names["ref_inf"].post_hooks  # the frozen reference shares devices: offloaded
+    first = stats[0]
+    # the reference is the actor's initial weights: no divergence before the first update
+    assert abs(first["ref_kl"]) < 1e-3 and first["kl"] < 1e-3
+    assert all(s["kept_group_frac"] == 1.0 for s in stats)
+
+
+@pytest.mark.parametrize("variant", [
+    pytest.param(["grpo.adv_estimator=dr_grpo", "allocation_mode=heuristic"], id="dr_grpo"),
+    pytest.param(["grpo.eps_clip_higher=0.28", "grpo.dynamic_sampling=True", "grpo.overlong_tokens=4",
+                  "grpo.overlong_penalty_factor=0.5", "grpo.loss_agg_mode=token-mean", "allocation_mode=d2p1m2"],
+                 id="dapo"),
+    pytest.param(["grpo.importance_sampling_level=sequence", "grpo.use_decoupled_loss=True",
+                  "grpo.behav_imp_weight_cap=5.0", "allocation_mode=d2p2m1"], id="gspo-decoupled-pp2"),
+    pytest.param(["grpo.adv_estimator=rloo", "allocation_mode=d4p1m1"], id="rloo"),
+    pytest.param(["grpo.adv_estimator=reinforce_plus_plus", "grpo.kl_ctl=0.05", *REALLOC],
+                 id="reinforce_plus_plus"),
+])
+def test_grpo_family_variants(tmp_path, variant):
+    _, stats = _run(tmp_path, *variant)
+    if "grpo.dynamic_sampling=True" in variant:
+        assert all(0.0 <= s["kept_group_frac"] <= 1.0 for s in stats)
+        assert all(s["overlong_penalty"] <= 0.0 for s in stats)
+        # without EOS every answer has MAX_NEW tokens: the full penalty
+        full = [s for s in stats if s["no_eos_ratio"] == 1.0]
+        assert all(s["overlong_penalty"] == pytest.approx(-0.5) for s in full)
+    if "grpo.use_decoupled_loss=True" in variant:
+        # proximal = behaviour policy here, up to generation vs training numerics
+        assert all(abs(s["behav_imp_weight"] - 1.0) < 1e-3 for s in stats if s["n_updates"] > 0)
+    if "grpo.kl_ctl=0.05" in variant:
+        assert "ref_kl" in stats[0]
+
+
+def test_grpo_cli(tmp_path):
+    """``python -m realhf.apps.quickstart grpo ...`` on 4 worker processes, rewards in a reward process."""
+    import json
+
+    from tests.system_e2e._cli import run_quickstart
+
+    args = [a for a in _args("allocation_mode=heuristic", "grpo.kl_ctl=0.05", "rule_reward.n_workers=1",
+                             "grpo.top_k=1000", "grpo.temperature=0.9")
+            if not a.startswith(("experiment_name=", "trial_name=", "rule_reward.n_workers=0"))]
+    res, log_dir = run_quickstart(str(tmp_path), "grpo", "grpo-cli", args)
+    tail = f"\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, tail
+    assert "global step 2/2" in res.stdout, tail
+    with open(os.path.join(log_dir, "stats.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "stats" in r]
+    assert [r["global_step"] for r in steps] == [1, 2]
+    for r in steps:
+        s = r["stats"]["actor_train"]
+        for k in ("task_reward", "reward", "ref_kl", "advantage", "actor_loss", "grad_norm", "kept_group_frac"):
+            assert k in s and math.isfinite(s[k]), (k, s)
+        assert set(r["timing"]) >= {"actor_gen", "rew_inf", "ref_inf", "actor_train"}
