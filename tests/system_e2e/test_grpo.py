@@ -79,9 +79,14 @@ def test_grpo_with_kl_loss_and_reallocated_generation(tmp_path):
     pytest.param(["grpo.adv_estimator=rloo", "allocation_mode=d4p1m1"], id="rloo"),
     pytest.param(["grpo.adv_estimator=reinforce_plus_plus", "grpo.kl_ctl=0.05", *REALLOC],
                  id="reinforce_plus_plus"),
+    pytest.param(["rew_interface=paired_rw", f"rew.path={TINY}", "rew.init_from_scratch=True",
+                  "allocation_mode=d2p1m2"], id="reward-model"),
 ])
 def test_grpo_family_variants(tmp_path, variant):
-    _, stats = _run(tmp_path, *variant)
+    cfg, stats = _run(tmp_path, *variant)
+    if "rew_interface=paired_rw" in variant:  # a critic network scores: frozen, offloaded after its call
+        rew = next(r for r in cfg.model_rpcs if r.name == "rew_inf")
+        assert rew.interface_impl.type_ == "paired_rw" and rew.post_hooks
     if "grpo.dynamic_sampling=True" in variant:
         assert all(0.0 <= s["kept_group_frac"] <= 1.0 for s in stats)
         assert all(s["overlong_penalty"] <= 0.0 for s in stats)
