@@ -84,9 +84,17 @@ class ParallelContext:
         )
 
     def all_reduce(self, t: torch.Tensor, group: Any, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        """All-reduce ``t`` in place over ``group`` (no-op without one)."""
+        """All-reduce ``t`` in place over ``group`` (no-op without one).
+
+        NCCL only reduces device tensors; host-side statistics (counts, sums
+        built on the CPU) make the round trip through the current device."""
         if self.distributed and group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(t, op=op, group=group)
+            if t.device.type == "cpu" and dist.get_backend(group) == "nccl":
+                on_device = t.to(torch.device("cuda", torch.cuda.current_device()))
+                dist.all_reduce(on_device, op=op, group=group)
+                t.copy_(on_device.cpu())
+            else:
+                dist.all_reduce(t, op=op, group=group)
         return t
 
     def broadcast_from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
