@@ -35,6 +35,8 @@ _LAZY = {
     "DPOConfig": "realhf.api.quickstart.algorithms",
     "GenerationConfig": "realhf.api.quickstart.algorithms",
     "PPOConfig": "realhf.api.quickstart.algorithms",
+    "GRPOConfig": "realhf.api.quickstart.grpo",
+    "GRPOHyperparameters": "realhf.api.quickstart.grpo",
 }
 
 
@@ -48,7 +50,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AllocationConfig", "AllocationMode", "CommonExperimentConfig", "ConfigError", "DPOConfig",
-    "ExperimentSaveEvalControl", "GenerationConfig", "LoRAConfig", "MFCConfig", "ModelTrainEvalConfig",
+    "ExperimentSaveEvalControl", "GRPOConfig", "GRPOHyperparameters", "GenerationConfig", "LoRAConfig", "MFCConfig", "ModelTrainEvalConfig",
     "OptimizerConfig", "PPOConfig", "PPOHyperparameters", "PairedComparisonDatasetConfig", "ParallelismConfig",
     "PromptAnswerDatasetConfig", "PromptOnlyDatasetConfig", "RWConfig", "SFTConfig", "check_parallel_fits",
     "parse_allocation_mode", "resolve_allocations",
