@@ -15,6 +15,7 @@ import pytest
 
 import realhf.experiments  # noqa: F401
 from realhf.api.quickstart.entrypoint import parse_quickstart
+from realhf.experiments.common import utils
 from realhf.system.pipe_runner import run_with_pipes
 
 pytestmark = pytest.mark.distributed
@@ -62,7 +63,8 @@ def test_grpo_with_kl_loss_and_reallocated_generation(tmp_path):
     assert set(names) == {"actor_gen", "rew_inf", "ref_inf", "actor_train"}
     gen = names["actor_gen"]
     assert gen.model_name.replica_id == 1 and gen.pre_hooks and gen.post_hooks
-    assert names["ref_inf"].post_hooks  # the frozen reference shares devices: offloaded
+    # the frozen reference shares devices: offloaded after its call on GPUs (on the CPU it stays resident)
+    assert names["ref_inf"].post_hooks == utils.frozen_offload_hooks()
     first = stats[0]
     # the reference is the actor's initial weights: no divergence before the first update
     assert abs(first["ref_kl"]) < 1e-3 and first["kl"] < 1e-3
@@ -86,7 +88,7 @@ def test_grpo_family_variants(tmp_path, variant):
     cfg, stats = _run(tmp_path, *variant)
     if "rew_interface=paired_rw" in variant:  # a critic network scores: frozen, offloaded after its call
         rew = next(r for r in cfg.model_rpcs if r.name == "rew_inf")
-        assert rew.interface_impl.type_ == "paired_rw" and rew.post_hooks
+        assert rew.interface_impl.type_ == "paired_rw" and rew.post_hooks == utils.frozen_offload_hooks()
     if "grpo.dynamic_sampling=True" in variant:
         assert all(0.0 <= s["kept_group_frac"] <= 1.0 for s in stats)
         assert all(s["overlong_penalty"] <= 0.0 for s in stats)

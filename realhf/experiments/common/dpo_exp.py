@@ -50,7 +50,7 @@ def build(cfg: DPOConfig) -> sa.ExperimentConfig:
                          output_keys=["seqlogp"], n_mbs=allocs["ref_inf"].n_mbs,
                          max_tokens_per_mb=allocs["ref_inf"].max_tokens_per_mb)
     if set(a_ranks) & set(r_ranks):
-        ref_inf.post_hooks.append(dfg.OffloadHook())  # the frozen reference shares devices
+        ref_inf.post_hooks += utils.frozen_offload_hooks()  # the frozen reference shares devices
     actor_train = dfg.MFCDef("actor_train", n_seqs=ds.train_bs_n_seqs,
                              interface_type=ModelInterfaceType.TRAIN_STEP,
                              interface_impl=dfg.ModelInterface("dpo", args=dict(

@@ -131,7 +131,7 @@ def build(cfg: GRPOConfig) -> sa.ExperimentConfig:
         if call in frozen_nets:
             others = set().union(*(set(ranks[c]) for c in calls if c != call))
             if others & set(ranks[call]):
-                rpc.post_hooks.append(dfg.OffloadHook())
+                rpc.post_hooks += utils.frozen_offload_hooks()
         rpcs.append(rpc)
     workers = utils.workers_from_shards(cfg.n_workers, shards, cfg.seed, [data], cfg.actor.path, utils.device())
     return sa.ExperimentConfig(utils.exp_ctrl(cfg.exp_ctrl), rpcs, workers, dataset_keys=["packed_prompts"],

@@ -136,7 +136,7 @@ def build(cfg: PPOConfig) -> sa.ExperimentConfig:
         if name.role not in TRAIN_CALL:
             others = set().union(*(set(ranks[c]) for c in PPO_MFCS if c != call))
             if others & set(ranks[call]):
-                rpc.post_hooks.append(dfg.OffloadHook())
+                rpc.post_hooks += utils.frozen_offload_hooks()
         rpcs.append(rpc)
     workers = utils.workers_from_shards(cfg.n_workers, shards, cfg.seed, [data], cfg.actor.path,
                                         utils.device())

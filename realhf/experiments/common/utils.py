@@ -51,6 +51,17 @@ def device() -> str:
     return "cuda" if cuda_available() else "cpu"
 
 
+def frozen_offload_hooks() -> List[dfg.OffloadHook]:
+    """Post-hooks of a frozen model's call when its devices are shared with other calls.
+
+    Offloading frees accelerator memory for the calls that follow. On the CPU
+    the weights already live in host memory: moving them to a memory-mapped
+    file and back only costs a copy per step and slows the next call, which
+    re-faults the memory the offload returned, so there is no hook.
+    """
+    return [dfg.OffloadHook()] if device().startswith("cuda") else []
+
+
 def workers_from_shards(n_workers: int, shards: Dict[int, List[sa.StandaloneModelShard]], seed: int,
                         datasets: List[sa.Dataset], tokenizer: Optional[str], dev: str) -> List[sa.ModelWorker]:
     return [sa.ModelWorker(base_seed=seed, shards=shards.get(r, []), datasets=datasets,
