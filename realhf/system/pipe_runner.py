@@ -24,7 +24,8 @@ from realhf.system.model_worker import ModelWorkerCore, serve_pipe
 
 def _worker_main(cfg: ExperimentConfig, rank: int, world: int, port: int, conn, exp: str, trial: str,
                  fileroot: Optional[str]) -> None:
-    torch.set_num_threads(1)
+    # One torch thread per worker by default, like launched workers (REAL_WORKER_THREADS).
+    torch.set_num_threads(int(os.environ.get("REAL_WORKER_THREADS", "1")))
     if fileroot:
         os.environ["REAL_FILEROOT"] = fileroot
     import traceback
