@@ -41,8 +41,10 @@ vLLM.
   ``REALHF_BENCH_TRL116_DIR``; default ``benchmarks/results/.trl116``, which
   git ignores) that is put in front of ``PYTHONPATH`` of a fresh Python
   process started after ours has finished, so the ``trl`` installed in
-  site-packages stays untouched. The process runs on the CPU with
-  ``torch.set_num_threads(2)``; the policy is ``LlamaForCausalLM`` built from
+  site-packages stays untouched. Each process runs on the CPU with
+  ``torch.set_num_threads(n)`` for each ``n`` of ``--trl-threads`` (2, then
+  1: ``ratio_2t`` compares with all cores, ``ratio_1t`` with one core, the
+  per-core comparison for ``ours (one)``); the policy is ``LlamaForCausalLM`` built from
   the same ``config.json`` with a fixed seed. ``GRPOConfig``:
   ``per_device_train_batch_size=64, num_generations=4,
   gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1``
@@ -67,7 +69,8 @@ vLLM.
 Each side runs ``--steps`` steps (6; ``--quick``: 3 steps of 8 prompts x 4
 samples x 8 tokens) and the table gives the median step time over steps
 2.. (the first includes start-up work), samples/s = samples per step /
-median step, and ``ratio`` = ours samples/s / TRL samples/s. Results go to
+median step, and ``ratio_<n>t`` = ours samples/s / samples/s of TRL with
+``n`` threads. Results go to
 ``benchmarks/results/bench_grpo_trl.json`` (``bench_grpo_trl_quick.json`` for
 ``--quick``) with the versions, thread counts, load averages, every step's
 timeline and TRL's phase times.
@@ -84,7 +87,11 @@ come from site-packages)::
 Differences that remain between the two setups:
 
 * Threads: ours runs single-threaded worker processes (plus a master that
-  mostly waits) on the 2 cores, TRL one process with 2 threads.
+  mostly waits) on the 2 cores, TRL one process with 2 threads (or 1). The
+  two threads of one TRL process meet at the end of every operator, so when
+  other processes hold the cores a 2-thread TRL step slows down far more
+  than single-threaded processes do; compare the ``trl (2 threads)`` and
+  ``trl (1 threads)`` rows and the load averages before reading a ratio.
 * Padding: ours packs sequences without padding; TRL left-pads the prompts of
   the batch to the longest one (28 tokens) and runs generation and the
   training forward/backward over 64 padded rows of 28 + 32 positions.
@@ -96,9 +103,9 @@ Differences that remain between the two setups:
   inference pass for them.
 * Rewards: the same function; ours calls it from the reward call on the
   workers (over each worker's share of the batch), TRL in its rollout.
-* Learning rate and optimizer details (schedule, weight decay, gradient
-  clipping) follow each system's defaults; they cost little next to the
-  model calls. TRL's default lr is 1e-6, ours is set to the same value.
+* Optimizer details (schedule, weight decay, gradient clipping) follow each
+  system's defaults and cost little next to the model calls; the learning
+  rate is TRL's default on both sides (``LR``).
 * TRL also decodes the prompts and completions for logging and gathers
   metrics every step; ours computes its statistics on the workers.
 * Data order differs (each side shuffles with its own seed); every step sees
@@ -408,7 +415,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                    help=f"our layouts to run, comma-separated, of {sorted(LAYOUTS)}")
     p.add_argument("--prompts", type=int, default=None, help="prompts per step (16; --quick: 8)")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens per sample (32; --quick: 8)")
-    p.add_argument("--trl-threads", type=int, default=2, help="torch threads of the TRL run (2 = all cores)")
+    p.add_argument("--trl-threads", default="2,1",
+                   help="torch threads of the TRL runs, comma-separated, one run each; the first is the one the "
+                        "ratio compares with (2 = all cores; 1 = per-core comparison, as 'ours (one)')")
     p.add_argument("--trl-dir", default=None,
                    help=f"directory holding trl {TRL_VERSION} (default: ${TRL_DIR_ENV} or {DEFAULT_TRL_DIR})")
     p.add_argument("--profile-trl", action="store_true",
@@ -417,9 +426,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--trl-profile-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--prompt-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    try:
+        trl_threads = [int(x) for x in str(args.trl_threads).split(",") if x]
+    except ValueError:
+        p.error(f"--trl-threads={args.trl_threads!r}: give comma-separated positive integers")
+    if not trl_threads or min(trl_threads) < 1:
+        p.error(f"--trl-threads={args.trl_threads!r}: give comma-separated positive integers")
     if args.trl_child:
         files = {"model": _shape.materialize(), "prompts": Path(args.prompt_file)}
-        result = run_trl(args.steps, args.prompts, args.new_tokens, args.trl_threads, files, args.trl_profile_out)
+        result = run_trl(args.steps, args.prompts, args.new_tokens, trl_threads[0], files, args.trl_profile_out)
         Path(args.trl_child).write_text(json.dumps(result))
         return {}
 
@@ -440,7 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     raw: Dict[str, Any] = {}
     load: Dict[str, Any] = {"start": loadavg()}
-    rows, timeline, checks = [], [], []
+    rows, timeline, checks, trl_rows, phase_rows = [], [], [], [], []
     profile_text = None
     with tempfile.TemporaryDirectory() as tmp:
         files = workload(n_prompts, Path(tmp))
@@ -453,35 +468,40 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             s = median_step(history)["train_stats"]
             checks.append({"system": f"ours ({layout})", "samples": s.get("n_seqs"), "new_tokens": s.get("avg_gen_len"),
                            "no_eos_ratio": s.get("no_eos_ratio"), "reward": s.get("task_reward")})
-        raw["trl"] = run_trl_subprocess(trl_dir, steps, n_prompts, new_tokens, args.trl_threads, files)
-        load["after_trl"] = loadavg()
+        for threads in trl_threads:
+            key = f"trl_{threads}t"
+            raw[key] = run_trl_subprocess(trl_dir, steps, n_prompts, new_tokens, threads, files)
+            load[f"after_{key}"] = loadavg()
+            system = f"trl ({raw[key]['threads']} threads)"
+            trl_rows.append(step_row(system, raw[key]["seconds"], n_samples, new_tokens))
+            phase_rows.append({"system": system, **trl_phase_row(raw[key]["phases"])})
+            gen = raw[key]["generated"]
+            checks.append({"system": system, "samples": gen[-1]["rows"] if gen else None,
+                           "new_tokens": gen[-1]["new_tokens"] if gen else None,
+                           "eos_in_answers": sum(g["eos"] for g in gen)})
         if args.profile_trl:
             prof_path = Path(tmp) / "trl_profile.txt"
-            run_trl_subprocess(trl_dir, steps, n_prompts, new_tokens, args.trl_threads, files, str(prof_path))
+            run_trl_subprocess(trl_dir, steps, n_prompts, new_tokens, trl_threads[0], files, str(prof_path))
             profile_text = prof_path.read_text()
-    trl_row = step_row("trl", raw["trl"]["seconds"], n_samples, new_tokens)
-    ratio = {layout: row["samples_per_s"] / trl_row["samples_per_s"] for layout, row in zip(layouts, rows)}
+    ratio_cols = [f"ratio_{t}t" for t in trl_threads]
+    ratio = {col: {} for col in ratio_cols}
     for layout, row in zip(layouts, rows):
-        row["ratio"] = ratio[layout]
-    rows.append(trl_row)
-    gen = raw["trl"]["generated"]
-    checks.append({"system": "trl", "samples": gen[-1]["rows"] if gen else None,
-                   "new_tokens": gen[-1]["new_tokens"] if gen else None,
-                   "eos_in_answers": sum(g["eos"] for g in gen)})
-    phase_row = trl_phase_row(raw["trl"]["phases"])
+        for col, trl_row in zip(ratio_cols, trl_rows):
+            row[col] = ratio[col][layout] = row["samples_per_s"] / trl_row["samples_per_s"]
+    rows += trl_rows
 
-    print(f"\nGRPO samples/s, ours vs TRL {TRL_VERSION} ({raw['trl']['threads']} threads), {n_prompts} prompts x "
-          f"{GROUP_SIZE} samples x {new_tokens} new tokens, median over steps 2..{steps}; ratio = ours / trl")
-    print_table(rows, ["system", "samples", "new_tokens", "median_step_s", "samples_per_s", "ratio"])
+    print(f"\nGRPO samples/s, ours vs TRL {TRL_VERSION}, {n_prompts} prompts x {GROUP_SIZE} samples x {new_tokens} "
+          f"new tokens, median over steps 2..{steps}; ratio_<n>t = ours / trl with n threads")
+    print_table(rows, ["system", "samples", "new_tokens", "median_step_s", "samples_per_s"] + ratio_cols)
     print("Our median step, per call (workers' clocks, ms from the step's start; hooks = parameter reallocation)")
     print_table(timeline, ["layout", "call", "ranks", "start_ms", "end_ms", "call_ms", "hooks_ms", "transfer_ms",
                            "timeline"])
     print("TRL's step, per phase (median over steps 2.., ms)")
-    print_table([phase_row])
+    print_table(phase_rows)
     print("Work done (median step; ours from actor_train's statistics, TRL from its generate calls)")
     print_table(checks, ["system", "samples", "new_tokens", "no_eos_ratio", "eos_in_answers", "reward"])
     if profile_text is not None:
-        print("TRL under cProfile (untimed run, cumulative time):")
+        print(f"TRL ({trl_threads[0]} threads) under cProfile (untimed run, cumulative time):")
         print(profile_text)
     print(f"load average (1, 5, 15 min): {load}")
 
@@ -490,17 +510,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     import torch
     import transformers
 
+    first = raw[f"trl_{trl_threads[0]}t"]
     setup = {
         "steps": steps, "prompts": n_prompts, "group_size": GROUP_SIZE, "samples": n_samples,
         "new_tokens": new_tokens, "max_prompt_len": MAX_PROMPT_LEN, "lr": LR, "seed": SEED, "shape": _shape.SHAPE,
         "ours": {"threads_per_worker": 1, "layouts": {k: LAYOUTS[k] for k in layouts},
                  "loss_agg_mode": "token-mean", "adv_estimator": "grpo", "n_minibatches": 1},
-        "trl": {"processes": 1, "threads": raw["trl"]["threads"], "dir": str(trl_dir), **raw["trl"]["setup"]},
+        "trl": {"processes": 1, "threads": trl_threads, "dir": str(trl_dir), **first["setup"]},
     }
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": raw["trl"]["trl_version"],
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": first["trl_version"],
                 "accelerate": version("accelerate"), "datasets": version("datasets")}
     name = "bench_grpo_trl_quick" if args.quick else "bench_grpo_trl"
-    path = write_json(name, {"rows": rows, "ratio": ratio, "timeline": timeline, "trl_phases_ms": phase_row,
+    path = write_json(name, {"rows": rows, "ratio": ratio, "timeline": timeline, "trl_phases_ms": phase_rows,
                              "checks": checks, "raw": raw}, extra={"setup": setup, "versions": versions,
                                                                    "loadavg": load})
     print(f"wrote {path}")
