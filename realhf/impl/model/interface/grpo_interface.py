@@ -60,6 +60,7 @@ from realhf.impl.model.interface.ppo_interface import (
     _temperature,
     _vocab_size,
     _without_dropout,
+    sample_answers,
 )
 from realhf.impl.model.interface.rw_interface import save_model
 from realhf.impl.model.utils import rl_functional as rl
@@ -287,25 +288,19 @@ class GRPOActorInterface(ModelInterface):
                  mb_spec: Optional[MicroBatchSpec] = None) -> Optional[SequenceSample]:
         """``group_size`` answers per prompt, one item per prompt; None on non-last pipeline stages."""
         g = self.group_size
-        engine = _engine(model)
         p_lens = seq_lens(input_, "packed_prompts")
         toks = torch.split(input_.data["packed_prompts"], p_lens)
         rep_lens = [n for n in p_lens for _ in range(g)]
         rep = torch.cat([t for t in toks for _ in range(g)]) if toks else input_.data["packed_prompts"]
         prompts = SequenceSample.from_default(rep_lens, list(range(len(rep_lens))), {"packed_input_ids": rep})
-        eos = getattr(model.tokenizer, "eos_token_id", None)
-        out = engine.generate(prompts, mb_spec or MicroBatchSpec(), self.generation_config, eos)
-        if out is None:
+        rollout = sample_answers(model, prompts, mb_spec, self.generation_config)
+        if rollout is None:
             return None
-        ids, cu, _ = packed_inputs(prompts)
-        ppo = out.packed_ppo_inputs(ids, cu.to(ids.device))
-        lens = (ppo.cu_seqlens[1:] - ppo.cu_seqlens[:-1]).tolist()
-        data = {"packed_input_ids": ppo.packed_input_ids, "prompt_mask": ppo.prompt_mask,
-                "packed_logprobs": ppo.packed_logprobs.float(), "seq_no_eos_mask": ppo.seq_no_eos_mask.bool()}
+        lens, data = rollout
         per_key = {"packed_input_ids": lens, "prompt_mask": lens, "packed_logprobs": [n - 1 for n in lens],
                    "seq_no_eos_mask": [1] * len(lens)}
-        if ppo.packed_logits_mask is not None and not self.generation_config.force_no_logits_mask:
-            data[LOGITS_MASK], per_key[LOGITS_MASK] = ppo.packed_logits_mask, lens
+        if LOGITS_MASK in data:
+            per_key[LOGITS_MASK] = lens
         return grouped_sample(list(input_.ids), g, data, per_key)
 
     # ----------------------------------------------------------- inference

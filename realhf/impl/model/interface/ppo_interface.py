@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -120,6 +120,35 @@ def _n_minibatches(par, requested: int, bs: int) -> int:
     if par.dp_group is not None:
         par.all_reduce(n, par.dp_group, op=dist.ReduceOp.MIN)
     return max(1, int(n.item()))
+
+
+def sample_answers(model: Model, prompts: SequenceSample, mb_spec: Optional[MicroBatchSpec],
+                   gconfig: GenerationHyperparameters) -> Optional[Tuple[List[int], Dict[str, torch.Tensor]]]:
+    """Sample one answer per prompt (``packed_input_ids`` holds the prompts).
+
+    Returns the sequence lengths (prompt + answer) and the rollout keys
+    (``packed_input_ids``, ``prompt_mask``, ``packed_logprobs``,
+    ``seq_no_eos_mask`` and, when sampling truncated the vocabulary and
+    ``gconfig`` keeps the mask, ``packed_logits_mask``), or None on
+    non-last pipeline stages.
+    """
+    engine = _engine(model)
+    eos = getattr(model.tokenizer, "eos_token_id", None)
+    out = engine.generate(prompts, mb_spec or MicroBatchSpec(), gconfig, eos)
+    if out is None:
+        return None
+    ids, cu, _ = packed_inputs(prompts)
+    ppo = out.packed_ppo_inputs(ids, cu.to(ids.device))
+    lens = (ppo.cu_seqlens[1:] - ppo.cu_seqlens[:-1]).tolist()
+    data = {
+        "packed_input_ids": ppo.packed_input_ids,
+        "prompt_mask": ppo.prompt_mask,
+        "packed_logprobs": ppo.packed_logprobs.float(),
+        "seq_no_eos_mask": ppo.seq_no_eos_mask.bool(),
+    }
+    if ppo.packed_logits_mask is not None and not gconfig.force_no_logits_mask:
+        data[LOGITS_MASK] = ppo.packed_logits_mask
+    return lens, data
 
 
 # --------------------------------------------------------------------------- #
@@ -271,24 +300,12 @@ class PPOActorInterface(_PPOBase):
                  mb_spec: Optional[MicroBatchSpec] = None) -> Optional[SequenceSample]:
         """Sample one answer per prompt. Returns None on non-last pipeline stages
         (the model worker stores last-stage outputs only)."""
-        engine = _engine(model)
         prompts = input_.select(["packed_prompts"])
         prompts.remap_keys_({"packed_prompts": "packed_input_ids"})
-        eos = getattr(model.tokenizer, "eos_token_id", None)
-        out = engine.generate(prompts, mb_spec or MicroBatchSpec(), self.generation_config, eos)
-        if out is None:
+        rollout = sample_answers(model, prompts, mb_spec, self.generation_config)
+        if rollout is None:
             return None
-        ids, cu, _ = packed_inputs(prompts)
-        ppo = out.packed_ppo_inputs(ids, cu.to(ids.device))
-        lens = (ppo.cu_seqlens[1:] - ppo.cu_seqlens[:-1]).tolist()
-        data = {
-            "packed_input_ids": ppo.packed_input_ids,
-            "prompt_mask": ppo.prompt_mask,
-            "packed_logprobs": ppo.packed_logprobs.float(),
-            "seq_no_eos_mask": ppo.seq_no_eos_mask.bool(),
-        }
-        if ppo.packed_logits_mask is not None and not self.generation_config.force_no_logits_mask:
-            data[LOGITS_MASK] = ppo.packed_logits_mask
+        lens, data = rollout
         return SequenceSample.from_default(lens, list(input_.ids), data)
 
     @torch.no_grad()
