@@ -31,15 +31,7 @@ GEN_KEYS = ["seq_no_eos_mask", "packed_input_ids", "packed_logprobs", "prompt_ma
 
 def resolve_replicas(calls: List[str], ranks: Dict[str, List[int]], allocs) -> Dict[str, ModelName]:
     """Call -> replica: ``actor_train`` first (replica 0), then one per distinct (devices, layout)."""
-    seen: Dict[str, List[Tuple[Tuple[int, ...], object]]] = {}
-    out: Dict[str, ModelName] = {}
-    for call in sorted(calls, key=lambda c: (c != "actor_train", GRPO_MFCS.index(c))):
-        slots = seen.setdefault(ROLE[call], [])
-        key = (tuple(ranks[call]), allocs[call].parallel)
-        if key not in slots:
-            slots.append(key)
-        out[call] = ModelName(ROLE[call], slots.index(key))
-    return out
+    return utils.resolve_replicas(calls, ROLE, ["actor_train"], ranks, allocs)
 
 
 def _sampler_truncates(cfg: GRPOConfig) -> bool:
@@ -125,13 +117,8 @@ def build(cfg: GRPOConfig) -> sa.ExperimentConfig:
                          model_name=name, input_keys=ins, output_keys=outs, n_mbs=allocs[call].n_mbs,
                          max_tokens_per_mb=allocs[call].max_tokens_per_mb,
                          balanced_dp=call == "actor_gen", log_return_value=kind == ModelInterfaceType.TRAIN_STEP)
-        if name.role == "actor" and name != replica["actor_train"]:
-            rpc.pre_hooks.append(dfg.ParamReallocHook(source=replica["actor_train"]))
-            rpc.post_hooks.append(dfg.ParamReallocHook(target=replica["actor_train"]))
-        if call in frozen_nets:
-            others = set().union(*(set(ranks[c]) for c in calls if c != call))
-            if others & set(ranks[call]):
-                rpc.post_hooks += utils.frozen_offload_hooks()
+        utils.attach_layout_hooks(rpc, replica["actor_train"] if name.role == "actor" else None,
+                                  frozen=call in frozen_nets, ranks=ranks)
         rpcs.append(rpc)
     workers = utils.workers_from_shards(cfg.n_workers, shards, cfg.seed, [data], cfg.actor.path, utils.device())
     return sa.ExperimentConfig(utils.exp_ctrl(cfg.exp_ctrl), rpcs, workers, dataset_keys=["packed_prompts"],

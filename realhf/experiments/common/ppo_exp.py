@@ -14,7 +14,7 @@ calls :func:`build`.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 from realhf.api.core import dfg
 from realhf.api.core import system_api as sa
@@ -32,16 +32,7 @@ TRAIN_KEYS = ["packed_input_ids", "packed_logprobs", "packed_ref_logprobs", "rew
 
 def resolve_replicas(calls: List[str], ranks: Dict[str, List[int]], allocs) -> Dict[str, ModelName]:
     """Call -> replica: train calls first (replica 0), then one replica per distinct (devices, layout)."""
-    seen: Dict[str, List[Tuple[Tuple[int, ...], object]]] = {}
-    out: Dict[str, ModelName] = {}
-    for call in sorted(calls, key=lambda c: (c not in TRAIN_CALL.values(), PPO_MFCS.index(c))):
-        role = ROLE[call]
-        key = (tuple(ranks[call]), allocs[call].parallel)  # ParallelismConfig equality ignores SP
-        slots = seen.setdefault(role, [])
-        if key not in slots:
-            slots.append(key)
-        out[call] = ModelName(role, slots.index(key))
-    return out
+    return utils.resolve_replicas(calls, ROLE, list(TRAIN_CALL.values()), ranks, allocs)
 
 
 def _models(cfg: PPOConfig):
@@ -129,14 +120,9 @@ def build(cfg: PPOConfig) -> sa.ExperimentConfig:
                          model_name=name, input_keys=ins, output_keys=outs, n_mbs=allocs[call].n_mbs,
                          max_tokens_per_mb=allocs[call].max_tokens_per_mb,
                          balanced_dp=call == "actor_gen", log_return_value=kind == ModelInterfaceType.TRAIN_STEP)
-        train_replica = ModelName(name.role, 0)
-        if name.role in TRAIN_CALL and name != train_replica:
-            rpc.pre_hooks.append(dfg.ParamReallocHook(source=train_replica))
-            rpc.post_hooks.append(dfg.ParamReallocHook(target=train_replica))
-        if name.role not in TRAIN_CALL:
-            others = set().union(*(set(ranks[c]) for c in PPO_MFCS if c != call))
-            if others & set(ranks[call]):
-                rpc.post_hooks += utils.frozen_offload_hooks()
+        trained = name.role in TRAIN_CALL
+        utils.attach_layout_hooks(rpc, ModelName(name.role, 0) if trained else None, frozen=not trained,
+                                  ranks=ranks)
         rpcs.append(rpc)
     workers = utils.workers_from_shards(cfg.n_workers, shards, cfg.seed, [data], cfg.actor.path,
                                         utils.device())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 from realhf.api.core import dfg
 from realhf.api.core import system_api as sa
@@ -51,6 +51,21 @@ def device() -> str:
     return "cuda" if cuda_available() else "cpu"
 
 
+def resolve_replicas(calls: Sequence[str], role: Dict[str, str], train_calls: Collection[str],
+                     ranks: Dict[str, List[int]], allocs) -> Dict[str, ModelName]:
+    """Call -> replica ``ModelName(role, k)``: train calls first (replica 0), then, in
+    ``calls`` order, one replica per distinct (devices, layout) of a role."""
+    seen: Dict[str, List[Tuple[Tuple[int, ...], object]]] = {}
+    out: Dict[str, ModelName] = {}
+    for call in sorted(calls, key=lambda c: (c not in train_calls, list(calls).index(c))):
+        key = (tuple(ranks[call]), allocs[call].parallel)  # ParallelismConfig equality ignores SP
+        slots = seen.setdefault(role[call], [])
+        if key not in slots:
+            slots.append(key)
+        out[call] = ModelName(role[call], slots.index(key))
+    return out
+
+
 def frozen_offload_hooks() -> List[dfg.OffloadHook]:
     """Post-hooks of a frozen model's call when its devices are shared with other calls.
 
@@ -60,6 +75,24 @@ def frozen_offload_hooks() -> List[dfg.OffloadHook]:
     re-faults the memory the offload returned, so there is no hook.
     """
     return [dfg.OffloadHook()] if device().startswith("cuda") else []
+
+
+def attach_layout_hooks(rpc: dfg.MFCDef, train_replica: Optional[ModelName], frozen: bool,
+                        ranks: Dict[str, List[int]]) -> None:
+    """Hooks a call needs because of where it runs.
+
+    A call on another replica of a trained model pulls the trained weights
+    before it and drops them after (``train_replica``: that model's train
+    replica, None for frozen models); a frozen model whose devices other
+    calls (``ranks``: call -> mesh ranks) also use is offloaded after its call.
+    """
+    if train_replica is not None and rpc.model_name != train_replica:
+        rpc.pre_hooks.append(dfg.ParamReallocHook(source=train_replica))
+        rpc.post_hooks.append(dfg.ParamReallocHook(target=train_replica))
+    if frozen:
+        others = set().union(*(set(r) for c, r in ranks.items() if c != rpc.name))
+        if others & set(ranks[rpc.name]):
+            rpc.post_hooks += frozen_offload_hooks()
 
 
 def workers_from_shards(n_workers: int, shards: Dict[int, List[sa.StandaloneModelShard]], seed: int,
