@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from realhf.api.core.model_api import GenerationHyperparameters
+from realhf.impl.model.nn.fast_decode import FastDecoder, use_fast_decode
 from realhf.impl.model.utils.functional import cu_seqlens_from_lengths
 from realhf.impl.model.utils.logits_warper import LogitsWarper, mask_tokens
 
@@ -384,8 +385,10 @@ def generate(
     :param generator: RNG for sampling, for reproducible rollouts.
 
     ``gconfig.use_cuda_graph`` and ``force_cudagraph_recapture`` are accepted
-    but have no effect here: decoding runs eagerly on every device.  The model
-    is not switched to eval mode; callers control dropout.
+    but have no effect here. On the CPU, steps after the prefill of a llama-family
+    model run through :class:`~realhf.impl.model.nn.fast_decode.FastDecoder`
+    (same arithmetic, fewer operations). The model is not switched to eval
+    mode; callers control dropout.
     """
     del pad_token_id
     if getattr(model.config, "is_critic", False):
@@ -404,9 +407,13 @@ def generate(
 
     logits = model(input_ids, cu_seqlens, max_prompt, kv_cache=cache, **kw)
     last_logits = logits[cu_seqlens[1:].long() - 1]  # [n_active, V], active rows in order
+    fast = FastDecoder(model, cache) if use_fast_decode(model, device) else None
     while True:
         feed = state.step(last_logits)
         if feed is None:
             return state.output()
         next_tok, feed_lengths = feed
-        last_logits = model(next_tok, cu_seqlens_from_lengths(feed_lengths), 1, kv_cache=cache, **kw)
+        if fast is not None:
+            last_logits = fast.step(next_tok, state.active)
+        else:
+            last_logits = model(next_tok, cu_seqlens_from_lengths(feed_lengths), 1, kv_cache=cache, **kw)

@@ -1,0 +1,187 @@
+"""Decoding steps of llama-family models with few, fused operations.
+
+A decoding step feeds one token per row, so its matrix products are tiny
+and, on a CPU, the general packed forward spends most of the step in the
+overhead of its ~1000 small operations (module calls, packed-context
+bookkeeping, grid scatter for the cache, per-projection rotary). This module
+runs the same computation with about 25 operations per block:
+
+* q/k/v and gate/up projections each use one matrix product over weights
+  concatenated once per :class:`FastDecoder` (one ``generate`` call);
+* rotary is applied to q and k together;
+* each row's key/value is written straight into its cache slot and one SDPA
+  call attends over the cached prefix with a per-row length mask.
+
+Only whole (single-stage, ``tp_size == 1``) models of the llama family are
+served: RMS norms, rotary (either pairing), gated MLP, optional biases, no
+qk-norm, no sliding window, no learned positions, no dropout in effect.
+:func:`fast_decode_unsupported` says why a model is not served; ``generate``
+then keeps the general forward. ``DECODE_IMPL`` selects the policy: "auto"
+(fast path on the CPU, where per-operation overhead dominates; GPUs keep the
+flash-attention cache kernels), "fast" (everywhere supported) or "eager".
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from realhf.impl.model.modules.norm import RMSNorm
+from realhf.impl.model.nn.kv_cache import KVCache
+from realhf.impl.model.modules.rotary import rotary_inv_freq
+
+DECODE_IMPL = "auto"  # "auto" | "fast" | "eager"
+
+
+def fast_decode_unsupported(model: torch.nn.Module) -> Optional[str]:
+    """None when :class:`FastDecoder` can run ``model``, else the reason it cannot."""
+    from realhf.impl.model.nn import offload
+    from realhf.impl.model.nn.real_llm_api import ReaLModel
+
+    if not isinstance(model, ReaLModel):
+        return "not a ReaLModel"
+    cfg = model.config
+    checks = [
+        (model.tp_size == 1, "tensor parallel"),
+        (model.has_embedding and model.has_head, "pipeline stage, not a whole model"),
+        (model.instantiated and not offload.is_offloaded(model), "weights not in place"),
+        (not cfg.is_critic, "critic"),
+        (cfg.layer_norm_type == "rms", f"layer_norm_type={cfg.layer_norm_type!r}"),
+        (cfg.mlp_type == "llama", f"mlp_type={cfg.mlp_type!r}"),
+        (cfg.apply_rotary, "no rotary embedding"),
+        (not cfg.qk_layernorm, "qk_layernorm"),
+        (cfg.sliding_window is None, "sliding window"),
+        (not cfg.normalize_embed, "normalize_embed"),
+        (not (model.training and (cfg.attn_pdrop > 0 or cfg.resid_pdrop > 0 or cfg.embd_pdrop > 0)),
+         "dropout in training mode"),
+    ]
+    for ok, reason in checks:
+        if not ok:
+            return reason
+    return None
+
+
+def use_fast_decode(model: torch.nn.Module, device: torch.device) -> bool:
+    if DECODE_IMPL == "eager":
+        return False
+    if DECODE_IMPL == "auto" and device.type != "cpu":
+        return False
+    return fast_decode_unsupported(model) is None
+
+
+def _cat_linear(mods: List[torch.nn.Linear]):
+    """Weights of ``mods`` side by side as one [in, sum(out)] matrix (and bias).
+
+    Stored transposed and contiguous: for a few rows, ``x @ w`` over this
+    layout runs 30-40% faster on the CPU than ``F.linear`` over [out, in].
+    """
+    weight = torch.cat([m.weight.detach() for m in mods]).t().contiguous()
+    if all(m.bias is None for m in mods):
+        return weight, None
+    bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
+    return weight, bias
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    return x @ w if b is None else torch.addmm(b, x, w)
+
+
+class _Block:
+    """Weights of one transformer block in the fused layout."""
+
+    def __init__(self, block: torch.nn.Module):
+        attn, mlp = block.attn, block.mlp
+        self.ln1, self.eps1 = attn.c_attn.ln.weight.detach(), attn.c_attn.ln.eps
+        self.qkv_w, self.qkv_b = _cat_linear([attn.c_attn.q_attn, attn.c_attn.k_attn, attn.c_attn.v_attn])
+        self.o_w, self.o_b = _cat_linear([attn.c_proj])
+        self.scale = attn.scale
+        self.ln2, self.eps2 = mlp.ln.weight.detach(), mlp.ln.eps
+        self.gu_w, self.gu_b = _cat_linear([mlp.gate_proj, mlp.up_proj])
+        self.d_w, self.d_b = _cat_linear([mlp.down_proj])
+        self.act = mlp.act
+        self.ln_f = (block.ln_f.weight.detach(), block.ln_f.eps) if block.is_last else None
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as RMSNorm: normalize in fp32, cast back, then scale.
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class FastDecoder:
+    """One decoding step at a time for the rows of ``cache`` (see module docstring).
+
+    Built once per generation; the weights it fuses are copies, so the model
+    must not change while it is in use.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: KVCache):
+        reason = fast_decode_unsupported(model)
+        if reason is not None:
+            raise ValueError(f"FastDecoder cannot run this model: {reason}.")
+        cfg = model.config
+        assert all(isinstance(b.attn.c_attn.ln, RMSNorm) for b in model.layers[1:-1])
+        self.cache = cache
+        self.n_q, self.n_kv, self.head_dim = cfg.n_q_heads, cfg.n_kv_heads, cfg.head_dim
+        self.interleaved = cfg.rotary_interleaved
+        self.wte = model.layers[0].wte.weight.detach()
+        self.head, _ = _cat_linear([model.layers[-1]])
+        self.blocks = [_Block(b) for b in model.layers[1:-1]]
+        self.f = cfg.intermediate_dim
+        inv = model._inv_freq if model._inv_freq is not None else rotary_inv_freq(
+            cfg.head_dim, cfg.rotary_base, cfg.rotary_scaling, cfg.rotary_scaling_type, cfg.rotary_scaling_extra)
+        self.inv_freq = inv.to(self.wte.device)
+        self.all_rows = torch.arange(cache.bs, device=self.wte.device)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary on x [n, heads, head_dim] (fp32 math, as ``apply_rotary``)."""
+        dtype = x.dtype
+        x = x.float()
+        if self.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).to(dtype)
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` [n] to ``rows`` [n] (distinct cache rows, in order);
+        returns their next-token logits [n, vocab] and advances the cache."""
+        cache = self.cache
+        n = tokens.shape[0]
+        whole = n == cache.bs  # every row, in order: views instead of gathers
+        pos = cache.seqlens if whole else cache.seqlens[rows]
+        if bool((pos >= cache.capacity).any()):
+            raise ValueError(f"KV cache capacity {cache.capacity} exceeded.")
+        freqs = pos.float()[:, None] * self.inv_freq[None, :]
+        cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+        max_k = int(pos.max()) + 1
+        mask = (torch.arange(max_k, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
+        nq, nkv, d = self.n_q, self.n_kv, self.head_dim
+        x = F.embedding(tokens, self.wte)
+        for i, blk in enumerate(self.blocks):
+            h = _rms(x, blk.ln1, blk.eps1)
+            qkv = _matmul(h, blk.qkv_w, blk.qkv_b).view(n, nq + 2 * nkv, d)
+            qk = self._rotate(qkv[:, : nq + nkv], cos, sin)
+            ck, cv = cache.k[i], cache.v[i]
+            ck[rows, pos] = qk[:, nq:].to(ck.dtype)
+            cv[rows, pos] = qkv[:, nq + nkv:].to(cv.dtype)
+            keys = ck[:, :max_k] if whole else ck[rows, :max_k]
+            vals = cv[:, :max_k] if whole else cv[rows, :max_k]
+            o = F.scaled_dot_product_attention(
+                qk[:, :nq, None, :], keys.transpose(1, 2).to(x.dtype), vals.transpose(1, 2).to(x.dtype),
+                attn_mask=mask, scale=blk.scale, enable_gqa=nq != nkv)
+            x = x + _matmul(o.reshape(n, nq * d), blk.o_w, blk.o_b)
+            h = _rms(x, blk.ln2, blk.eps2)
+            gu = _matmul(h, blk.gu_w, blk.gu_b)
+            x = x + _matmul(blk.act(gu[:, : self.f]) * gu[:, self.f:], blk.d_w, blk.d_b)
+            if blk.ln_f is not None:
+                x = _rms(x, *blk.ln_f)
+        if whole:
+            cache.seqlens += 1
+        else:
+            cache.seqlens[rows] += 1
+        return x @ self.head

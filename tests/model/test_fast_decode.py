@@ -1,0 +1,127 @@
+"""The fused decoding step equals the general packed forward with a KV cache."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from realhf.api.core.model_api import GenerationHyperparameters, ReaLModelConfig
+from realhf.impl.model.nn import fast_decode
+from realhf.impl.model.nn.fast_decode import FastDecoder, fast_decode_unsupported
+from realhf.impl.model.nn.real_llm_api import ReaLModel
+from realhf.impl.model.nn.real_llm_generate import generate
+from realhf.impl.model.utils.functional import cu_seqlens_from_lengths
+
+LLAMA = ReaLModelConfig(n_layers=3, n_kv_heads=2, n_q_heads=4, hidden_dim=32, intermediate_dim=48, vocab_size=50,
+                        head_dim=8, layer_norm_type="rms", mlp_type="llama", apply_rotary=True,
+                        activation_function="silu", use_attention_bias=False, use_attn_proj_bias=False,
+                        scale_attn_by_inverse_layer_idx=False, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0,
+                        layer_norm_epsilon=1e-6)
+
+VARIANTS = {
+    "llama-gqa": LLAMA,
+    "qwen2-biases": dataclasses.replace(LLAMA, use_attention_bias=True),
+    "all-biases-mha-tied": dataclasses.replace(LLAMA, n_kv_heads=4, use_attention_bias=True,
+                                               use_attn_proj_bias=True, mlp_bias=True, tied_embedding=True),
+    "interleaved-scaled": dataclasses.replace(LLAMA, rotary_interleaved=True, rotary_scaling=2.0,
+                                              rotary_scaling_type="linear", scale_attn_by_inverse_layer_idx=True),
+}
+
+
+def _model(cfg: ReaLModelConfig, seed: int = 0) -> ReaLModel:
+    model = ReaLModel(cfg).instantiate(init=False)
+    model.init_weights(std=0.2, seed=seed)
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_steps_equal_general_forward(variant):
+    """Prefill, then decode steps in which rows drop out: logits and caches agree."""
+    cfg = VARIANTS[variant]
+    model = _model(cfg)
+    assert fast_decode_unsupported(model) is None
+    g = torch.Generator().manual_seed(3)
+    lens = torch.tensor([5, 1, 9, 3])
+    ids = torch.randint(0, cfg.vocab_size, (int(lens.sum()),), generator=g)
+    caches = [model.allocate_kv_cache(4, 20) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            model(ids, cu_seqlens_from_lengths(lens), int(lens.max()), kv_cache=c)
+    dec = FastDecoder(model, caches[1])
+    for rows in ([0, 1, 2, 3], [0, 2, 3], [1, 3], [2], [0, 1, 2, 3]):
+        rows = torch.tensor(rows)
+        tok = torch.randint(0, cfg.vocab_size, (len(rows),), generator=g)
+        feed = torch.zeros(4, dtype=torch.long)
+        feed[rows] = 1
+        with torch.no_grad():
+            want = model(tok, cu_seqlens_from_lengths(feed), 1, kv_cache=caches[0])
+        got = dec.step(tok, rows)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(caches[1].seqlens, caches[0].seqlens)
+    for k0, k1 in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        torch.testing.assert_close(k1, k0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_generate_same_with_either_path(monkeypatch, greedy):
+    """Whole generations (EOS ends rows at different steps) agree token for token."""
+    model = _model(VARIANTS["qwen2-biases"], seed=1)
+    lens = torch.tensor([4, 2, 7, 1, 5])
+    ids = torch.randint(0, 50, (int(lens.sum()),), generator=torch.Generator().manual_seed(0))
+    cu = cu_seqlens_from_lengths(lens)
+    gcfg = GenerationHyperparameters(max_new_tokens=16, min_new_tokens=0, greedy=greedy, top_k=20, top_p=0.9, temperature=0.8)
+
+    def run(impl, eos):
+        monkeypatch.setattr(fast_decode, "DECODE_IMPL", impl)
+        return generate(model, ids, cu, gcfg, eos_token_id=eos, generator=torch.Generator().manual_seed(42))
+
+    # EOS ids taken from an unstopped run, so that some rows stop early and others do not.
+    free = run("eager", None).sequences
+    eos = sorted({int(free[0][3]), int(free[2][9])})
+    outs = {impl: run(impl, eos) for impl in ("eager", "fast")}
+    a, b = outs["eager"], outs["fast"]
+    assert torch.equal(a.gen_lengths, b.gen_lengths) and torch.equal(a.gen_tokens, b.gen_tokens)
+    assert len(set(a.gen_lengths.tolist())) > 1, "the case must end rows at different steps"
+    torch.testing.assert_close(b.logprobs, a.logprobs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(a.no_eos, b.no_eos)
+    assert (a.logits_mask is None) == (b.logits_mask is None)
+    if a.logits_mask is not None:
+        assert torch.equal(a.logits_mask, b.logits_mask)
+
+
+def test_fast_path_is_used_on_cpu(monkeypatch):
+    calls = []
+    real_step = FastDecoder.step
+    monkeypatch.setattr(FastDecoder, "step", lambda self, t, r: calls.append(len(t)) or real_step(self, t, r))
+    model = _model(LLAMA)
+    generate(model, torch.tensor([1, 2, 3]), torch.tensor([0, 3]),
+             GenerationHyperparameters(max_new_tokens=5, min_new_tokens=5, greedy=True), eos_token_id=None)
+    assert calls == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("change,reason", [
+    (dict(layer_norm_type=None), "layer_norm_type"),
+    (dict(mlp_type=None), "mlp_type"),
+    (dict(qk_layernorm=True), "qk_layernorm"),
+    (dict(sliding_window=4), "sliding window"),
+    (dict(apply_rotary=False, n_positions=64), "rotary"),
+    (dict(is_critic=True), "critic"),
+])
+def test_unsupported_models_keep_general_path(change, reason):
+    model = _model(dataclasses.replace(LLAMA, **change))
+    why = fast_decode_unsupported(model)
+    assert why is not None and reason in why
+    assert not fast_decode.use_fast_decode(model, torch.device("cpu"))
+    with pytest.raises(ValueError, match=reason):
+        FastDecoder(model, model.allocate_kv_cache(1, 4))
+
+
+def test_dropout_in_training_mode_keeps_general_path():
+    model = _model(dataclasses.replace(LLAMA, resid_pdrop=0.1)).train()
+    assert "dropout" in fast_decode_unsupported(model)
+    assert fast_decode_unsupported(model.eval()) is None
+
+
+def test_pipeline_stage_not_served():
+    stage = ReaLModel(LLAMA, pp_size=2, pp_rank=0).instantiate(init=False)
+    assert "pipeline stage" in fast_decode_unsupported(stage)
