@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 from typing import List
@@ -19,6 +20,7 @@ from realhf.impl.model.interface.grpo_interface import (
     check_groups,
     group_advantages,
     grouped_sample,
+    split_greedy,
 )
 from realhf.impl.model.utils import rl_functional as rl
 from realhf.impl.model.utils.functional import cu_seqlens_from_lengths
@@ -114,8 +116,11 @@ def test_train_step_each_estimator_moves_towards_rewarded_answers(estimator):
     torch.manual_seed(1)
     out = iface.generate(model, _prompts(config.vocab_size, seed=5))
     rewards = [1.0, 0.0, 0.0] * len(PROMPT_LENS)  # the first answer of every group wins
+    if estimator == "remax":  # each item ends with its greedy answer, scored between winner and losers
+        rewards = [1.0, 0.0, 0.0, 0.5] * len(PROMPT_LENS)
     batch = _with_rewards(out, rewards)
-    before = _answer_logp(iface, model, batch)
+    sampled = split_greedy(batch, G)[0] if estimator == "remax" else batch
+    before = _answer_logp(iface, model, sampled)
     flat0 = model.module.module.flat_param.detach().clone()
     for _ in range(3):
         stats = iface.train_step(model, batch, MicroBatchSpec(n_mbs=2))
@@ -125,7 +130,7 @@ def test_train_step_each_estimator_moves_towards_rewarded_answers(estimator):
     assert stats["task_reward"] == pytest.approx(1 / 3) and stats["n_updates"] == 2
     assert stats["avg_prompt_len"] == pytest.approx(sum(PROMPT_LENS) / len(PROMPT_LENS))
     assert stats["grad_norm"] > 0 and not torch.equal(flat0, model.module.module.flat_param)
-    gain = (_answer_logp(iface, model, batch) - before).view(-1, G)
+    gain = (_answer_logp(iface, model, sampled) - before).view(-1, G)
     assert float((gain[:, 0] - gain[:, 1:].mean(1)).mean()) > 0, gain
 
 
@@ -147,6 +152,100 @@ def test_dynamic_sampling_drops_groups_with_equal_rewards():
     stats = iface.train_step(model, _with_rewards(out, [0.0] * G + [1.0] * G + [0.5] * (2 * G)))
     assert stats["kept_group_frac"] == 0 and stats["n_updates"] == 0 and stats["grad_norm"] == 0
     assert torch.equal(flat, model.module.module.flat_param)
+
+
+# --------------------------------------------------------------------------- #
+# ReMax: one greedy answer per prompt as the baseline
+# --------------------------------------------------------------------------- #
+def test_remax_generate_appends_the_greedy_answer():
+    config = tiny_config()
+    model = _actor(config)
+    prompts = _prompts(config.vocab_size, seed=4)
+    sampling = GenerationHyperparameters(max_new_tokens=6, min_new_tokens=0, top_k=5, top_p=1.0)  # a logits mask
+    torch.manual_seed(7)
+    plain = GRPOActorInterface(generation_config=sampling, group_size=G).generate(model, prompts,
+                                                                                  MicroBatchSpec(n_mbs=2))
+    torch.manual_seed(7)
+    out = GRPOActorInterface(generation_config=sampling, group_size=G, adv_estimator="remax").generate(
+        model, prompts, MicroBatchSpec(n_mbs=2))
+    greedy_cfg = dataclasses.replace(sampling, greedy=True)
+    greedy = GRPOActorInterface(generation_config=greedy_cfg, group_size=1,
+                                adv_estimator="reinforce_plus_plus").generate(model, prompts)
+    check_groups(out, G + 1)
+    assert out.seqlens["seq_no_eos_mask"] == [[1] * (G + 1)] * len(PROMPT_LENS)
+    rest, _ = split_greedy(_with_rewards(out, [0.0] * (G + 1) * len(PROMPT_LENS)), G)
+    # the sampled answers draw the random numbers they draw without ReMax
+    for key in ("packed_input_ids", "prompt_mask", "packed_logprobs", "packed_logits_mask"):
+        assert rest.seqlens[key] == plain.seqlens[key] and torch.equal(rest.data[key], plain.data[key]), key
+    lens = [n for s in out.seqlens["packed_input_ids"] for n in s]
+    seqs = torch.split(out.data["packed_input_ids"], lens)
+    masks = torch.split(out.data["packed_logits_mask"], lens)
+    for i, want in enumerate(torch.split(greedy.data["packed_input_ids"], greedy.item_lengths("packed_input_ids"))):
+        last = (i + 1) * (G + 1) - 1
+        assert torch.equal(seqs[last], want)  # argmax decoding, same budget
+        assert bool(masks[last].all())  # argmax removes no token: the mask keeps all
+    assert not all(bool(m.all()) for m in masks)  # top-k did cut the sampled answers' vocabulary
+
+
+def test_remax_train_advantages_are_reward_minus_greedy_reward():
+    config = tiny_config()
+    model = _actor(config)
+    iface = GRPOActorInterface(generation_config=_sampling(), group_size=G, adv_estimator="remax",
+                               n_minibatches=1)
+    torch.manual_seed(2)
+    out = iface.generate(model, _prompts(config.vocab_size, seed=8))
+    rewards = [[1.0, 0.0, 0.5, 0.25], [0.0, 0.0, 0.0, 1.0], [2.0, 1.0, 0.0, 1.0], [0.3, 0.3, 0.9, 0.0]]
+    batch = _with_rewards(out, [r for item in rewards for r in item])
+    seen = []
+    engine = model.module
+    real = engine.train_batch
+
+    def spy(mb, *a, **kw):
+        seen.append(mb)
+        return real(mb, *a, **kw)
+
+    engine.train_batch = spy
+    stats = iface.train_step(model, batch)
+    (mb,) = seen
+    # only the sampled answers reach the update, with r_i - r_greedy on each of their answer tokens
+    assert mb.seqlens["packed_input_ids"] == [s[:G] for s in out.seqlens["packed_input_ids"]]
+    lens = [n for s in mb.seqlens["packed_input_ids"] for n in s]
+    plens = [p for p in PROMPT_LENS for _ in range(G)]
+    expected = [r - item[G] for item in rewards for r in item[:G]]  # by hand: r_i - r_greedy of its prompt
+    short1 = cu_seqlens_from_lengths([n - 1 for n in lens])
+    mask = mb.data["ppo_loss_mask"]
+    adv = mb.data["advantages"]
+    for j, (n, p) in enumerate(zip(lens, plens)):
+        a, m = adv[short1[j]:short1[j + 1]], mask[short1[j]:short1[j + 1]]
+        assert int(m.sum()) == n - p  # every answer token is trained
+        assert torch.allclose(a[m], torch.full_like(a[m], expected[j])) and not bool(a[~m].any())
+    sampled_r = [r for item in rewards for r in item[:G]]
+    assert stats["task_reward"] == pytest.approx(sum(sampled_r) / len(sampled_r))
+    assert stats["greedy_task_reward"] == pytest.approx(sum(item[G] for item in rewards) / len(rewards))
+    assert stats["n_seqs"] == len(PROMPT_LENS) * G and stats["n_updates"] == 1
+
+
+def test_remax_baseline_gets_the_same_overlong_penalty_and_clip():
+    lens, gens = [6, 7, 5, 8], [3, 5, 2, 5]
+    cfg = GRPOActorInterface(generation_config=GenerationHyperparameters(max_new_tokens=5, min_new_tokens=0),
+                             group_size=2, adv_estimator="remax", overlong_tokens=2, overlong_penalty_factor=1.0,
+                             max_reward_clip=1.5)
+    b = _group_batch(lens, gens, [1.0, 3.0, 0.0, 1.0])
+    b.greedy_score = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    b.greedy_gen_len = torch.tensor([5.0, 1.0], dtype=torch.float64)
+    adv, mask, stats = group_advantages(b, cfg)
+    # sampled: 1, clip(3 - 1) = 1.5, 0, clip(1 - 1) = 0; greedy: 0.5 - 1 = -0.5, clip(2) = 1.5
+    want = torch.tensor([1.0 + 0.5, 1.5 + 0.5, 0.0 - 1.5, 0.0 - 1.5])
+    torch.testing.assert_close(adv, rl.broadcast_to_tokens(want, b.short1, mask).float())
+    assert stats["greedy_task_reward"] == pytest.approx(1.25)
+
+
+def test_remax_refuses_options_without_a_greedy_baseline():
+    greedy = GenerationHyperparameters(max_new_tokens=4, min_new_tokens=0, greedy=True)
+    for kw in (dict(generation_config=greedy), dict(dynamic_sampling=True), dict(reward_norm_mean_level="batch")):
+        with pytest.raises(ValueError, match="remax"):
+            GRPOActorInterface(group_size=2, adv_estimator="remax", **kw)
+    assert GRPOActorInterface(group_size=1, adv_estimator="remax").answers_per_item == 2
 
 
 def _group_batch(lens, gen_lens, scores, no_eos=None, kl=None) -> GroupBatch:

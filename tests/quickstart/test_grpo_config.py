@@ -73,7 +73,12 @@ def test_reward_model_variant_uses_a_critic():
     ("grpo.group_size=1", "grpo.group_size"),
     ("grpo.group_size=0", "grpo.group_size"),
     ("grpo.n_minibatches=0", "grpo.n_minibatches"),
-    ("grpo.adv_estimator=remax", "grpo.adv_estimator"),
+    ("grpo.adv_estimator=ppo", "grpo.adv_estimator"),
+    ("grpo.adv_estimator=remax grpo.greedy=True", "grpo.gen.greedy"),
+    ("grpo.adv_estimator=remax grpo.gen.temperature=0", "grpo.gen.greedy"),
+    ("grpo.adv_estimator=remax grpo.dynamic_sampling=True", "grpo.dynamic_sampling"),
+    ("grpo.adv_estimator=remax grpo.reward_norm.mean_level=batch", "grpo.reward_norm.mean_level"),
+    ("grpo.adv_estimator=remax grpo.reward_norm.std_level=group", "grpo.reward_norm.std_level"),
     ("grpo.norm_adv_by_std=True", "grpo.norm_adv_by_std"),  # with rloo below
     ("grpo.eps_clip=0", "grpo.eps_clip"),
     ("grpo.eps_clip=1.0", "grpo.eps_clip"),
@@ -116,6 +121,22 @@ def test_group_levels_and_dynamic_sampling_need_groups():
         with pytest.raises(ConfigError, match=r"grpo\.group_size"):
             _grpo("grpo.adv_estimator=reinforce_plus_plus", "grpo.group_size=1", extra)
     assert _grpo("grpo.adv_estimator=reinforce_plus_plus", "grpo.group_size=1").grpo.group_size == 1
+
+
+def test_remax_adds_a_greedy_answer_to_each_group():
+    import realhf.impl.model.interface  # noqa: F401  (registers grpo_actor)
+    from realhf.api.core.model_api import make_interface
+
+    cfg = _grpo("grpo.adv_estimator=remax", "grpo.group_size=1", "grpo.adv_norm.mean_level=batch")
+    assert cfg.grpo.answers_per_prompt == 2  # one sample per prompt is enough: the baseline is greedy
+    calls = _calls(cfg)
+    assert set(calls) == {"actor_gen", "rew_inf", "actor_train"}  # the reward call scores the greedy answers too
+    iface = make_interface(calls["actor_gen"].interface_impl)
+    assert iface.adv_estimator == "remax" and iface.answers_per_item == 2
+    assert not iface.generation_config.greedy
+    # the token budget counts the greedy answer: 3 x (48 + 16) for groups of 2
+    with pytest.raises(ConfigError, match=r"\(192 tokens: \(grpo\.group_size \+ 1 greedy answer\) x"):
+        _grpo("grpo.adv_estimator=remax", "grpo.group_size=2", "actor_train.max_tokens_per_mb=100")
 
 
 def test_token_budget_counts_whole_groups():

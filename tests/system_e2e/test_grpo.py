@@ -83,6 +83,7 @@ def test_grpo_with_kl_loss_and_reallocated_generation(tmp_path):
                  id="reinforce_plus_plus"),
     pytest.param(["rew_interface=paired_rw", f"rew.path={TINY}", "rew.init_from_scratch=True",
                   "allocation_mode=d2p1m2"], id="reward-model"),
+    pytest.param(["grpo.adv_estimator=remax", "grpo.kl_loss_coef=0.01", "allocation_mode=d2p2m1"], id="remax-pp2"),
 ])
 def test_grpo_family_variants(tmp_path, variant):
     cfg, stats = _run(tmp_path, *variant)
@@ -100,6 +101,11 @@ def test_grpo_family_variants(tmp_path, variant):
         assert all(abs(s["behav_imp_weight"] - 1.0) < 1e-3 for s in stats if s["n_updates"] > 0)
     if "grpo.kl_ctl=0.05" in variant:
         assert "ref_kl" in stats[0]
+    if "grpo.adv_estimator=remax" in variant:
+        # each prompt's greedy answer was generated and scored, then used as the baseline only (n_seqs above)
+        for s in stats:
+            assert 0.0 <= s["greedy_task_reward"] <= 2.0
+            assert 1 <= s["greedy_avg_gen_len"] <= MAX_NEW
 
 
 def test_grpo_cli(tmp_path):

@@ -1,15 +1,19 @@
 """The ``grpo`` quickstart experiment: critic-free RL with groups of samples per prompt.
 
-One config covers GRPO, Dr.GRPO, RLOO, REINFORCE++(-baseline), DAPO (clip
-higher, dynamic sampling, overlong penalty, token-mean loss) and GSPO
-(sequence-level ratio); the building blocks are those of
+One config covers GRPO, Dr.GRPO, RLOO, REINFORCE++(-baseline), ReMax (a
+greedy baseline per prompt), DAPO (clip higher, dynamic sampling, overlong
+penalty, token-mean loss) and GSPO (sequence-level ratio); the building blocks are those of
 :mod:`realhf.impl.model.utils.rl_functional` and the actor interface is
 ``grpo_actor`` (:mod:`realhf.impl.model.interface.grpo_interface`).
 
 Calls: ``actor_gen`` (``group_size`` answers per prompt), ``rew_inf`` (a
 rule reward on decoded text by default, or a reward model), ``ref_inf``
-(only when a KL term is on) and ``actor_train``. ReMax (a greedy baseline
-per prompt) is not available yet.
+(only when a KL term is on) and ``actor_train``. With
+``grpo.adv_estimator=remax`` ``actor_gen`` also decodes one greedy answer
+per prompt, which travels as the last sequence of the prompt's item: the
+reward call scores it and ``actor_train`` subtracts its reward from the
+sampled ones and then drops it (never trained on, never in a statistic of
+the sampled answers).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from realhf.api.quickstart.experiment import CommonExperimentConfig
 from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig
 from realhf.api.quickstart.ppo import PPOHyperparameters, validate_generation
 
-ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax")
 # Estimators whose baseline is the prompt's other samples: they need at least two per group.
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -67,7 +71,10 @@ class GRPOHyperparameters:
     :param n_minibatches: optimizer steps per update (one pass; groups are never split).
     :param adv_estimator: "grpo", "dr_grpo" (no std division, loss_agg_mode
         seq-mean-token-sum-norm unless set), "rloo", "reinforce_plus_plus",
-        "reinforce_plus_plus_baseline".
+        "reinforce_plus_plus_baseline", "remax" (``r_i - r(greedy answer)``: one
+        more, greedy, answer per prompt is generated and scored, and its reward
+        with the overlong penalty but no KL term is the baseline; works with
+        group_size=1; not with greedy sampling, dynamic_sampling or reward_norm).
     :param norm_adv_by_std: grpo/dr_grpo only: divide by the group std (None: by estimator).
     :param eps_clip: ratio clip (lower side, and upper unless eps_clip_higher).
     :param eps_clip_higher: DAPO clip-higher upper bound (None: symmetric).
@@ -138,6 +145,11 @@ class GRPOHyperparameters:
         PPOHyperparameters.apply_gen_shortcuts(self, prefix)  # type: ignore[arg-type]
 
     @property
+    def answers_per_prompt(self) -> int:
+        """Sequences of one item: the group, plus the greedy answer for ReMax."""
+        return self.group_size + (1 if self.adv_estimator == "remax" else 0)
+
+    @property
     def uses_ref(self) -> bool:
         """Whether a reference model is needed (a KL term is on)."""
         return self.kl_ctl > 0 or self.kl_loss_coef > 0
@@ -197,6 +209,23 @@ class GRPOHyperparameters:
         if self.reward_output_scaling == 0:
             raise ConfigError(f"{k('reward_output_scaling')}=0 would zero every reward; use a non-zero value.")
         check_range(k("max_reward_clip"), self.max_reward_clip, 0.0, lo_open=True)
+        if self.adv_estimator == "remax":
+            self._validate_remax(k)
+
+    def _validate_remax(self, k) -> None:
+        """Options that contradict a greedy baseline."""
+        est = f"{k('adv_estimator')}='remax'"
+        if self.gen.greedy:
+            raise ConfigError(f"{k('gen.greedy')}=True (or {k('greedy')}, or temperature 0) with {est}: every "
+                              "sampled answer would be the greedy baseline and every advantage 0; sample.")
+        if self.dynamic_sampling:
+            raise ConfigError(f"{k('dynamic_sampling')}=True with {est}: it drops groups whose sampled rewards are "
+                              "all equal, which still have advantages against their greedy answer; turn it off.")
+        for name in ("mean_level", "std_level"):
+            if getattr(self.reward_norm, name) != "none":
+                raise ConfigError(f"{k('reward_norm.' + name)}={getattr(self.reward_norm, name)!r} with {est}: the "
+                                  "greedy baseline's reward is not normalised alike; set it to 'none' (use "
+                                  f"{k('adv_norm')} instead).")
 
 
 @dataclasses.dataclass
@@ -294,9 +323,10 @@ class GRPOConfig(CommonExperimentConfig):
 
     def longest_sequences(self) -> Dict[str, Tuple[int, str]]:
         """Items hold a whole group and are never split across micro-batches."""
-        g, prompt = self.grpo.group_size, self.dataset.max_prompt_len
+        g, prompt = self.grpo.answers_per_prompt, self.dataset.max_prompt_len
         new = self.grpo.max_new_tokens if self.grpo.max_new_tokens is not None else self.grpo.gen.max_new_tokens
-        full = (g * (prompt + new), "grpo.group_size x (dataset.max_prompt_len + grpo.gen.max_new_tokens)")
+        size = "grpo.group_size" if g == self.grpo.group_size else "(grpo.group_size + 1 greedy answer)"
+        full = (g * (prompt + new), f"{size} x (dataset.max_prompt_len + grpo.gen.max_new_tokens)")
         return {n: ((prompt, "dataset.max_prompt_len") if n == "actor_gen" else full) for n in self.call_names}
 
     @property

@@ -5,7 +5,9 @@ item per prompt holding the whole group, so every later split (dp ranks,
 micro-batches, minibatches) keeps a group together. ``rew_inf`` scores every
 sequence (a rule reward on a tokenizer-only model by default, or a reward
 model), ``ref_inf`` gives reference log-probs when a KL term is on, and
-``actor_train`` runs the ``grpo_actor`` update.
+``actor_train`` runs the ``grpo_actor`` update. For ReMax an item holds one
+more sequence, the prompt's greedy answer (last), which the reward call
+scores like the others and ``actor_train`` uses as baseline only.
 
 Replicas as in ppo: ``actor_gen`` on another layout than ``actor_train`` gets
 its own actor replica, filled from the train replica before generation and

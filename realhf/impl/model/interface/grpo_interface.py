@@ -31,8 +31,17 @@ of the trained weights before the first minibatch. In this synchronous
 system those are the weights that generated the batch, so the behaviour
 weight ``exp(prox - behav)`` only corrects the numerical mismatch between
 generation and training (KV-cache decoding, other kernels, bf16); it matters
-more once batches are stale. ReMax (a greedy baseline per prompt) is not
-wired yet.
+more once batches are stale.
+
+ReMax (``adv_estimator="remax"``): ``generate`` also decodes one greedy
+(argmax) answer per prompt, same ``max_new_tokens``, and appends it to the
+item as its last sequence, so an item holds ``group_size + 1`` sequences and
+the reward call scores the greedy answer with the others (the reference
+call computes its log-probs too, which nobody reads). ``train_step`` cuts the
+greedy answer off every item first (:func:`split_greedy`): it is never
+trained on and never counts in a statistic of the sampled answers. Its
+reward (with the same overlong penalty and clip) is the baseline:
+``A_i = r_i - r_greedy`` (:func:`rl_functional.remax_advantages`).
 """
 
 from __future__ import annotations
@@ -67,7 +76,7 @@ from realhf.impl.model.utils import rl_functional as rl
 from realhf.impl.model.utils.functional import cu_seqlens_from_lengths
 from realhf.impl.model.utils.ppo_functional import short1_cu_seqlens
 
-ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax")
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline")
 
 
@@ -99,6 +108,81 @@ def check_groups(sample: SequenceSample, group_size: int, key: str = "packed_inp
     if bad:
         raise ValueError(f"grpo_actor: items must hold group_size={group_size} sequences of {key!r}; "
                          f"got (id, count) {bad[:4]}.")
+
+
+def append_greedy(group_size: int, sampled: Tuple[List[int], Dict[str, torch.Tensor]],
+                  greedy: Tuple[List[int], Dict[str, torch.Tensor]]) -> Tuple[List[int], Dict[str, torch.Tensor]]:
+    """Interleave rollouts so that prompt ``i``'s ``group_size`` samples are followed by its greedy answer.
+
+    ``sampled`` / ``greedy`` are :func:`sample_answers` results (lengths, keys).
+    A logits mask only the sampled rollout has is filled with all-True rows
+    for the greedy answers (argmax removes no token from the distribution).
+    """
+    g = group_size
+    s_lens, s_data = sampled
+    g_lens, g_data = greedy
+    if len(s_lens) != g * len(g_lens):
+        raise ValueError(f"{len(s_lens)} sampled answers for {len(g_lens)} greedy ones and group_size={g}.")
+    if LOGITS_MASK in s_data and LOGITS_MASK not in g_data:
+        m = s_data[LOGITS_MASK]
+        g_data = dict(g_data, **{LOGITS_MASK: torch.ones(sum(g_lens), m.shape[-1], dtype=m.dtype, device=m.device)})
+    lens = [n for i in range(len(g_lens)) for n in (*s_lens[i * g:(i + 1) * g], g_lens[i])]
+    data = {}
+    for k, t in s_data.items():
+        s_parts = torch.split(t, [_rollout_len(k, n) for n in s_lens])
+        g_parts = torch.split(g_data[k].to(t.dtype), [_rollout_len(k, n) for n in g_lens])
+        data[k] = torch.cat([p for i in range(len(g_lens)) for p in (*s_parts[i * g:(i + 1) * g], g_parts[i])])
+    return lens, data
+
+
+def _rollout_len(key: str, n: int) -> int:
+    """Entries of rollout key ``key`` for a sequence of ``n`` tokens."""
+    if key == "packed_logprobs":
+        return n - 1
+    return 1 if key == "seq_no_eos_mask" else n
+
+
+def split_greedy(sample: SequenceSample, group_size: int) -> Tuple[SequenceSample, Dict[str, torch.Tensor]]:
+    """Cut the greedy answer (each item's last sequence) off a ReMax batch.
+
+    Returns the sampled answers (``group_size`` per item, every key) and, per
+    item, the greedy answer's ``score`` (``rewards``), ``gen_len`` and
+    ``no_eos`` (float64 ``[bs]``). A key holds either one entry per sequence
+    (``group_size + 1`` entries per item) or, like ``rewards``, one entry
+    counting the item's sequences (``[[group_size + 1]]``).
+    """
+    g = group_size
+    check_groups(sample, g + 1)
+    data: Dict[str, torch.Tensor] = {}
+    seqlens: Dict[str, List[List[int]]] = {}
+    tail: Dict[str, List[torch.Tensor]] = {}
+    for k in sample.keys:
+        t, parts, tails, new_lens, off = sample.data[k], [], [], [], 0
+        for item in sample.seqlens[k]:
+            n = sum(item)
+            if len(item) == g + 1:
+                cut, new = n - item[-1], list(item[:-1])
+            elif len(item) == 1 and item[0] == g + 1:
+                cut, new = g, [g]
+            else:
+                raise ValueError(f"grpo_actor (remax): key {k!r} holds sequences {item} per item; expected "
+                                 f"group_size + 1 = {g + 1} sequences (the last one greedy).")
+            parts.append(t[off:off + cut])
+            tails.append(t[off + cut:off + n])
+            new_lens.append(new)
+            off += n
+        data[k] = torch.cat(parts) if parts else t[:0]
+        seqlens[k] = new_lens
+        tail[k] = tails
+    out = SequenceSample(keys=set(sample.keys), trailing_shapes=dict(sample.trailing_shapes),
+                         dtypes=dict(sample.dtypes), ids=list(sample.ids), seqlens=seqlens, data=data,
+                         metadata={m: list(v) for m, v in sample.metadata.items()})
+    greedy = {
+        "score": torch.stack([x.double().view(-1)[0] for x in tail["rewards"]]),
+        "gen_len": torch.tensor([float((~x.bool()).sum()) for x in tail["prompt_mask"]], dtype=torch.float64),
+        "no_eos": torch.stack([x.double().view(-1)[0] for x in tail["seq_no_eos_mask"]]),
+    }
+    return out, greedy
 
 
 def _spans_dp(par) -> bool:
@@ -154,6 +238,8 @@ class GroupBatch:
     short1: torch.Tensor      # [n + 1] shifted boundaries
     loss_mask: torch.Tensor   # [T] bool, answer labels
     kl: Optional[torch.Tensor] = None  # [T] k1 = logp_behav - logp_ref (None: no reference)
+    greedy_score: Optional[torch.Tensor] = None    # [n / g] ReMax: score of each prompt's greedy answer
+    greedy_gen_len: Optional[torch.Tensor] = None  # [n / g] its answer tokens (for the overlong penalty)
 
 
 def group_advantages(b: GroupBatch, cfg: "GRPOActorInterface") -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
@@ -161,12 +247,7 @@ def group_advantages(b: GroupBatch, cfg: "GRPOActorInterface") -> Tuple[torch.Te
     g = cfg.group_size
     n = b.score.numel()
     seq_of = rl.sequence_ids(b.short1, b.loss_mask.numel())
-    r = b.score.double()
-    penalty = torch.zeros_like(r)
-    if cfg.overlong_tokens is not None:
-        penalty = rl.overlong_penalty(b.gen_len, cfg.generation_config.max_new_tokens, cfg.overlong_tokens,
-                                      cfg.overlong_penalty_factor).double()
-    r = (r + penalty).clamp(-cfg.max_reward_clip, cfg.max_reward_clip)
+    r, penalty = _clipped_reward(b.score, b.gen_len, cfg)
     keep = (rl.dynamic_sampling_keep(r, g) if cfg.dynamic_sampling
             else torch.ones(n // g, dtype=torch.bool))
     seq_keep = keep.repeat_interleave(g)
@@ -184,7 +265,12 @@ def group_advantages(b: GroupBatch, cfg: "GRPOActorInterface") -> Tuple[torch.Te
         in_reward = rl.normalize(shaped, mean_l, std_l, g, mask=seq_keep).double()
 
     est = cfg.adv_estimator
-    if est in ("grpo", "dr_grpo"):
+    if est == "remax":
+        if b.greedy_score is None or b.greedy_gen_len is None:
+            raise ValueError("grpo_actor: adv_estimator='remax' needs the greedy answers' scores and lengths.")
+        greedy_r, _ = _clipped_reward(b.greedy_score, b.greedy_gen_len, cfg)
+        adv = rl.remax_advantages(in_reward, greedy_r, b.short1, g, mask)
+    elif est in ("grpo", "dr_grpo"):
         adv = rl.grpo_advantages(in_reward, b.short1, g, mask, norm_adv_by_std=cfg.norm_by_std)
     elif est == "rloo":
         adv = rl.rloo_advantages(in_reward, b.short1, g, mask)
@@ -211,7 +297,22 @@ def group_advantages(b: GroupBatch, cfg: "GRPOActorInterface") -> Tuple[torch.Te
     }
     if seq_kl is not None:
         stats["ref_kl"] = float(seq_kl.mean())
+    if b.greedy_score is not None:
+        stats["greedy_task_reward"] = float(b.greedy_score.double().mean())
+        stats["greedy_avg_gen_len"] = float(b.greedy_gen_len.double().mean())
     return adv, mask, stats
+
+
+def _clipped_reward(score: torch.Tensor, gen_len: torch.Tensor,
+                    cfg: "GRPOActorInterface") -> Tuple[torch.Tensor, torch.Tensor]:
+    """(clip(score + overlong penalty, +-max_reward_clip), penalty) in float64: one rule for
+    sampled and greedy answers, so a ReMax baseline is on the scale of the rewards it centres."""
+    r = score.double()
+    penalty = torch.zeros_like(r)
+    if cfg.overlong_tokens is not None:
+        penalty = rl.overlong_penalty(gen_len, cfg.generation_config.max_new_tokens, cfg.overlong_tokens,
+                                      cfg.overlong_penalty_factor).double()
+    return (r + penalty).clamp(-cfg.max_reward_clip, cfg.max_reward_clip), penalty
 
 
 # --------------------------------------------------------------------------- #
@@ -268,6 +369,21 @@ class GRPOActorInterface(ModelInterface):
         if self.overlong_tokens is not None and self.overlong_penalty_factor is None:
             raise ValueError("overlong_tokens needs overlong_penalty_factor.")
         rl.kl_estimate(torch.zeros(1), torch.zeros(1), self.kl_estimator)  # refuses unknown kinds
+        if self.adv_estimator == "remax":
+            if self.generation_config.greedy:
+                raise ValueError("adv_estimator='remax' with greedy sampling: every answer would be the greedy "
+                                 "baseline and every advantage 0.")
+            if self.dynamic_sampling:
+                raise ValueError("adv_estimator='remax' with dynamic_sampling: a group of equal sampled rewards "
+                                 "still has advantages against its greedy answer.")
+            if self.reward_norm_mean_level is not None or self.reward_norm_std_level is not None:
+                raise ValueError("adv_estimator='remax' with reward normalisation: the greedy rewards would not be "
+                                 "normalised alike; use the advantage normalisation.")
+
+    @property
+    def answers_per_item(self) -> int:
+        """Sequences per item from ``generate``: the group, plus the greedy answer for ReMax."""
+        return self.group_size + (1 if self.adv_estimator == "remax" else 0)
 
     @property
     def norm_by_std(self) -> bool:
@@ -286,7 +402,8 @@ class GRPOActorInterface(ModelInterface):
     @torch.no_grad()
     def generate(self, model: Model, input_: SequenceSample,
                  mb_spec: Optional[MicroBatchSpec] = None) -> Optional[SequenceSample]:
-        """``group_size`` answers per prompt, one item per prompt; None on non-last pipeline stages."""
+        """``group_size`` answers per prompt (then the greedy one for ReMax), one item per prompt;
+        None on non-last pipeline stages."""
         g = self.group_size
         p_lens = seq_lens(input_, "packed_prompts")
         toks = torch.split(input_.data["packed_prompts"], p_lens)
@@ -294,6 +411,12 @@ class GRPOActorInterface(ModelInterface):
         rep = torch.cat([t for t in toks for _ in range(g)]) if toks else input_.data["packed_prompts"]
         prompts = SequenceSample.from_default(rep_lens, list(range(len(rep_lens))), {"packed_input_ids": rep})
         rollout = sample_answers(model, prompts, mb_spec, self.generation_config)
+        if self.adv_estimator == "remax":  # after sampling: the sampled answers draw the same random numbers
+            single = SequenceSample.from_default(p_lens, list(range(len(p_lens))),
+                                                 {"packed_input_ids": input_.data["packed_prompts"]})
+            greedy = sample_answers(model, single, mb_spec,
+                                    dataclasses.replace(self.generation_config, greedy=True))
+            rollout = None if rollout is None else append_greedy(g, rollout, greedy)
         if rollout is None:
             return None
         lens, data = rollout
@@ -301,7 +424,7 @@ class GRPOActorInterface(ModelInterface):
                    "seq_no_eos_mask": [1] * len(lens)}
         if LOGITS_MASK in data:
             per_key[LOGITS_MASK] = lens
-        return grouped_sample(list(input_.ids), g, data, per_key)
+        return grouped_sample(list(input_.ids), self.answers_per_item, data, per_key)
 
     # ----------------------------------------------------------- inference
     def _logp_hook(self, engine):
@@ -330,8 +453,10 @@ class GRPOActorInterface(ModelInterface):
                               data={key: logp.float()})
 
     # ---------------------------------------------------------- train step
-    def _prepare(self, input_: SequenceSample, par) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
-        """Local loss mask, behaviour log-probs and advantages; global statistics."""
+    def _prepare(self, input_: SequenceSample, par, greedy: Optional[Dict[str, torch.Tensor]] = None
+                 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+        """Local loss mask, behaviour log-probs and advantages; global statistics.
+        ``greedy``: per-item greedy ``score`` / ``gen_len`` (ReMax, from :func:`split_greedy`)."""
         check_groups(input_, self.group_size)
         data = input_.data
         lens = seq_lens(input_)
@@ -358,6 +483,9 @@ class GRPOActorInterface(ModelInterface):
         batch = GroupBatch(score=seqs[:, 0], gen_len=seqs[:, 1], no_eos=seqs[:, 2] > 0.5,
                            short1=cu_seqlens_from_lengths(seqs[:, 3].long()), loss_mask=toks[:, 0] > 0.5,
                            kl=toks[:, 1] if has_ref else None)
+        if greedy is not None:
+            rows, _ = gather_dp(par, torch.stack([greedy["score"], greedy["gen_len"]], dim=1))
+            batch.greedy_score, batch.greedy_gen_len = rows[:, 0], rows[:, 1]
         adv, mask, stats = group_advantages(batch, self)
         mine = slice(tok_off, tok_off + loss_mask.numel())
         stats["avg_prompt_len"] = float(seqs[:, 4].mean())
@@ -381,7 +509,10 @@ class GRPOActorInterface(ModelInterface):
         if not hasattr(module, "train_batch"):
             raise TypeError(f"train_step needs a training engine in model.module, got {type(module).__name__}.")
         par = module.par
-        prep, stats = self._prepare(input_, par)
+        greedy = None
+        if self.adv_estimator == "remax":  # the greedy answers are only a baseline: never trained on
+            input_, greedy = split_greedy(input_, self.group_size)
+        prep, stats = self._prepare(input_, par, greedy)
         dev = input_.data["packed_input_ids"].device
         data = {"packed_input_ids": input_.data["packed_input_ids"], "ppo_loss_mask": prep["mask"].to(dev),
                 "old_logp": prep["old_logp"].to(dev), "advantages": prep["adv"].to(dev)}
