@@ -125,3 +125,19 @@ def test_dropout_in_training_mode_keeps_general_path():
 def test_pipeline_stage_not_served():
     stage = ReaLModel(LLAMA, pp_size=2, pp_rank=0).instantiate(init=False)
     assert "pipeline stage" in fast_decode_unsupported(stage)
+
+
+def test_sample_categorical_distribution_and_zeros(monkeypatch):
+    """Inverse-CDF draws follow the probabilities; zero-probability entries never appear."""
+    from realhf.impl.model.nn import real_llm_generate
+    from realhf.impl.model.nn.real_llm_generate import sample_categorical
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_categorical(probs, g) for _ in range(20000)])
+    freq = torch.bincount(draws[:, 0], minlength=6).float() / draws.shape[0]
+    torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
+    assert bool((draws[:, 1] == 5).all())
+    # A draw that rounding pushes past the row's total takes the last non-zero entry.
+    monkeypatch.setattr(real_llm_generate.torch, "rand", lambda *a, **k: torch.full((1, 1), 1.0 + 1e-6))
+    assert int(sample_categorical(torch.tensor([[0.0, 0.25, 0.25, 0.5, 0.0, 0.0]]))[0]) == 3
