@@ -18,7 +18,12 @@ step; no gradient checkpointing.
   - ``split``: 2 workers, actor and reference model on worker 0, critic and
     reward model on worker 1; the master runs calls on the two meshes at
     the same time (reference and reward/critic inference together, actor
-    and critic training together), generation uses one core.
+    and critic training together), generation uses one core;
+  - ``hybrid``: as ``split``, but generation data-parallel over both
+    workers (the actor's weights are moved to that layout and back each step);
+  - ``balanced``: as ``hybrid``, and the reward model data-parallel over both
+    workers while reference and critic inference run side by side, so both
+    cores are busy in every phase.
 
   A step is the master's step time (``master.history``); the table under
   the ratios is the per-call timeline of our median step (each call's start
@@ -110,6 +115,10 @@ LAYOUTS = {
                   "critic_inf": [1], "critic_train": [1], "rew_inf": [1]}),
     "hybrid": (2, {"actor_gen": [0, 1], "actor_train": [0], "ref_inf": [0],
                    "critic_inf": [1], "critic_train": [1], "rew_inf": [1]}),
+    # Every core busy in every phase: generation and the reward model data-parallel,
+    # reference and critic inference side by side, then the two trainings side by side.
+    "balanced": (2, {"actor_gen": [0, 1], "actor_train": [0], "ref_inf": [0],
+                     "critic_inf": [1], "critic_train": [1], "rew_inf": [0, 1]}),
 }
 
 
@@ -305,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 steps of 8 prompts x 8 new tokens (smoke run)")
     p.add_argument("--steps", type=int, default=None, help="PPO steps per side, the first is not timed")
-    p.add_argument("--layouts", default="dp2,split", help=f"our layouts to run, comma-separated, of {sorted(LAYOUTS)}")
+    p.add_argument("--layouts", default="dp2,split,balanced", help=f"our layouts to run, comma-separated, of {sorted(LAYOUTS)}")
     p.add_argument("--prompts", type=int, default=None, help="prompts per PPO step (16; --quick: 8)")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens per prompt (32; --quick: 8)")
     p.add_argument("--trl-threads", type=int, default=2, help="torch threads of the TRL runs (2 = all cores)")
