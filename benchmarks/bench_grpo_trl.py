@@ -129,6 +129,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _shape  # noqa: E402
 from _common import print_table, write_json  # noqa: E402
+from _rl_bench import loadavg, median_step, mesh_args, prompt_workload, timeline_rows  # noqa: E402
 
 TRL_VERSION = "1.16.0"
 TRL_DIR_ENV = "REALHF_BENCH_TRL116_DIR"
@@ -181,14 +182,6 @@ def trl_missing(trl_dir: Path) -> Optional[str]:
     return None
 
 
-def workload(n_prompts: int, out_dir: Path) -> Dict[str, Path]:
-    """The model directory and a prompt file of ``n_prompts`` prompts of 10..28 tokens."""
-    model = _shape.materialize()
-    tokenizer = _shape.load_tokenizer(model)
-    prompts = _shape.write_prompts(out_dir / f"prompts{n_prompts}.jsonl", tokenizer, n=n_prompts)
-    return {"model": model, "prompts": Path(prompts)}
-
-
 # --------------------------------------------------------------------------- #
 # Ours
 # --------------------------------------------------------------------------- #
@@ -204,11 +197,7 @@ def grpo_args(layout: str, steps: int, n_prompts: int, new_tokens: int, files: D
             "grpo.n_minibatches=1", f"exp_ctrl.benchmark_steps={steps}", f"exp_ctrl.total_train_epochs={steps}",
             f"actor.path={files['model']}", "actor.init_from_scratch=True", "actor.gradient_checkpointing=False",
             f"actor.optimizer.lr={LR}", "rule_reward.n_workers=0", reward]
-    for call, ranks in meshes.items():
-        if len(ranks) < n_workers:
-            args.append(f"{call}.device_mesh=localhost:{','.join(map(str, ranks))}")
-        args.append(f"{call}.parallel.data_parallel_size={len(ranks)}")
-    return args
+    return args + mesh_args(meshes, n_workers)
 
 
 def run_ours(layout: str, steps: int, n_prompts: int, new_tokens: int, files: Dict[str, Path]) -> List[Dict[str, Any]]:
@@ -223,32 +212,6 @@ def run_ours(layout: str, steps: int, n_prompts: int, new_tokens: int, files: Di
     return [{"seconds": h.seconds, "timing": h.timing,
              "train_stats": {k: v for k, v in h.stats.get("actor_train", {}).items() if k in keep}}
             for h in master.history]
-
-
-def median_step(history: List[Dict[str, Any]]) -> Dict[str, Any]:
-    steady = history[1:] or history
-    return sorted(steady, key=lambda h: h["seconds"])[len(steady) // 2]
-
-
-def timeline_rows(layout: str, history: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per-call start/end (ms from step start, workers' clocks) of the median steady step."""
-    median = median_step(history)
-    rows = []
-    scale = 40 / max(median["seconds"], 1e-9)
-    for call in CALLS:
-        t = median["timing"].get(call)
-        if t is None or "start" not in t:
-            continue
-        a, b = int(t["start"] * scale), max(int(t["start"] * scale) + 1, int(t["end"] * scale))
-        rows.append({"layout": layout, "call": call, "ranks": ",".join(map(str, t.get("ranks", []))) or "-",
-                     "start_ms": 1e3 * t["start"], "end_ms": 1e3 * t["end"],
-                     "call_ms": 1e3 * (t["end"] - t["start"]),
-                     "hooks_ms": 1e3 * (t.get("pre_hooks_s", 0.0) + t.get("post_hooks_s", 0.0)),
-                     "transfer_ms": 1e3 * t.get("transfer_s", 0.0),
-                     "timeline": "." * a + "#" * (b - a) + "." * max(0, 40 - b)})
-    rows.append({"layout": layout, "call": "(step)", "start_ms": 0.0, "end_ms": 1e3 * median["seconds"],
-                 "call_ms": 1e3 * median["seconds"]})
-    return rows
 
 
 # --------------------------------------------------------------------------- #
@@ -403,10 +366,6 @@ def trl_phase_row(phases: List[Dict[str, float]]) -> Dict[str, Any]:
     return {k.replace("_s", "_ms"): 1e3 * statistics.median(p[k] for p in steady) for k in steady[0]}
 
 
-def loadavg() -> List[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 steps of 8 prompts x 4 samples x 8 new tokens (smoke run)")
@@ -458,13 +417,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     rows, timeline, checks, trl_rows, phase_rows = [], [], [], [], []
     profile_text = None
     with tempfile.TemporaryDirectory() as tmp:
-        files = workload(n_prompts, Path(tmp))
+        files = prompt_workload(n_prompts, Path(tmp))
         for layout in layouts:
             history = run_ours(layout, steps, n_prompts, new_tokens, files)
             raw[f"ours_{layout}"] = history
             load[f"after_ours_{layout}"] = loadavg()
             rows.append(step_row(f"ours ({layout})", [h["seconds"] for h in history], n_samples, new_tokens))
-            timeline += timeline_rows(layout, history)
+            timeline += timeline_rows(layout, history, CALLS)
             s = median_step(history)["train_stats"]
             checks.append({"system": f"ours ({layout})", "samples": s.get("n_seqs"), "new_tokens": s.get("avg_gen_len"),
                            "no_eos_ratio": s.get("no_eos_ratio"), "reward": s.get("task_reward")})

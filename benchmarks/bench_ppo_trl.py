@@ -99,6 +99,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _shape  # noqa: E402
 from _common import print_table, write_json  # noqa: E402
+from _rl_bench import loadavg, mesh_args, prompt_workload, timeline_rows  # noqa: E402
 
 TRL_VERSION = "1.12.0"
 INSTALL_HINT = (f'pip install "trl=={TRL_VERSION}" accelerate datasets  '
@@ -139,14 +140,6 @@ def trl_missing() -> Optional[str]:
     return None
 
 
-def workload(n_prompts: int, out_dir: Path) -> Dict[str, Path]:
-    """The model directory and a prompt file of ``n_prompts`` prompts of 10..28 tokens."""
-    model = _shape.materialize()
-    tokenizer = _shape.load_tokenizer(model)
-    prompts = _shape.write_prompts(out_dir / f"prompts{n_prompts}.jsonl", tokenizer, n=n_prompts)
-    return {"model": model, "prompts": Path(prompts)}
-
-
 def ppo_args(layout: str, steps: int, n_prompts: int, new_tokens: int, files: Dict[str, Path]) -> List[str]:
     n_workers, meshes = LAYOUTS[layout]
     args = ["experiment_name=bench-ppo-trl", f"trial_name={layout}", f"n_gpus_per_node={n_workers}",
@@ -158,11 +151,7 @@ def ppo_args(layout: str, steps: int, n_prompts: int, new_tokens: int, files: Di
             "actor.gradient_checkpointing=False", "critic.gradient_checkpointing=False"]
     for role in ("actor", "critic", "ref", "rew"):
         args += [f"{role}.path={files['model']}", f"{role}.init_from_scratch=True"]
-    for call, ranks in meshes.items():
-        if len(ranks) < n_workers:
-            args.append(f"{call}.device_mesh=localhost:{','.join(map(str, ranks))}")
-        args.append(f"{call}.parallel.data_parallel_size={len(ranks)}")
-    return args
+    return args + mesh_args(meshes, n_workers)
 
 
 def run_ours(layout: str, steps: int, n_prompts: int, new_tokens: int, files: Dict[str, Path]) -> List[Dict[str, Any]]:
@@ -174,23 +163,6 @@ def run_ours(layout: str, steps: int, n_prompts: int, new_tokens: int, files: Di
     with tempfile.TemporaryDirectory() as root:
         master = run_with_pipes(cfg, "bench-ppo-trl", layout, timeout=900, fileroot=root)
     return [{"seconds": h.seconds, "timing": h.timing} for h in master.history]
-
-
-def timeline_rows(layout: str, history: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per-call start/end (ms from step start, workers' clocks) of the median steady step."""
-    steady = history[1:] or history
-    median = sorted(steady, key=lambda h: h["seconds"])[len(steady) // 2]
-    rows = []
-    scale = 40 / max(median["seconds"], 1e-9)
-    for call in CALLS:
-        t = median["timing"].get(call)
-        if t is None or "start" not in t:
-            continue
-        a, b = int(t["start"] * scale), max(int(t["start"] * scale) + 1, int(t["end"] * scale))
-        rows.append({"layout": layout, "call": call, "ranks": ",".join(map(str, t.get("ranks", []))) or "-",
-                     "start_ms": 1e3 * t["start"], "end_ms": 1e3 * t["end"],
-                     "timeline": "." * a + "#" * (b - a) + "." * max(0, 40 - b)})
-    return rows
 
 
 def load_prompts(tokenizer: Any, path: Path) -> List[List[int]]:
@@ -306,10 +278,6 @@ def step_row(system: str, seconds: List[float], n_prompts: int, new_tokens: int,
     return row
 
 
-def loadavg() -> List[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 steps of 8 prompts x 8 new tokens (smoke run)")
@@ -343,13 +311,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     load: Dict[str, Any] = {"start": loadavg()}
     rows, timeline = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        files = workload(n_prompts, Path(tmp))
+        files = prompt_workload(n_prompts, Path(tmp))
         for layout in layouts:
             history = run_ours(layout, steps, n_prompts, new_tokens, files)
             raw[f"ours_{layout}"] = history
             load[f"after_ours_{layout}"] = loadavg()
             rows.append(step_row(f"ours ({layout})", [h["seconds"] for h in history], n_prompts, new_tokens))
-            timeline += timeline_rows(layout, history)
+            timeline += timeline_rows(layout, history, CALLS)
         trl_rows = []
         for keep_gc in (True, False):
             key = "trl" if keep_gc else "trl_no_gc"
@@ -369,7 +337,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print_table(rows, ["system", "prompts", "new_tokens", "median_step_s", "samples_per_s", "ratio",
                        "ratio_no_gc", "median_gc_s"])
     print("\nOur median step, per call (workers' clocks, ms from the step's start)")
-    print_table(timeline, ["layout", "call", "ranks", "start_ms", "end_ms", "timeline"])
+    print_table(timeline, ["layout", "call", "ranks", "start_ms", "end_ms", "call_ms", "hooks_ms", "transfer_ms",
+                           "timeline"])
     print(f"load average (1, 5, 15 min): {load}")
 
     from importlib.metadata import version
