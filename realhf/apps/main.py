@@ -50,6 +50,7 @@ def launch(
     user_modules: Sequence[str] = (),
     heartbeat_timeout_s: float = wd.DEFAULT_STALE_AFTER_S,
     debug: bool = True,
+    scheduler_kwargs: Optional[Dict[str, Any]] = None,
 ) -> None:
     """Run ``cfg`` to completion; raises JobException if a worker fails (after retries).
 
@@ -59,7 +60,8 @@ def launch(
     heartbeat is older than ``heartbeat_timeout_s`` (a frozen process; a busy
     one keeps beating from its background thread) stops the run with
     :class:`~realhf.system.watchdog.RunStopped` naming it. ``debug=False`` runs
-    the workers with ``python -O`` (assert statements off).
+    the workers with ``python -O`` (assert statements off). ``scheduler_kwargs`` go
+    to the scheduler client of ``mode`` (``spec=`` the cluster spec of ``slurm``).
     """
     if recover_mode not in RECOVER_MODES:
         raise ValueError(f"recover_mode must be one of {RECOVER_MODES}, got {recover_mode!r}.")
@@ -78,7 +80,7 @@ def launch(
         try:
             _launch_once(cfg, cfg_path, experiment_name, trial_name, mode, request_timeout, wait_timeout,
                          recover_dir if (resume or save_states) else None, save_states, list(user_modules),
-                         heartbeat_timeout_s, resume, debug)
+                         heartbeat_timeout_s, resume, debug, scheduler_kwargs or {})
             return
         except sched_client.JobException as e:
             if attempt + 1 >= attempts:
@@ -153,7 +155,8 @@ def _terminate_unwinds() -> Iterator[None]:
 
 
 def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout, recover_dir, save_states,
-                 user_modules: List[str], heartbeat_timeout_s: float, resume: bool, debug: bool) -> None:
+                 user_modules: List[str], heartbeat_timeout_s: float, resume: bool, debug: bool,
+                 scheduler_kwargs: Dict[str, Any]) -> None:
     name_resolve.clear_subtree(_trial_root(exp, trial))
     n = cfg.n_model_workers
     for i in range(n):
@@ -162,10 +165,10 @@ def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout,
         "experiment_config": cfg_path, "recover_dir": recover_dir, "save_recover_states": save_states,
         "request_timeout": request_timeout, "resume": resume,
     })
-    sched = sched_client.make(mode, exp, trial)
+    sched = sched_client.make(mode, exp, trial, **scheduler_kwargs)
     cmd = {t: worker_command(t, exp, trial, user_modules, debug) for t in ("model_worker", "master_worker")}
     env = {"REAL_FILEROOT": constants.get_fileroot()}
-    for var in ("REAL_NAME_RESOLVE", "REAL_NO_EXT", "PYTHONPATH"):
+    for var in ("REAL_NAME_RESOLVE", "REAL_REDIS_URL", "REAL_MULTI_NODE", "REAL_NO_EXT", "PYTHONPATH"):
         if var in os.environ:
             env[var] = os.environ[var]
     names = [f"model_worker/{i}" for i in range(n)] + ["master_worker/0"]
@@ -251,6 +254,29 @@ def user_modules_of_this_run() -> List[str]:
     return mods
 
 
+def configure_cluster_env(config: Any) -> None:
+    """Apply the run's name-resolve backend and multi-node addressing to this process and
+    (through the environment the launcher passes on) to its workers."""
+    backend = getattr(config, "name_resolve", None)
+    if backend:
+        os.environ[name_resolve.BACKEND_ENV_VAR] = backend
+        address = getattr(config, "name_resolve_address", None)
+        if address:
+            os.environ["REAL_REDIS_URL"] = address
+        name_resolve.reconfigure(backend)
+    if getattr(config, "n_nodes", 1) > 1:
+        from realhf.base import network
+
+        os.environ[network.MULTI_NODE_ENV_VAR] = "1"
+
+
+def scheduler_kwargs_of(config: Any) -> Dict[str, Any]:
+    """Scheduler options taken from the quickstart config (the cluster spec for ``mode=slurm``)."""
+    if getattr(config, "mode", "local") == "slurm" and hasattr(config, "slurm_cluster_spec"):
+        return {"spec": config.slurm_cluster_spec()}
+    return {}
+
+
 def main_start(config: Any) -> int:
     """Build the experiment from a quickstart config and run it; returns the exit code."""
     from realhf.api.core.dfg import GraphError
@@ -258,6 +284,7 @@ def main_start(config: Any) -> int:
     from realhf.base.json_records import DatasetFormatError
 
     exp, trial = config.experiment_name, config.trial_name
+    configure_cluster_env(config)
     try:
         cfg = apply_common_options(config.initial_setup(), config)
     except (DatasetFormatError, GraphError, ExperimentConfigError) as e:
@@ -269,7 +296,7 @@ def main_start(config: Any) -> int:
                recover_mode=getattr(config, "recover_mode", "disabled"),
                recover_retries=getattr(config, "recover_retries", 1), user_modules=user_modules_of_this_run(),
                heartbeat_timeout_s=getattr(config, "heartbeat_timeout_s", wd.DEFAULT_STALE_AFTER_S),
-               debug=getattr(config, "debug", True))
+               debug=getattr(config, "debug", True), scheduler_kwargs=scheduler_kwargs_of(config))
     except trial_files.LaunchRefused as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -85,18 +85,57 @@ def gethostname() -> str:
     return socket.gethostname()
 
 
-def gethostip(loopback: bool = True) -> str:
-    """IP other processes should use to reach this host.
+MULTI_NODE_ENV_VAR = "REAL_MULTI_NODE"
 
-    ``$REAL_HOST_IP`` wins; otherwise the loopback address, or with
-    ``loopback=False`` the address the host name resolves to.
+
+def multi_node() -> bool:
+    """Whether this run spans several nodes (``$REAL_MULTI_NODE``, set by the launcher when n_nodes > 1)."""
+    return os.environ.get(MULTI_NODE_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip == "::1"
+
+
+def routable_ip() -> str:
+    """An address of this host that other hosts can reach, or the loopback if none is found.
+
+    A UDP socket "connected" to an outside address makes the kernel pick the
+    source address of its default route (no packet is sent); the address the
+    host name resolves to is the fallback (often 127.0.1.1 on Debian, so loopbacks are skipped).
     """
-    override = os.environ.get(HOST_IP_ENV_VAR)
+    for probe in ("10.255.255.255", "192.0.2.1"):
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((probe, 1))
+                ip = s.getsockname()[0]
+            if ip and not _is_loopback(ip) and ip != "0.0.0.0":
+                return ip
+        except OSError:
+            continue
+    try:
+        for ip in socket.gethostbyname_ex(socket.gethostname())[2]:
+            if not _is_loopback(ip):
+                return ip
+    except OSError:
+        pass
+    return LOOPBACK
+
+
+def select_host_ip(override: str = "", multi: bool = False, loopback: bool = True) -> str:
+    """The address rule: an explicit override wins; a multi-node run (or ``loopback=False``)
+    uses the routable address; a single-node run stays on the loopback."""
     if override:
         return override
-    if loopback:
-        return LOOPBACK
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return LOOPBACK
+    if multi or not loopback:
+        return routable_ip()
+    return LOOPBACK
+
+
+def gethostip(loopback: bool = True) -> str:
+    """IP other processes should use to reach this host (what sockets bind to and publish).
+
+    ``$REAL_HOST_IP`` wins; otherwise the routable address when the run spans
+    several nodes (``$REAL_MULTI_NODE=1``) or with ``loopback=False``, else 127.0.0.1.
+    """
+    return select_host_ip(os.environ.get(HOST_IP_ENV_VAR, ""), multi_node(), loopback)

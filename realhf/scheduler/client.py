@@ -2,8 +2,9 @@
 
 A scheduler client belongs to one trial (``run_name = <exp>_<trial>``) and
 tracks jobs named ``<run_name>:<worker_type>/<index>``. Use :func:`make` to
-get a client for a mode; ``local`` is implemented here, ``slurm`` and ``ray``
-keep their names registered but raise :class:`SchedulerUnavailableError`.
+get a client for a mode: ``local`` (subprocesses, :mod:`realhf.scheduler.local`),
+``slurm`` (sbatch jobs, :mod:`realhf.scheduler.slurm`); ``ray`` keeps its name
+registered but raises :class:`SchedulerUnavailableError` unless a launcher replaced it.
 
 Commands may contain the placeholders ``{jobstep_id}``, ``{n_jobsteps}``,
 ``{worker_submission_index}``, ``{wprocs_per_jobstep}``, ``{wprocs_in_job}``
@@ -160,7 +161,7 @@ def registered_modes() -> List[str]:
 
 
 def make(mode: str, expr_name: str, trial_name: str, **kwargs) -> SchedulerClient:
-    """Scheduler client for ``mode`` (``local``; ``slurm``/``ray`` raise)."""
+    """Scheduler client for ``mode`` (``local``, ``slurm``; ``ray`` raises unless registered)."""
     if mode not in _SCHEDULERS:
         raise ValueError(f"Unknown scheduler mode {mode!r}; known: {registered_modes()}.")
     return _SCHEDULERS[mode](expr_name, trial_name, **kwargs)
@@ -170,6 +171,12 @@ def _make_local(expr_name: str, trial_name: str, **kwargs) -> SchedulerClient:
     from realhf.scheduler.local.client import LocalSchedulerClient
 
     return LocalSchedulerClient(expr_name, trial_name, **kwargs)
+
+
+def _make_slurm(expr_name: str, trial_name: str, **kwargs) -> SchedulerClient:
+    from realhf.scheduler.slurm.client import SlurmSchedulerClient
+
+    return SlurmSchedulerClient(expr_name, trial_name, **kwargs)
 
 
 def _unavailable(mode: str, what: str) -> SchedulerFactory:
@@ -184,7 +191,7 @@ def _unavailable(mode: str, what: str) -> SchedulerFactory:
 
 
 register_scheduler("local", _make_local)
-register_scheduler("slurm", _unavailable("slurm", "no srun/pyxis launcher is implemented"))
+register_scheduler("slurm", _make_slurm)
 register_scheduler("ray", _unavailable("ray", "no Ray controller is implemented"))
 
 

@@ -68,3 +68,42 @@ def test_host_ip_and_name(monkeypatch):
     assert network.gethostip() == "10.1.2.3"
     assert network.gethostip(loopback=False) == "10.1.2.3"
     assert network.gethostname() == socket.gethostname()
+
+
+def test_select_host_ip_rule(monkeypatch):
+    monkeypatch.setattr(network, "routable_ip", lambda: "10.9.8.7")
+    assert network.select_host_ip("", multi=False) == "127.0.0.1"
+    assert network.select_host_ip("", multi=True) == "10.9.8.7"
+    assert network.select_host_ip("", multi=False, loopback=False) == "10.9.8.7"
+    assert network.select_host_ip("10.1.1.1", multi=True) == "10.1.1.1"
+
+
+def test_multi_node_env_binds_routable_address(monkeypatch):
+    monkeypatch.delenv("REAL_HOST_IP", raising=False)
+    monkeypatch.delenv("REAL_MULTI_NODE", raising=False)
+    assert not network.multi_node() and network.gethostip() == "127.0.0.1"
+    monkeypatch.setenv("REAL_MULTI_NODE", "1")
+    assert network.multi_node()
+    ip = network.gethostip()
+    assert ip == network.routable_ip()
+    if ip != "127.0.0.1":  # a host with a non-loopback interface: it is really ours
+        assert not ip.startswith("127.")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+    monkeypatch.setenv("REAL_HOST_IP", "10.1.2.3")
+    assert network.gethostip() == "10.1.2.3"
+    monkeypatch.setenv("REAL_MULTI_NODE", "0")
+    monkeypatch.delenv("REAL_HOST_IP")
+    assert network.gethostip() == "127.0.0.1"
+
+
+def test_routable_ip_skips_loopback_resolution(monkeypatch):
+    class NoRoute(socket.socket):
+        def connect(self, addr):
+            raise OSError("unreachable")
+
+    monkeypatch.setattr(network.socket, "socket", NoRoute)
+    monkeypatch.setattr(network.socket, "gethostbyname_ex", lambda h: (h, [], ["127.0.1.1", "10.0.0.5"]))
+    assert network.routable_ip() == "10.0.0.5"
+    monkeypatch.setattr(network.socket, "gethostbyname_ex", lambda h: (h, [], ["127.0.1.1"]))
+    assert network.routable_ip() == "127.0.0.1"

@@ -43,10 +43,12 @@ from realhf.api.quickstart.checks import check_batch_covers_dp, check_language_m
 from realhf.api.quickstart.dataset import PromptAnswerDatasetConfig
 from realhf.api.quickstart.heuristic import whole_cluster_heuristic
 from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig, load_real_config
+from realhf.scheduler.slurm.spec import ClusterSpecError, SlurmClusterSpec, SlurmOptions
 
 MODES = ("local", "ray", "slurm")
 RECOVER_MODES = ("auto", "save", "resume", "disabled")
 WANDB_MODES = ("online", "offline", "disabled")
+NAME_RESOLVE_BACKENDS = ("file", "nfs", "redis")
 
 
 def default_trial_name() -> str:
@@ -97,6 +99,13 @@ class CommonExperimentConfig:
     :param heartbeat_timeout_s: stop the run when a worker sends no heartbeat for
         this long (a frozen process; a busy worker keeps beating).
     :param exp_ctrl: save / evaluation / stop control.
+    :param slurm: resources of ``mode=slurm`` jobs (cpus/mem/gpus per worker, time limit,
+        container mounts, extra sbatch arguments); see :class:`realhf.scheduler.slurm.spec.SlurmOptions`.
+    :param name_resolve: how workers find each other: "file" (a directory under the file root;
+        across nodes it must be on a shared file system) or "redis" (a Redis server at
+        ``name_resolve_address``); null = ``$REAL_NAME_RESOLVE`` or "file".
+    :param name_resolve_address: Redis URL for ``name_resolve=redis``, e.g. ``redis://head:6379/0``
+        (null = ``$REAL_REDIS_URL``).
     """
 
     experiment_name: str = MISSING
@@ -118,6 +127,9 @@ class CommonExperimentConfig:
     cache_clear_freq: Optional[int] = 10
     heartbeat_timeout_s: float = 30.0
     exp_ctrl: ExperimentSaveEvalControl = dataclasses.field(default_factory=ExperimentSaveEvalControl)
+    slurm: SlurmOptions = dataclasses.field(default_factory=SlurmOptions)
+    name_resolve: Optional[str] = None
+    name_resolve_address: Optional[str] = None
 
     # ---- description of the experiment's MFCs (overridden by subclasses) ----
     @property
@@ -205,10 +217,12 @@ class CommonExperimentConfig:
                     "mode='slurm' needs a Slurm cluster, but 'sbatch' is not on PATH here; "
                     "use mode=local (this machine) or mode=ray, or run from a Slurm login node."
                 )
+            self.slurm_cluster_spec()
         elif self.mode == "ray":
             if importlib.util.find_spec("ray") is None:
                 raise ConfigError("mode='ray' needs the 'ray' package (pip install ray); or use mode=local.")
         self.exp_ctrl.validate("exp_ctrl")
+        self._validate_name_resolve()
         parse_allocation_mode(self.allocation_mode)
         if self.allocation_use_cache:
             raise ConfigError(
@@ -216,6 +230,35 @@ class CommonExperimentConfig:
                 "allocation_mode='search' is not available, so there is nothing to cache; "
                 "set allocation_use_cache=False."
             )
+
+    def slurm_cluster_spec(self) -> SlurmClusterSpec:
+        """The validated cluster spec of ``mode=slurm`` (``slurm.*`` plus partition, nodelist, image)."""
+        opts = {f.name: getattr(self.slurm, f.name) for f in dataclasses.fields(SlurmOptions)}
+        opts["extra_sbatch_args"] = list(opts["extra_sbatch_args"] or [])
+        spec = SlurmClusterSpec(**opts, partition=self.partition, nodelist=self.nodelist,
+                                container_image=self.image_name, nodes=self.n_nodes,
+                                tasks_per_node=self.n_gpus_per_node if self.n_nodes > 1 else None)
+        try:
+            spec.validate(keys={"partition": "partition", "nodelist": "nodelist",
+                                "container_image": "image_name", "nodes": "n_nodes"})
+        except ClusterSpecError as e:
+            raise ConfigError(str(e)) from None
+        return spec
+
+    def _validate_name_resolve(self) -> None:
+        if self.name_resolve is None:
+            return
+        check_choice("name_resolve", self.name_resolve, NAME_RESOLVE_BACKENDS)
+        if self.name_resolve == "redis":
+            if importlib.util.find_spec("redis") is None:
+                raise ConfigError("name_resolve='redis' needs the redis package (pip install 'realhf[redis]').")
+            addr = self.name_resolve_address or os.environ.get("REAL_REDIS_URL")
+            if not addr or not re.fullmatch(r"rediss?://\S+|unix://\S+", str(addr)):
+                raise ConfigError(f"name_resolve_address={addr!r} is not a Redis URL; pass e.g. "
+                                  "name_resolve_address=redis://head-node:6379/0 (or set $REAL_REDIS_URL).")
+        elif self.name_resolve_address is not None:
+            raise ConfigError(f"name_resolve_address={self.name_resolve_address!r} is only used with "
+                              "name_resolve=redis; remove it or set name_resolve=redis.")
 
     def resolved_allocations(self) -> Dict[str, MFCConfig]:
         """Per-MFC allocations after applying ``allocation_mode`` (checks the layouts fit the models)."""
