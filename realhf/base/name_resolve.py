@@ -3,10 +3,12 @@
 Workers publish addresses and status under hierarchical keys (built by
 :mod:`realhf.base.names`) and wait for keys published by others. Keys are
 slash-separated paths; a subtree of ``"a/b"`` is ``"a/b"`` itself plus every
-key below ``"a/b/"``. Two backends exist: an in-process dictionary and a
-shared directory, which works across processes and hosts on a shared file
-system. Module-level functions forward to a default repository chosen with
-:func:`reconfigure`.
+key below ``"a/b/"``. Backends: ``memory`` (an in-process dictionary),
+``file`` / ``nfs`` (a directory under ``$REAL_FILEROOT``; across hosts it must
+be on a shared file system) and ``redis`` (a Redis server, see
+:mod:`realhf.base.name_resolve_redis`; needs no shared file system).
+Module-level functions forward to a default repository: the backend named by
+``$REAL_NAME_RESOLVE`` (default ``file``), or one chosen with :func:`reconfigure`.
 """
 
 from __future__ import annotations
@@ -316,16 +318,24 @@ def entry_key(fileroot: str, entry_path: str) -> str:
 # ---------------------------------------------------------------------- #
 # Backend registry and the default repository.
 # ---------------------------------------------------------------------- #
-_BACKENDS: Dict[str, Type[NameRecordRepository]] = {}
+_BACKENDS: Dict[str, Callable[..., NameRecordRepository]] = {}
 
 
-def register_backend(name: str, cls: Type[NameRecordRepository]) -> None:
+def register_backend(name: str, cls: Callable[..., NameRecordRepository]) -> None:
+    """Register a backend class, or a factory (so optional clients are imported only when used)."""
     _BACKENDS[name] = cls
+
+
+def _redis_backend(**kwargs) -> NameRecordRepository:
+    from realhf.base.name_resolve_redis import redis_backend
+
+    return redis_backend(**kwargs)
 
 
 register_backend("memory", MemoryNameRecordRepository)
 register_backend("file", FileNameRecordRepository)
 register_backend("nfs", FileNameRecordRepository)
+register_backend("redis", _redis_backend)
 
 
 def make_repository(backend_name: str, **kwargs) -> NameRecordRepository:

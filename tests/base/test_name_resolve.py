@@ -16,14 +16,35 @@ from realhf.base.name_resolve import (
 FORK = mp.get_context("fork")
 
 
-@pytest.fixture(params=["memory", "file"])
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """URL of a Redis server started for this module (skips when none can be started)."""
+    pytest.importorskip("redis", reason="the redis client is not installed (pip install 'realhf[redis]')")
+    from tests.base.redis_server import RedisServer, find_redis_server
+
+    exe, why = find_redis_server()
+    if exe is None:
+        pytest.skip(why)
+    server = RedisServer(exe, str(tmp_path_factory.mktemp("redis")))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "file", "redis"])
 def repo(request, tmp_path):
     if request.param == "memory":
         r = MemoryNameRecordRepository()
-    else:
+    elif request.param == "file":
         r = FileNameRecordRepository(str(tmp_path / "nr"))
+    else:
+        from realhf.base.name_resolve_redis import RedisNameRecordRepository
+
+        url = request.getfixturevalue("redis_url")
+        r = RedisNameRecordRepository(url, namespace=f"test-{os.getpid()}-{time.monotonic_ns()}")
     yield r
     r.reset()
+    if request.param == "redis":
+        r.destroy()
 
 
 def test_add_get_replace(repo):
