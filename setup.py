@@ -45,6 +45,8 @@ EXTRAS_REQUIRE = {
     "redis": ["redis"],
     # Triton kernels are tested on CPU through TRITON_INTERPRET=1.
     "triton": ["triton"],
+    # mode=ray: workers as actors on a Ray cluster (tests: python -m pytest -q -m ray).
+    "ray": ["ray==2.60.0"],
     # GPU-only accelerators; never needed to install, import or test.
     "gpu": ["flash-attn", "transformer-engine"],
 }

@@ -176,14 +176,17 @@ def _launch_once(cfg, cfg_path, exp, trial, mode, request_timeout, wait_timeout,
     master_log = os.path.join(constants.get_log_path(exp, trial), "master_worker-0")
     # A resumed or retried run appends to the master's log; echo only what this launch writes.
     echo_from = os.path.getsize(master_log) if os.path.exists(master_log) else 0
+    # One device per model worker (what a Ray actor holds; the local scheduler ignores it).
+    resources = {"cpus": 1.0, "gpus": 1.0 if any(w.device.startswith("cuda") for w in cfg.model_worker) else 0.0}
     with _terminate_unwinds():
-        _run_jobs(sched, cmd, n, env, master_log, wait_timeout, watchdog, echo_from)
+        _run_jobs(sched, cmd, n, env, master_log, wait_timeout, watchdog, echo_from, resources)
 
 
 def _run_jobs(sched, cmd: Dict[str, List[str]], n: int, env, master_log: str, wait_timeout: Optional[float],
-              watchdog: Optional[wd.HeartbeatWatchdog] = None, echo_from: int = 0) -> None:
+              watchdog: Optional[wd.HeartbeatWatchdog] = None, echo_from: int = 0,
+              resources: Optional[Dict[str, Any]] = None) -> None:
     try:
-        sched.submit_array("model_worker", cmd["model_worker"], count=n, env=env)
+        sched.submit_array("model_worker", cmd["model_worker"], count=n, env=env, **(resources or {}))
         sched.submit_array("master_worker", cmd["master_worker"], count=1, env=env)
         _wait_and_echo(sched, master_log, wait_timeout, watchdog=watchdog, start_pos=echo_from)
     except sched_client.JobException as e:
@@ -274,6 +277,9 @@ def scheduler_kwargs_of(config: Any) -> Dict[str, Any]:
     """Scheduler options taken from the quickstart config (the cluster spec for ``mode=slurm``)."""
     if getattr(config, "mode", "local") == "slurm" and hasattr(config, "slurm_cluster_spec"):
         return {"spec": config.slurm_cluster_spec()}
+    if getattr(config, "mode", "local") == "ray":
+        return {"address": getattr(config, "ray_address", None),
+                "workers_per_node": getattr(config, "n_gpus_per_node", None)}
     return {}
 
 
@@ -297,7 +303,7 @@ def main_start(config: Any) -> int:
                recover_retries=getattr(config, "recover_retries", 1), user_modules=user_modules_of_this_run(),
                heartbeat_timeout_s=getattr(config, "heartbeat_timeout_s", wd.DEFAULT_STALE_AFTER_S),
                debug=getattr(config, "debug", True), scheduler_kwargs=scheduler_kwargs_of(config))
-    except trial_files.LaunchRefused as e:
+    except (trial_files.LaunchRefused, sched_client.SchedulerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except sched_client.JobException as e:

@@ -3,8 +3,8 @@
 A scheduler client belongs to one trial (``run_name = <exp>_<trial>``) and
 tracks jobs named ``<run_name>:<worker_type>/<index>``. Use :func:`make` to
 get a client for a mode: ``local`` (subprocesses, :mod:`realhf.scheduler.local`),
-``slurm`` (sbatch jobs, :mod:`realhf.scheduler.slurm`); ``ray`` keeps its name
-registered but raises :class:`SchedulerUnavailableError` unless a launcher replaced it.
+``slurm`` (sbatch jobs, :mod:`realhf.scheduler.slurm`), ``ray`` (actors on an
+existing Ray cluster, :mod:`realhf.scheduler.ray`).
 
 Commands may contain the placeholders ``{jobstep_id}``, ``{n_jobsteps}``,
 ``{worker_submission_index}``, ``{wprocs_per_jobstep}``, ``{wprocs_in_job}``
@@ -161,7 +161,7 @@ def registered_modes() -> List[str]:
 
 
 def make(mode: str, expr_name: str, trial_name: str, **kwargs) -> SchedulerClient:
-    """Scheduler client for ``mode`` (``local``, ``slurm``; ``ray`` raises unless registered)."""
+    """Scheduler client for ``mode`` (``local``, ``slurm``, ``ray``)."""
     if mode not in _SCHEDULERS:
         raise ValueError(f"Unknown scheduler mode {mode!r}; known: {registered_modes()}.")
     return _SCHEDULERS[mode](expr_name, trial_name, **kwargs)
@@ -179,6 +179,17 @@ def _make_slurm(expr_name: str, trial_name: str, **kwargs) -> SchedulerClient:
     return SlurmSchedulerClient(expr_name, trial_name, **kwargs)
 
 
+def _make_ray(expr_name: str, trial_name: str, **kwargs) -> SchedulerClient:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise SchedulerUnavailableError("Scheduler mode 'ray' needs the 'ray' package "
+                                        "(pip install -e '.[ray]'); or use mode='local'.")
+    from realhf.scheduler.ray.client import RaySchedulerClient
+
+    return RaySchedulerClient(expr_name, trial_name, **kwargs)
+
+
 def _unavailable(mode: str, what: str) -> SchedulerFactory:
     def factory(expr_name: str, trial_name: str, **kwargs) -> SchedulerClient:
         raise SchedulerUnavailableError(
@@ -192,7 +203,7 @@ def _unavailable(mode: str, what: str) -> SchedulerFactory:
 
 register_scheduler("local", _make_local)
 register_scheduler("slurm", _make_slurm)
-register_scheduler("ray", _unavailable("ray", "no Ray controller is implemented"))
+register_scheduler("ray", _make_ray)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

@@ -99,6 +99,8 @@ class CommonExperimentConfig:
     :param heartbeat_timeout_s: stop the run when a worker sends no heartbeat for
         this long (a frozen process; a busy worker keeps beating).
     :param exp_ctrl: save / evaluation / stop control.
+    :param ray_address: ``mode=ray``: address of a running Ray cluster (``<host>:<port>`` printed by
+        ``ray start --head``, ``ray://<host>:<port>`` or ``auto``); null = ``$RAY_ADDRESS``.
     :param slurm: resources of ``mode=slurm`` jobs (cpus/mem/gpus per worker, time limit,
         container mounts, extra sbatch arguments); see :class:`realhf.scheduler.slurm.spec.SlurmOptions`.
     :param name_resolve: how workers find each other: "file" (a directory under the file root;
@@ -127,6 +129,7 @@ class CommonExperimentConfig:
     cache_clear_freq: Optional[int] = 10
     heartbeat_timeout_s: float = 30.0
     exp_ctrl: ExperimentSaveEvalControl = dataclasses.field(default_factory=ExperimentSaveEvalControl)
+    ray_address: Optional[str] = None
     slurm: SlurmOptions = dataclasses.field(default_factory=SlurmOptions)
     name_resolve: Optional[str] = None
     name_resolve_address: Optional[str] = None
@@ -221,6 +224,9 @@ class CommonExperimentConfig:
         elif self.mode == "ray":
             if importlib.util.find_spec("ray") is None:
                 raise ConfigError("mode='ray' needs the 'ray' package (pip install ray); or use mode=local.")
+            self._validate_ray_address()
+        elif self.ray_address is not None:
+            raise ConfigError(f"ray_address={self.ray_address!r} is only used with mode=ray; remove it or set mode=ray.")
         self.exp_ctrl.validate("exp_ctrl")
         self._validate_name_resolve()
         parse_allocation_mode(self.allocation_mode)
@@ -259,6 +265,20 @@ class CommonExperimentConfig:
         elif self.name_resolve_address is not None:
             raise ConfigError(f"name_resolve_address={self.name_resolve_address!r} is only used with "
                               "name_resolve=redis; remove it or set name_resolve=redis.")
+
+    def _validate_ray_address(self) -> None:
+        """``mode=ray`` joins an existing cluster: its address must be given and well-formed."""
+        from realhf.scheduler.ray.connect import RAY_ADDRESS_ENV, address_problem
+
+        key, addr = "ray_address", self.ray_address
+        if not addr:
+            key, addr = f"${RAY_ADDRESS_ENV}", os.environ.get(RAY_ADDRESS_ENV)
+        if not addr:
+            raise ConfigError(f"mode='ray' needs ray_address=<host>:<port> of a running Ray cluster (printed by "
+                              f"`ray start --head`), or ${RAY_ADDRESS_ENV}; or use mode=local.")
+        problem = address_problem(str(addr).strip())
+        if problem is not None:
+            raise ConfigError(f"{key}={addr!r} is not a Ray address: {problem}.")
 
     def resolved_allocations(self) -> Dict[str, MFCConfig]:
         """Per-MFC allocations after applying ``allocation_mode`` (checks the layouts fit the models)."""
