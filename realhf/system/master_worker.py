@@ -16,6 +16,14 @@ ready. Per-call start/end (the workers' clocks, relative to the step start)
 go to ``StepLog.timing``. After each step: save / evaluate triggers, a log
 line, and the step's items are dropped.
 
+A call with an ``input_filter`` (DAPO's dynamic sampling) gets its batch
+refilled: the calls producing the filter's keys run round after round on
+further batches from the dataloader until enough items pass, then the other
+calls run once on the items kept (:mod:`realhf.system.item_filter`; the
+filtered call's statistics gain ``filter_rounds``, ``filter_passed``,
+``filter_dropped`` and ``filter_items``; repeated calls time as
+``name#round``).
+
 :class:`MasterCore` is transport-agnostic (:mod:`realhf.system.transport`):
 ``submit(ranks, handle, data)`` / ``wait_any(tickets)`` for operations,
 ``call_all(handle, data)`` for requests every worker answers (each picks its
@@ -40,6 +48,7 @@ from realhf.api.core.dfg import MFCDef
 from realhf.api.core.model_api import FinetuneSpec
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.base import constants, logging, timeutil
+from realhf.system.item_filter import choose_items, filter_phases, filter_plan
 from realhf.system.model_worker import data_head_ranks, source_rpc
 from realhf.system.stats_sinks import TensorboardSink, make_wandb_sink
 from realhf.system.trial_files import describe_layouts
@@ -94,6 +103,9 @@ class MasterCore:
         self.resume = resume  # load the state in recover_dir (False: recover_dir is only written)
         self.history: List[StepLog] = []
         self.cache_clears: List[int] = []  # global steps after which workers emptied their CUDA cache
+        self.filtered = filter_phases(self.order, cfg.graph)
+        # every dp rank of every call needs an item (the loader's rule for a trailing batch)
+        self._min_items = max(self.cfg.model_layouts[r.model_name].topology.get_dim("data") for r in self.order)
 
     # ----------------------------------------------------------------- layout
     def _dp_ranks(self, name: ModelName) -> List[List[int]]:
@@ -124,8 +136,10 @@ class MasterCore:
         return spec
 
     # ------------------------------------------------------------------- data
-    def _fetch(self) -> Tuple[Dict[Any, _Item], Dict[int, List[Any]], bool]:
-        replies = self.t.call_all("fetch")
+    def _fetch(self, skip: Optional[Set[Any]] = None) -> Tuple[Dict[Any, _Item], Dict[int, List[Any]], bool]:
+        """The next batch's items, their ids per data head, and whether the epoch ended.
+        ``skip``: ids the heads leave out (already drawn in this step, by a refill)."""
+        replies = self.t.call_all("fetch", {"skip": set(skip)} if skip else None)
         items: Dict[Any, _Item] = {}
         by_head: Dict[int, List[Any]] = {}
         epoch_done = False
@@ -215,7 +229,7 @@ class MasterCore:
         return ops
 
     def _finish(self, rpc: MFCDef, ops: List[Tuple[str, Ticket]], items: Dict[Any, _Item],
-                t_step: float) -> Dict[str, float]:
+                t_step: float, timing_key: str) -> Dict[str, float]:
         """Record where the call's outputs live; return its statistics and fill its timeline entry."""
         call = next(t for kind, t in ops if kind == "call")
         first = min(t.sent_at for _, t in ops)
@@ -246,7 +260,7 @@ class MasterCore:
             timing["start"], timing["end"] = span[0] - t_step, span[1] - t_step
         timing["ranks"] = list(call.ranks)
         timing["rank_spans"] = {r: [a - t_step, b - t_step] for r, (a, b) in sorted(call.spans.items())}
-        self._timing[rpc.name] = timing
+        self._timing[timing_key] = timing
         return stats
 
     def _dependencies(self) -> Dict[str, Set[str]]:
@@ -259,16 +273,20 @@ class MasterCore:
             last[r.role] = r.name
         return deps
 
-    def _run_calls(self, items: Dict[Any, _Item], by_head, t_step: float) -> Dict[str, Dict[str, float]]:
-        """Issue every call as soon as its dependencies are done (one at a time when not
-        ``concurrent``); calls on disjoint meshes then run at the same time."""
-        deps = self._dependencies()
+    def _run_calls(self, items: Dict[Any, _Item], by_head, t_step: float,
+                   calls: Optional[List[MFCDef]] = None, tag: str = "") -> Dict[str, Dict[str, float]]:
+        """Issue every call (of ``calls``, default all) as soon as its dependencies are done (one at a
+        time when not ``concurrent``); calls on disjoint meshes then run at the same time. Dependencies
+        outside ``calls`` ran before. ``tag`` suffixes the timing entries (refill rounds)."""
+        calls = self.order if calls is None else calls
+        names = {r.name for r in calls}
+        deps = {n: d & names for n, d in self._dependencies().items() if n in names}
         done: Set[str] = set()
         in_flight: Dict[str, List[Tuple[str, Ticket]]] = {}
         stats: Dict[str, Dict[str, float]] = {}
         self._assignments: Dict[str, List[List[Any]]] = {}
-        while len(done) < len(self.order):
-            ready = [r for r in self.order if r.name not in done and r.name not in in_flight
+        while len(done) < len(calls):
+            ready = [r for r in calls if r.name not in done and r.name not in in_flight
                      and deps[r.name] <= done]
             if not self.concurrent:
                 ready = ready[:1] if not in_flight else []
@@ -283,12 +301,73 @@ class MasterCore:
                 self.t.wait_any(pending)
             for name in [n for n, ops in in_flight.items() if all(t.done for _, t in ops)]:
                 rpc = self._by_name[name]
-                stats[name] = self._finish(rpc, in_flight.pop(name), items, t_step)
+                stats[name] = self._finish(rpc, in_flight.pop(name), items, t_step, name + tag)
                 done.add(name)
                 if rpc.is_train:
                     check_finite_stats(rpc.name, stats[name], self.global_step + 1, self.epoch + 1,
                                        self.epoch_step + 1)
-        return {r.name: stats[r.name] for r in self.order}
+        return {r.name: stats[r.name] for r in calls}
+
+    def _filter(self, ids: List[Any], items: Dict[Any, _Item], t_step: float, tag: str) -> Dict[Any, bool]:
+        """Run the input filter where the items live (after moving keys it needs onto one rank)."""
+        flt = self.filtered.call.input_filter
+        transfers, by_rank = filter_plan(flt.keys, ids, {i: items[i].holders for i in ids})
+        tickets = []
+        if transfers:
+            ranks = sorted({src for src, _, _, _ in transfers} | {d for _, dsts, _, _ in transfers for d in dsts})
+            tickets.append(self.t.submit(ranks, "transfer", transfers))
+        ticket = self.t.submit(sorted(by_rank), "filter", {"filter": flt, "ids": by_rank})
+        for t in tickets + [ticket]:
+            while not t.done:
+                self.t.wait_any([t])
+        keep: Dict[Any, bool] = {}
+        for r in ticket.ranks:
+            keep.update(ticket.replies[r] or {})
+        a, b = ticket.span() or (ticket.sent_at, ticket.received_at)
+        self._timing["filter" + tag] = {"call_s": b - a, "start": a - t_step, "end": b - t_step,
+                                        "ranks": list(ticket.ranks)}
+        return keep
+
+    def _run_filtered(self, items: Dict[Any, _Item], by_head,
+                      t_step: float) -> Tuple[Dict[str, Dict[str, float]], int]:
+        """Producer rounds until the filtered call's batch is full (or the cap), then the other calls
+        on the kept items. Refill batches join ``items``; returns the statistics and the epochs
+        that ended while refilling."""
+        ph = self.filtered
+        flt, need = ph.call.input_filter, ph.call.n_seqs
+        stats: Dict[str, Dict[str, float]] = {}
+        drawn: List[Any] = []
+        passed: List[Any] = []
+        failed: List[Any] = []
+        rounds = epochs = 0
+        round_items, round_heads = items, by_head
+        while True:
+            rounds += 1
+            tag = "" if rounds == 1 else f"#{rounds}"
+            stats.update(self._run_calls(round_items, round_heads, t_step, ph.producers, tag))
+            ids = [i for d in sorted(round_heads) for i in round_heads[d]]
+            keep = self._filter(ids, items, t_step, tag)
+            drawn += ids
+            passed += [i for i in ids if keep[i]]
+            failed += [i for i in ids if not keep[i]]
+            if len(passed) >= need or (flt.max_rounds and rounds >= flt.max_rounds):
+                break
+            round_items, round_heads, epoch_done = self._fetch(skip=set(items))
+            items.update(round_items)  # cleared with the step's items in any case
+            epochs += int(epoch_done)
+            if len(round_items) < self._min_items:
+                logger.warning(f"{ph.call.name}: the refill drew only {len(round_items)} prompts not yet drawn in "
+                               f"this step after {rounds} rounds; going on with {min(len(passed), need)} of {need} "
+                               "items that passed the filter.")
+                break
+        chosen = choose_items(passed, failed, drawn, need, self._min_items)
+        if len(passed) < need:
+            logger.info(f"{ph.call.name}: {len(passed)} of {need} items passed {flt.name!r} in {rounds} rounds; "
+                        f"running on {len(chosen)}.")
+        stats.update(self._run_calls({i: items[i] for i in chosen}, {0: chosen}, t_step, ph.rest))
+        stats[ph.call.name].update(filter_rounds=float(rounds), filter_passed=float(len(passed)),
+                                   filter_dropped=float(len(failed)), filter_items=float(len(chosen)))
+        return {r.name: stats[r.name] for r in self.order}, epochs
 
     def _train_rpcs(self) -> List[MFCDef]:
         return [r for r in self.order if r.is_train]
@@ -366,7 +445,12 @@ class MasterCore:
         items, by_head, epoch_done = self._fetch()
         fetch_s = time.perf_counter() - t0
         self._timing: Dict[str, Dict[str, float]] = {"fetch": {"call_s": fetch_s, "start": 0.0, "end": fetch_s}}
-        stats = self._run_calls(items, by_head, t_step)
+        epochs_done = int(epoch_done)
+        if self.filtered is None:
+            stats = self._run_calls(items, by_head, t_step)
+        else:
+            stats, refill_epochs = self._run_filtered(items, by_head, t_step)
+            epochs_done += refill_epochs
         n_tokens = sum(max(it.lengths.values(), default=0) for it in items.values())
         self.t.call_all("clear", list(items))
         self.global_step += 1
@@ -374,8 +458,8 @@ class MasterCore:
         # The step is labelled within the epoch it belongs to; only then does the epoch roll over.
         log = StepLog(self.epoch + 1, self.epoch_step, self.global_step, time.perf_counter() - t0, n_tokens, stats,
                       self._timing)
-        if epoch_done:
-            self.epoch += 1
+        if epochs_done:  # a refill may draw past the end of an epoch
+            self.epoch += epochs_done
             self.epoch_step = 0
         self.history.append(log)
         return log

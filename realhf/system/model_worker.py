@@ -12,7 +12,9 @@ Handlers (``handle(name, data)``):
 
 * ``spec`` -> dataset size on data heads (None elsewhere);
 * ``initialize`` -> the backend wraps the model for its FinetuneSpec;
-* ``fetch`` -> next batch of the data head's loader, kept locally, metadata returned;
+* ``fetch`` -> next batch of the data head's loader (less the ids in ``skip``), kept locally,
+  metadata returned;
+* ``filter`` -> the decisions of a call's input filter on the items this rank was given;
 * ``transfer`` -> point-to-point exchange of stored items between ranks;
 * ``mfc`` -> run a call's interface on the given ids; outputs are stored
   where they are produced; dp heads return output metadata and stats;
@@ -143,7 +145,7 @@ class ModelWorkerCore:
             "spec": self._spec, "initialize": self._initialize, "fetch": self._fetch, "transfer": self._transfer,
             "mfc": self._mfc, "hook": self._hook, "evaluate": self._evaluate, "save": self._save,
             "clear": self._clear, "state": self._state, "load_state": self._load_state, "ping": lambda d: "pong",
-            "empty_cache": self._empty_cache,
+            "empty_cache": self._empty_cache, "filter": self._filter,
         }
 
     # ------------------------------------------------------------------ setup
@@ -223,14 +225,17 @@ class ModelWorkerCore:
                         self.interfaces[rpc.name].prepare_evaluation(self.models[name], self.eval_loaders[name])
         return None
 
-    def _fetch(self, _: Any) -> Optional[Dict[str, Any]]:
+    def _fetch(self, data: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+        """``data["skip"]``: ids left out of the batch (a refill must not draw a prompt of its step
+        twice); every head drops the same ones before taking its slice."""
         if self.loader is None:
             return None
         epoch = self.loader.epoch
         batch = next(iter(self.loader), None)
         if batch is None:  # the previous call ended the epoch
             batch = next(iter(self.loader))
-        items = batch.unpack()
+        skip = (data or {}).get("skip") or ()
+        items = [it for it in batch.unpack() if it.ids[0] not in skip]
         k, extra = divmod(len(items), self.n_heads)
         start = self.head_index * k + min(self.head_index, extra)
         mine = items[start:start + k + (1 if self.head_index < extra else 0)]
@@ -238,6 +243,15 @@ class ModelWorkerCore:
             self.store[it.ids[0]] = it
         meta = SequenceSample.gather(mine).meta() if mine else None
         return {"meta": meta, "epoch": epoch, "epoch_done": self.loader.epoch != epoch}
+
+    def _filter(self, data: Dict[str, Any]) -> Optional[Dict[Any, bool]]:
+        """``{id: keep}`` of the input filter ``data["filter"]`` on this rank's ids ``data["ids"][rank]``."""
+        ids = data["ids"].get(self.rank)
+        if not ids:
+            return None
+        flt = data["filter"]
+        sample = SequenceSample.gather([self.store[i].select(flt.keys) for i in ids])
+        return dict(zip(ids, model_api.apply_item_filter(flt.name, sample, flt.args)))
 
     def _transfer(self, plan: Sequence[Tuple[int, Sequence[int], List[Any], List[str]]]) -> None:
         """``plan``: (src rank, dst ranks, ids, keys); this rank sends or receives its part."""

@@ -79,6 +79,8 @@ def test_reward_model_variant_uses_a_critic():
     ("grpo.adv_estimator=remax grpo.dynamic_sampling=True", "grpo.dynamic_sampling"),
     ("grpo.adv_estimator=remax grpo.reward_norm.mean_level=batch", "grpo.reward_norm.mean_level"),
     ("grpo.adv_estimator=remax grpo.reward_norm.std_level=group", "grpo.reward_norm.std_level"),
+    ("grpo.dynamic_sampling=True grpo.dynamic_sampling_max_batches=-1", "grpo.dynamic_sampling_max_batches"),
+    ("grpo.dynamic_sampling_max_batches=3", "grpo.dynamic_sampling_max_batches"),  # without dynamic_sampling
     ("grpo.norm_adv_by_std=True", "grpo.norm_adv_by_std"),  # with rloo below
     ("grpo.eps_clip=0", "grpo.eps_clip"),
     ("grpo.eps_clip=1.0", "grpo.eps_clip"),
@@ -137,6 +139,22 @@ def test_remax_adds_a_greedy_answer_to_each_group():
     # the token budget counts the greedy answer: 3 x (48 + 16) for groups of 2
     with pytest.raises(ConfigError, match=r"\(192 tokens: \(grpo\.group_size \+ 1 greedy answer\) x"):
         _grpo("grpo.adv_estimator=remax", "grpo.group_size=2", "actor_train.max_tokens_per_mb=100")
+
+
+def test_dynamic_sampling_filters_and_refills_the_train_call():
+    calls = _calls(_grpo())
+    assert all(c.input_filter is None for c in calls.values())
+    flt = _calls(_grpo("grpo.dynamic_sampling=True"))["actor_train"].input_filter
+    assert (flt.name, flt.keys, flt.max_rounds) == ("grpo_dynamic_sampling", ("rewards",), 0)  # 0: no cap
+    assert flt.args["group_size"] == 4 and flt.args["overlong_tokens"] is None
+    calls = _calls(_grpo("grpo.dynamic_sampling=True", "grpo.dynamic_sampling_max_batches=3",
+                         "grpo.overlong_tokens=4", "grpo.overlong_penalty_factor=0.5", "grpo.max_reward_clip=5"))
+    flt = calls["actor_train"].input_filter
+    # the filter sees the rewards train_step sees: with the overlong penalty (answer lengths) and clip
+    assert flt.keys == ("rewards", "prompt_mask") and flt.max_rounds == 3
+    assert (flt.args["overlong_tokens"], flt.args["overlong_penalty_factor"], flt.args["max_reward_clip"],
+            flt.args["max_new_tokens"]) == (4, 0.5, 5.0, 16)
+    assert all(c.input_filter is None for n, c in calls.items() if n != "actor_train")
 
 
 def test_token_budget_counts_whole_groups():

@@ -91,7 +91,11 @@ def test_grpo_family_variants(tmp_path, variant):
         rew = next(r for r in cfg.model_rpcs if r.name == "rew_inf")
         assert rew.interface_impl.type_ == "paired_rw" and rew.post_hooks == utils.frozen_offload_hooks()
     if "grpo.dynamic_sampling=True" in variant:
-        assert all(0.0 <= s["kept_group_frac"] <= 1.0 for s in stats)
+        # the refill generated until 8 groups had different rewards: the update got exactly those
+        for s in stats:
+            assert s["filter_rounds"] >= 1 and s["filter_passed"] >= 8 and s["filter_items"] == 8
+            assert s["filter_passed"] + s["filter_dropped"] == 8 * s["filter_rounds"]
+            assert s["kept_group_frac"] == 1.0 and s["trained_token_frac"] == 1.0
         assert all(s["overlong_penalty"] <= 0.0 for s in stats)
         # without EOS every answer has MAX_NEW tokens: the full penalty
         full = [s for s in stats if s["no_eos_ratio"] == 1.0]

@@ -19,6 +19,11 @@ after the actor's train call makes a reference model trail the actor by EMA.
 
 The master worker attaches the hooks as pre- or post-hooks of a call; model
 workers execute them.
+
+A call may also take only the items that pass a filter and have its batch
+refilled (:class:`ItemFilter`, ``MFCDef.input_filter``; DAPO's dynamic
+sampling): the calls producing the filter's keys run round after round on
+fresh prompts until ``n_seqs`` items pass; see :mod:`realhf.system.item_filter`.
 """
 
 from __future__ import annotations
@@ -73,6 +78,41 @@ class OffloadHook:
 RPCHook = Union[ParamReallocHook, OffloadHook]
 
 
+@dataclasses.dataclass(frozen=True)
+class ItemFilter:
+    """Which items a call takes, and how hard the master tries to fill its batch with them.
+
+    ``name`` is a filter function registered with
+    :func:`realhf.api.core.model_api.register_item_filter`:
+    ``fn(sample, **args) -> one bool per item`` (True = keep), deciding each
+    item on its own (items are filtered where they live, a few per rank).
+    It reads ``keys``, which must be input keys of the call.
+
+    The calls that produce ``keys`` (and everything they depend on) run on
+    the step's batch, the filter drops items, and while fewer than the call's
+    ``n_seqs`` items passed the master draws another batch from the
+    dataloader and runs those calls again on it; the filtered call and every
+    other call then run once on exactly ``n_seqs`` passing items (the first
+    ones, in draw order). ``max_rounds`` caps the batches drawn per step, the
+    first included (0: no cap; the refill also stops when a batch brings no
+    prompt this step has not drawn yet); when it is reached the calls run on
+    the items that passed.
+    """
+
+    name: str
+    keys: Sequence[str]
+    args: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_rounds: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "keys", tuple(self.keys))
+        if not self.keys:
+            raise GraphError(f"ItemFilter {self.name!r} reads no key; name the keys it decides on.")
+        if not isinstance(self.max_rounds, int) or self.max_rounds < 0:
+            raise GraphError(f"ItemFilter {self.name!r}: max_rounds must be an int >= 0 (0: no cap), "
+                             f"got {self.max_rounds!r}.")
+
+
 class GraphError(ValueError):
     """The MFCs do not form a valid dataflow graph."""
 
@@ -96,6 +136,8 @@ class MFCDef:
     :param balanced_dp: equal numbers of sequences per dp rank (else token-balanced).
     :param log_return_value: log the call's returned statistics.
     :param pre_hooks / post_hooks: hooks run before / after the call.
+    :param input_filter: take only items passing this filter and refill the
+        batch (:class:`ItemFilter`; at most one call of a graph has one).
     """
 
     name: str
@@ -115,6 +157,7 @@ class MFCDef:
     model_path: Optional[str] = None
     pre_hooks: List[RPCHook] = dataclasses.field(default_factory=list)
     post_hooks: List[RPCHook] = dataclasses.field(default_factory=list)
+    input_filter: Optional[ItemFilter] = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -141,6 +184,11 @@ class MFCDef:
         for k in self.input_key_remap:
             if k not in self.input_keys:
                 raise GraphError(f"MFC {self.name}: input_key_remap renames {k!r}, which is not an input key.")
+        if self.input_filter is not None:
+            extra = [k for k in self.input_filter.keys if k not in self.input_keys]
+            if extra:
+                raise GraphError(f"MFC {self.name}: input_filter {self.input_filter.name!r} reads {extra}, which "
+                                 f"are not input keys of the call {list(self.input_keys)}.")
         self._G: Optional[nx.DiGraph] = None
 
     # ------------------------------------------------------------- graph view
@@ -211,13 +259,17 @@ def build_graph(rpcs: Sequence[MFCDef], dataset_keys: Optional[Iterable[str]] = 
     :param dataset_keys: keys the dataset provides; when given, an input key
         that no MFC produces and the dataset lacks is an error.
     Raises :class:`GraphError` for duplicate names, a key produced twice, two
-    train calls on one role, a missing key, or a cycle.
+    train calls on one role, two calls with an input filter, a missing key,
+    or a cycle.
     """
     rpcs = list(rpcs)
     names = [r.name for r in rpcs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise GraphError(f"Duplicate MFC names: {dup}.")
+    filtered = [r.name for r in rpcs if r.input_filter is not None]
+    if len(filtered) > 1:
+        raise GraphError(f"MFCs {filtered} each have an input_filter; a step's batch is filtered at most once.")
     trains: Dict[str, str] = {}
     for r in rpcs:
         if r.is_train:

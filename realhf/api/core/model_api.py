@@ -236,6 +236,7 @@ MODELS: Registry[Callable[..., Model]] = Registry("model")
 MODEL_WRAPPERS: Registry[Callable[..., Model]] = Registry("model wrapper")
 BACKENDS: Registry[type] = Registry("model backend")
 INTERFACES: Registry[type] = Registry("model interface")
+ITEM_FILTERS: Registry[Callable[..., Any]] = Registry("item filter")
 
 
 def register_model(name: str, factory: Callable[..., Model]) -> None:
@@ -254,6 +255,21 @@ def register_backend(name: str, cls: type) -> None:
 
 def register_interface(name: str, cls: type) -> None:
     INTERFACES.register(name, cls)
+
+
+def register_item_filter(name: str, fn: Callable[..., Any]) -> None:
+    """Register ``fn(sample: SequenceSample, **args) -> one bool per item`` (True = keep) under ``name``:
+    the filter of ``MFCDef.input_filter`` (:class:`realhf.api.core.dfg.ItemFilter`)."""
+    ITEM_FILTERS.register(name, fn)
+
+
+def apply_item_filter(name: str, sample: Any, args: Optional[Dict[str, Any]] = None) -> List[bool]:
+    """Run the registered filter ``name`` on ``sample``; one bool per item, checked."""
+    keep = ITEM_FILTERS.get(name)(sample, **(args or {}))
+    keep = [bool(k) for k in (keep.tolist() if isinstance(keep, torch.Tensor) else keep)]
+    if len(keep) != sample.bs:
+        raise ValueError(f"Item filter {name!r} returned {len(keep)} decisions for {sample.bs} items.")
+    return keep
 
 
 def _as(cfg: Any, cls: type) -> Any:

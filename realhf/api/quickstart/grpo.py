@@ -89,10 +89,20 @@ class GRPOHyperparameters:
     :param kl_estimator: k1/kl, k2/mse, k3/low_var_kl, abs (the KL loss term).
     :param reward_norm: normalise rewards before the estimator.
     :param adv_norm: normalise advantages after the estimator (over trained tokens).
-    :param dynamic_sampling: DAPO: drop groups whose rewards are all equal from
-        the update (stat ``kept_group_frac``). The batch is not refilled: every
-        call runs once per step on a fixed batch of prompts, so the update
-        uses fewer groups (and no step at all if every group is dropped).
+    :param dynamic_sampling: DAPO: groups whose rewards are all equal are
+        dropped and the batch is refilled: ``actor_gen`` and ``rew_inf`` run
+        again on further batches of ``dataset.train_bs_n_seqs`` prompts until
+        that many groups have different rewards, and ``ref_inf`` and
+        ``actor_train`` get exactly those (the first ones drawn). Statistics of
+        ``actor_train``: ``filter_rounds`` (batches generated), ``filter_passed``
+        / ``filter_dropped`` (groups kept / dropped over all rounds),
+        ``filter_items`` (groups trained on). Refills draw prompts from the
+        dataloader, so an epoch ends in fewer steps.
+    :param dynamic_sampling_max_batches: cap on the batches generated per step,
+        the first included (verl's ``max_num_gen_batches``); 0: no cap (the
+        refill still stops when a whole batch holds only prompts this step has
+        drawn). At the cap the update uses the groups that passed (at least
+        one per dp rank: flat groups pad, with no weight in the loss).
     :param overlong_tokens: DAPO soft overlong penalty over the last this many
         generation tokens (None: off).
     :param overlong_penalty_factor: the penalty at gen.max_new_tokens tokens.
@@ -122,6 +132,7 @@ class GRPOHyperparameters:
     reward_norm: NormConfig = dataclasses.field(default_factory=NormConfig)
     adv_norm: NormConfig = dataclasses.field(default_factory=NormConfig)
     dynamic_sampling: bool = False
+    dynamic_sampling_max_batches: int = 0
     overlong_tokens: Optional[int] = None
     overlong_penalty_factor: Optional[float] = None
     mask_no_eos_with_zero: bool = False
@@ -195,6 +206,10 @@ class GRPOHyperparameters:
         if self.dynamic_sampling and self.group_size < 2:
             raise ConfigError(f"{k('dynamic_sampling')}=True drops groups whose rewards are all equal, which a "
                               f"single sample always is; {k('group_size')}={self.group_size} must be at least 2.")
+        check_range(k("dynamic_sampling_max_batches"), self.dynamic_sampling_max_batches, 0)
+        if self.dynamic_sampling_max_batches and not self.dynamic_sampling:
+            raise ConfigError(f"{k('dynamic_sampling_max_batches')}={self.dynamic_sampling_max_batches} caps the "
+                              f"refill of dynamic sampling; set {k('dynamic_sampling')}=True or leave it 0.")
         if (self.overlong_tokens is None) != (self.overlong_penalty_factor is None):
             raise ConfigError(f"{k('overlong_tokens')}={self.overlong_tokens} and {k('overlong_penalty_factor')}="
                               f"{self.overlong_penalty_factor}: set both (the penalty is on) or neither.")

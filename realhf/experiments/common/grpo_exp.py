@@ -9,6 +9,11 @@ model), ``ref_inf`` gives reference log-probs when a KL term is on, and
 more sequence, the prompt's greedy answer (last), which the reward call
 scores like the others and ``actor_train`` uses as baseline only.
 
+DAPO's dynamic sampling is an input filter of ``actor_train``
+(``grpo_dynamic_sampling`` on ``rewards``): the master re-runs ``actor_gen``
+and ``rew_inf`` on further prompts until ``dataset.train_bs_n_seqs`` groups
+have different rewards, then runs ``ref_inf`` and ``actor_train`` on those.
+
 Replicas as in ppo: ``actor_gen`` on another layout than ``actor_train`` gets
 its own actor replica, filled from the train replica before generation and
 dropped after it; frozen networks (reference, reward model) are offloaded
@@ -17,7 +22,7 @@ after their call when their devices are shared.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from realhf.api.core import dfg
 from realhf.api.core import system_api as sa
@@ -58,6 +63,17 @@ def _reward(cfg: GRPOConfig) -> Tuple[sa.Model, sa.ModelBackend, dfg.ModelInterf
                 default_reward=r.default_reward)
     return (sa.Model("tokenizer", args=dict(tokenizer_path=cfg.tokenizer_path)), sa.ModelBackend("null"),
             dfg.ModelInterface("rule_reward", args=args), False)
+
+
+def dynamic_sampling_filter(cfg: GRPOConfig) -> Optional[dfg.ItemFilter]:
+    """The input filter of ``actor_train`` that drops and refills groups of equal rewards (None: off)."""
+    p = cfg.grpo
+    if not p.dynamic_sampling:
+        return None
+    keys = ["rewards"] + (["prompt_mask"] if p.overlong_tokens is not None else [])  # answer lengths
+    args = dict(group_size=p.group_size, max_new_tokens=p.gen.max_new_tokens, overlong_tokens=p.overlong_tokens,
+                overlong_penalty_factor=p.overlong_penalty_factor, max_reward_clip=p.max_reward_clip)
+    return dfg.ItemFilter("grpo_dynamic_sampling", keys, args, max_rounds=p.dynamic_sampling_max_batches)
 
 
 def build(cfg: GRPOConfig) -> sa.ExperimentConfig:
@@ -118,7 +134,8 @@ def build(cfg: GRPOConfig) -> sa.ExperimentConfig:
         rpc = dfg.MFCDef(call, n_seqs=ds.train_bs_n_seqs, interface_type=kind, interface_impl=iface[name.role],
                          model_name=name, input_keys=ins, output_keys=outs, n_mbs=allocs[call].n_mbs,
                          max_tokens_per_mb=allocs[call].max_tokens_per_mb,
-                         balanced_dp=call == "actor_gen", log_return_value=kind == ModelInterfaceType.TRAIN_STEP)
+                         balanced_dp=call == "actor_gen", log_return_value=kind == ModelInterfaceType.TRAIN_STEP,
+                         input_filter=dynamic_sampling_filter(cfg) if call == "actor_train" else None)
         utils.attach_layout_hooks(rpc, replica["actor_train"] if name.role == "actor" else None,
                                   frozen=call in frozen_nets, ranks=ranks)
         rpcs.append(rpc)

@@ -16,8 +16,11 @@ sequence) and, when a KL term is on, ``packed_ref_logprobs``.
 
 ``train_step``: reward = clip(score + overlong penalty, +-max_reward_clip)
 [- kl_ctl * sum of k1 over the answer]; DAPO dynamic sampling drops groups
-whose rewards are all equal (their loss mask is cleared: the batch is not
-refilled, see the experiment); optional no-EOS masking; reward
+whose rewards are all equal (their loss mask is cleared). In the experiment
+the master filters with the same rule before this call and refills the
+batch (:func:`dynamic_sampling_filter`, registered as the item filter
+``grpo_dynamic_sampling``), so such groups only get here as padding when
+too few groups passed; optional no-EOS masking; reward
 normalisation; advantages by estimator (grpo, dr_grpo, rloo,
 reinforce_plus_plus(_baseline)); optional advantage normalisation; then
 ``n_minibatches`` optimizer steps on the clipped surrogate of
@@ -59,6 +62,7 @@ from realhf.api.core.model_api import (
     Model,
     ModelInterface,
     register_interface,
+    register_item_filter,
 )
 from realhf.impl.model.backend.inference import packed_inputs
 from realhf.impl.model.interface.common import packed_shifted_log_probs, shifted_answer_mask
@@ -303,16 +307,42 @@ def group_advantages(b: GroupBatch, cfg: "GRPOActorInterface") -> Tuple[torch.Te
     return adv, mask, stats
 
 
-def _clipped_reward(score: torch.Tensor, gen_len: torch.Tensor,
-                    cfg: "GRPOActorInterface") -> Tuple[torch.Tensor, torch.Tensor]:
-    """(clip(score + overlong penalty, +-max_reward_clip), penalty) in float64: one rule for
-    sampled and greedy answers, so a ReMax baseline is on the scale of the rewards it centres."""
+def clipped_reward(score: torch.Tensor, gen_len: torch.Tensor, max_new_tokens: int,
+                   overlong_tokens: Optional[int] = None, overlong_penalty_factor: Optional[float] = None,
+                   max_reward_clip: float = 20.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(clip(score + overlong penalty, +-max_reward_clip), penalty) in float64: the one rule for
+    sampled and greedy answers and for the dynamic-sampling filter, so they all see the same rewards."""
     r = score.double()
     penalty = torch.zeros_like(r)
-    if cfg.overlong_tokens is not None:
-        penalty = rl.overlong_penalty(gen_len, cfg.generation_config.max_new_tokens, cfg.overlong_tokens,
-                                      cfg.overlong_penalty_factor).double()
-    return (r + penalty).clamp(-cfg.max_reward_clip, cfg.max_reward_clip), penalty
+    if overlong_tokens is not None:
+        penalty = rl.overlong_penalty(gen_len, max_new_tokens, overlong_tokens, overlong_penalty_factor).double()
+    return (r + penalty).clamp(-max_reward_clip, max_reward_clip), penalty
+
+
+def _clipped_reward(score: torch.Tensor, gen_len: torch.Tensor,
+                    cfg: "GRPOActorInterface") -> Tuple[torch.Tensor, torch.Tensor]:
+    return clipped_reward(score, gen_len, cfg.generation_config.max_new_tokens, cfg.overlong_tokens,
+                          cfg.overlong_penalty_factor, cfg.max_reward_clip)
+
+
+def dynamic_sampling_filter(sample: SequenceSample, group_size: int, max_new_tokens: int,
+                            overlong_tokens: Optional[int] = None, overlong_penalty_factor: Optional[float] = None,
+                            max_reward_clip: float = 20.0) -> List[bool]:
+    """DAPO's dynamic sampling as the master's input filter (``grpo_dynamic_sampling``): keep an
+    item (a group) unless its rewards, as ``train_step`` computes them, are all equal.
+
+    Reads ``rewards`` and, with the overlong penalty, ``prompt_mask`` (answer lengths).
+    """
+    score = sample.data["rewards"].double().view(-1)
+    if score.numel() != sample.bs * group_size:
+        raise ValueError(f"grpo_dynamic_sampling: {score.numel()} rewards for {sample.bs} groups of {group_size}.")
+    gen_len = torch.zeros_like(score)
+    if overlong_tokens is not None:
+        lens = [n for item in sample.seqlens["prompt_mask"] for n in item]
+        prompt = torch.stack([m.sum() for m in torch.split(sample.data["prompt_mask"].long(), lens)])
+        gen_len = torch.tensor(lens, dtype=torch.float64) - prompt.double()
+    r, _ = clipped_reward(score, gen_len, max_new_tokens, overlong_tokens, overlong_penalty_factor, max_reward_clip)
+    return rl.dynamic_sampling_keep(r, group_size).tolist()
 
 
 # --------------------------------------------------------------------------- #
@@ -592,5 +622,6 @@ class GRPOActorInterface(ModelInterface):
 
 
 register_interface("grpo_actor", GRPOActorInterface)
+register_item_filter("grpo_dynamic_sampling", dynamic_sampling_filter)
 
 __all__ = ["ADV_ESTIMATORS", "GRPOActorInterface", "GroupBatch", "gather_dp", "group_advantages"]
