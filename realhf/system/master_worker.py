@@ -136,7 +136,8 @@ class MasterCore:
         return spec
 
     # ------------------------------------------------------------------- data
-    def _fetch(self, skip: Optional[Set[Any]] = None) -> Tuple[Dict[Any, _Item], Dict[int, List[Any]], bool]:
+    def _fetch(self, skip: Optional[Set[Any]] = None
+               ) -> Tuple[Dict[Any, _Item], Dict[int, List[Any]], bool]:
         """The next batch's items, their ids per data head, and whether the epoch ended.
         ``skip``: ids the heads leave out (already drawn in this step, by a refill)."""
         replies = self.t.call_all("fetch", {"skip": set(skip)} if skip else None)
