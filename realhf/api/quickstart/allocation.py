@@ -12,7 +12,8 @@ Accepted values (``realhf-reference.md`` section 3):
   cluster; sequence parallelism is switched on for training MFCs when tp > 1.
 * ``name:d4m2p1,*:d2p2m2``: one layout per MFC, ``*`` for all MFCs not named.
 * ``heuristic``: the experiment's ``_heuristic_rpc_allocation()``.
-* ``search``: not available yet (refused with a message).
+* ``search``: :mod:`realhf.search` profiles the devices, searches per-MFC meshes and
+  layouts with its cost model and prints the predicted step time.
 
 Every layout must use exactly the devices of its mesh (the whole cluster is
 ``n_nodes * n_gpus_per_node`` devices; on CPU a device is a worker process).
@@ -249,10 +250,10 @@ def resolve_allocations(
     out: Dict[str, MFCConfig] = {}
 
     if mode.kind == "search":
-        raise ConfigError(
-            "allocation_mode='search' is not available yet; use manual, pipe_data, pipe_model or a 3D layout."
-        )
-    if mode.kind == "heuristic":
+        from realhf.search.quickstart import search_allocations
+
+        out = search_allocations(cfg, mfc_names, train_mfc_names)[0]
+    elif mode.kind == "heuristic":
         fn = getattr(cfg, "_heuristic_rpc_allocation", None)
         if fn is None:
             raise ConfigError(
