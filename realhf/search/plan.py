@@ -76,7 +76,7 @@ class PlanEvaluator:
             a = plan[call.name]
             c = self.cost(call.name, a)
             oom = oom or c.oom
-            ready = max([end[d] for d in call.deps] + [0.0])
+            ready = max([end.get(d, 0.0) for d in call.deps] + [0.0])  # calls outside the plan: ignored
             prev = last_of_role.get(call.role)
             if prev is not None:
                 ready = max(ready, end[prev])
