@@ -48,7 +48,7 @@ N_SEQS, PROMPT_LEN, GEN_LEN, MINIBATCHES = 512, 512, 512, 4
 
 
 def simulate(cases, iters: int, budget: float, seed: int) -> List[Dict[str, Any]]:
-    from realhf.search.baseline import heuristic_plan
+    from realhf.search.baseline import best_uniform_plan, heuristic_plan
     from realhf.search.hardware import h100_profile
     from realhf.search.plan import format_plan
     from realhf.search.search import PlanSearch
@@ -63,12 +63,15 @@ def simulate(cases, iters: int, budget: float, seed: int) -> List[Dict[str, Any]
         space = PlanSearch(calls, prof, gpus // prof.devices_per_node)
         heur = heuristic_plan(calls, prof, gpus // prof.devices_per_node, space.evaluator)
         h = space.evaluator.evaluate(heur)
-        res = space.run(seed=seed, iters=iters, time_budget_s=budget, init=[heur])
+        uni = best_uniform_plan(space)
+        uni_s = space.evaluator.seconds(uni) if uni is not None else float("inf")
+        res = space.run(seed=seed, iters=iters, time_budget_s=budget, init=[heur] + ([uni] if uni else []))
         rows.append({"model": f"llama-{shape}", "gpus": gpus,
-                     "heuristic_s": h.raw_seconds, "heuristic_oom": h.oom,
+                     "heuristic_s": h.raw_seconds, "heuristic_oom": h.oom, "best_uniform_s": uni_s,
                      "searched_s": res.seconds, "speedup": h.raw_seconds / res.seconds,
+                     "speedup_vs_uniform": uni_s / res.seconds,
                      "search_s": time.perf_counter() - t0, "plan": format_plan(res.plan),
-                     "heuristic_plan": format_plan(heur)})
+                     "heuristic_plan": format_plan(heur), "uniform_plan": format_plan(uni) if uni else None})
         print(f"{shape} x{gpus}: heuristic {h.raw_seconds:.2f}s{' (OOM)' if h.oom else ''} "
               f"searched {res.seconds:.2f}s  {format_plan(res.plan)}", flush=True)
     return rows
@@ -169,7 +172,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-run", action="store_true", help="skip the measured run on this machine")
     ap.add_argument("--no-sim", action="store_true", help="skip the H100 simulation")
-    ap.add_argument("--iters", type=int, default=3000)
+    ap.add_argument("--iters", type=int, default=20000)
     ap.add_argument("--budget", type=float, default=30.0, help="seconds of search per case")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=1)
@@ -180,7 +183,7 @@ def main() -> None:
     if not a.no_sim:
         rows = simulate(QUICK_CASES if a.quick else SIM_CASES, a.iters, a.budget, a.seed)
         out["simulation"] = rows
-        print_table([{k: v for k, v in r.items() if k not in ("plan", "heuristic_plan")} for r in rows])
+        print_table([{k: v for k, v in r.items() if not k.endswith("plan")} for r in rows])
     if not a.no_run:
         here = run_here(a.steps if not a.quick else 4, a.seed)
         out["here"] = here

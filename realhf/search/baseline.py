@@ -50,4 +50,26 @@ def heuristic_plan(calls: List[CallSpec], prof: DeviceProfile, n_nodes: int,
     return plan
 
 
-__all__ = ["heuristic_plan", "real_config_like"]
+__all__ = ["best_uniform_plan", "heuristic_plan", "real_config_like"]
+
+
+def best_uniform_plan(space) -> Optional[Dict[str, Assignment]]:
+    """The best plan that gives every call the same (dp, tp, pp) on the whole cluster
+    (``allocation_mode=d{D}p{P}m{M}`` with the best choice of D, P, M); None if none fits.
+
+    :param space: a :class:`realhf.search.search.PlanSearch` (its candidates and evaluator).
+    """
+    ev = space.evaluator
+    whole = Mesh(0, ev.n_devices)
+    by_shape: Dict[tuple, Dict[str, Assignment]] = {}
+    for name, cands in space.candidates.items():
+        for a in cands:
+            if a.mesh != whole:
+                continue
+            key = (a.layout.dp, a.layout.tp, a.layout.pp)
+            cur = by_shape.setdefault(key, {}).get(name)
+            if cur is None or ev.cost(name, a).seconds < ev.cost(name, cur).seconds:
+                by_shape[key][name] = a
+    plans = [p for p in by_shape.values() if len(p) == len(space.candidates)]
+    feasible = [p for p in plans if not ev.evaluate(p).oom]
+    return min(feasible, key=ev.seconds) if feasible else None

@@ -158,24 +158,20 @@ class PlanSearch:
                 break
         return best
 
-    def run(self, *, seed: int = 0, iters: int = 4000, time_budget_s: float = 60.0,
-            init: Iterable[Plan] = (), polish: bool = True) -> SearchResult:
-        t0 = time.perf_counter()
-        deadline = t0 + time_budget_s
-        rng = random.Random(seed)
-        starts = [p for p in init if p is not None] + [self.greedy_start()]
-        cur = dict(min(starts, key=self.score))
+    def _chain(self, start: Plan, rng: random.Random, iters: int, deadline: float, t_hi: float) -> tuple:
+        """One Metropolis walk from ``start``; (best plan, its score, iterations, accepted moves)."""
+        cur = dict(start)
         cur_s = self.score(cur)
         best, best_s = dict(cur), cur_s
         names = sorted(self.candidates)
         scale = self.evaluator.evaluate(cur).raw_seconds
-        t_hi, t_lo = 0.2 * scale, 1e-4 * scale
+        hi, lo = t_hi * scale, 1e-4 * scale
         accepted = done = 0
         for i in range(iters):
             if time.perf_counter() > deadline:
                 break
             done += 1
-            temp = t_hi * (t_lo / t_hi) ** (i / max(1, iters - 1))
+            temp = hi * (lo / hi) ** (i / max(1, iters - 1))
             name = rng.choice(names)
             cands = self.candidates[name]
             u = rng.random()
@@ -193,10 +189,29 @@ class PlanSearch:
                 accepted += 1
                 if s < best_s:
                     best, best_s = dict(trial), s
-        if polish:
-            best = self.polish(best, deadline=deadline + time_budget_s)
-        best_s = self.seconds(best)
-        return SearchResult(best, best_s, done, accepted, time.perf_counter() - t0,
+        return best, best_s, done, accepted
+
+    def run(self, *, seed: int = 0, iters: int = 4000, time_budget_s: float = 60.0,
+            init: Iterable[Plan] = (), polish: bool = True, restarts: int = 4,
+            t_hi: float = 0.1) -> SearchResult:
+        """``restarts`` walks of ``iters / restarts`` moves, each from the best plan so far and
+        with its own random stream derived from ``seed``; each walk's result is polished."""
+        t0 = time.perf_counter()
+        deadline = t0 + time_budget_s
+        starts = [p for p in init if p is not None] + [self.greedy_start()]
+        best = dict(min(starts, key=self.score))
+        best_s = self.score(best)
+        done = accepted = 0
+        for k in range(max(1, restarts)):
+            rng = random.Random(seed * 7919 + k)
+            plan, s, n, acc = self._chain(best, rng, iters // max(1, restarts), deadline, t_hi)
+            done, accepted = done + n, accepted + acc
+            if polish:
+                plan = self.polish(plan, deadline=deadline + time_budget_s)
+                s = self.score(plan)
+            if s < best_s:
+                best, best_s = plan, s
+        return SearchResult(best, self.seconds(best), done, accepted, time.perf_counter() - t0,
                             {n: len(c) for n, c in self.candidates.items()})
 
     def brute_force(self, limit: int = 200000) -> SearchResult:
