@@ -232,9 +232,9 @@ class CommonExperimentConfig:
         parse_allocation_mode(self.allocation_mode)
         if self.allocation_use_cache:
             raise ConfigError(
-                "allocation_use_cache=True reuses the result of an allocation search, but "
-                "allocation_mode='search' is not available, so there is nothing to cache; "
-                "set allocation_use_cache=False."
+                "allocation_use_cache=True would reuse an allocation search across runs, which is not "
+                "implemented: allocation_mode='search' searches again each run (seconds; the machine profile "
+                "is cached in ~/.cache/realhf); set allocation_use_cache=False."
             )
 
     def slurm_cluster_spec(self) -> SlurmClusterSpec:
