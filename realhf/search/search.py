@@ -194,17 +194,20 @@ class PlanSearch:
     def run(self, *, seed: int = 0, iters: int = 4000, time_budget_s: float = 60.0,
             init: Iterable[Plan] = (), polish: bool = True, restarts: int = 4,
             t_hi: float = 0.1) -> SearchResult:
-        """``restarts`` walks of ``iters / restarts`` moves, each from the best plan so far and
-        with its own random stream derived from ``seed``; each walk's result is polished."""
+        """``restarts`` walks of ``iters / restarts`` moves, each with its own random stream derived
+        from ``seed``: the first ones from each of ``init`` and the greedy start, the last from the
+        best plan so far; each walk's result is polished."""
         t0 = time.perf_counter()
         deadline = t0 + time_budget_s
-        starts = [p for p in init if p is not None] + [self.greedy_start()]
+        starts = [dict(p) for p in init if p is not None] + [self.greedy_start()]
         best = dict(min(starts, key=self.score))
         best_s = self.score(best)
         done = accepted = 0
         for k in range(max(1, restarts)):
             rng = random.Random(seed * 7919 + k)
-            plan, s, n, acc = self._chain(best, rng, iters // max(1, restarts), deadline, t_hi)
+            # the first walks start from the given plans in turn (diversity), the last from the best so far
+            origin = starts[k] if k < len(starts) and k < restarts - 1 else best
+            plan, s, n, acc = self._chain(origin, rng, iters // max(1, restarts), deadline, t_hi)
             done, accepted = done + n, accepted + acc
             if polish:
                 plan = self.polish(plan, deadline=deadline + time_budget_s)
