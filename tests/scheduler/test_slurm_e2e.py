@@ -76,3 +76,33 @@ def test_bad_cluster_spec_refused_before_submission(tmp_path, fake_path):
     res, _ = run_quickstart(tmp_path, "sft", "slurm-bad", tiny_sft("mode=slurm", "image_name='a b'"), timeout=120)
     assert res.returncode == 2 and "image_name='a b'" in res.stderr, res.stderr[-2000:]
     assert not any(c.startswith("sbatch") for c in fake_slurm.calls(fake_path))
+
+
+@pytest.mark.slow
+def test_two_node_sft_with_redis_name_resolve(tmp_path, fake_path):
+    """n_nodes=2 through the fakes: workers publish the routable host IP and find each other through Redis."""
+    pytest.importorskip("redis")
+    from tests.base.redis_server import RedisServer, find_redis_server
+
+    exe, why = find_redis_server()
+    if exe is None:
+        pytest.skip(why)
+    server = RedisServer(exe, str(tmp_path))
+    try:
+        over = [o for o in SFT if not o.startswith("n_gpus_per_node")]
+        res, log_dir = run_quickstart(tmp_path, "sft", "slurm-redis", tiny_sft(
+            "mode=slurm", "n_nodes=2", "n_gpus_per_node=1", "name_resolve=redis",
+            f"name_resolve_address={server.url}", *over), timeout=400)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        with open(os.path.join(log_dir, "slurm", "model_worker-s0.sbatch")) as f:
+            text = f.read()
+        assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=1" in text
+        with open(os.path.join(log_dir, "slurm", "model_worker-s0.task.sh")) as f:
+            task = f.read()
+        assert "export REAL_NAME_RESOLVE=redis" in task and "export REAL_MULTI_NODE=1" in task
+        assert f"export REAL_REDIS_URL={server.url}" in task
+        # nothing was published through the file backend
+        entries = [f for _, _, fs in os.walk(os.path.join(str(tmp_path), "name_resolve")) for f in fs]
+        assert "ENTRY" not in entries
+    finally:
+        server.stop()

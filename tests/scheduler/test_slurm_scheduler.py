@@ -191,3 +191,22 @@ def test_missing_commands(tmp_path, monkeypatch):
                              commands={"sbatch": "my-sbatch"})
     with pytest.raises(sched.SchedulerUnavailableError, match="my-sbatch"):
         c.submit_array("model_worker", ["true"], count=1)
+
+
+def test_quickstart_options_make_the_spec():
+    from realhf.api.quickstart.base import ConfigError
+    from realhf.api.quickstart.entrypoint import parse_quickstart
+
+    base = ["experiment_name=e", "trial_name=t", "mode=slurm", "n_nodes=2", "n_gpus_per_node=4"]
+    c = parse_quickstart("sft", base + ["slurm.extra_sbatch_args=[--account=p,--exclusive]", "image_name=docker://x",
+                                        "slurm.time_limit=30", "nodelist=N[01-02]", "partition=gpu"], validate=False)
+    spec = c.slurm_cluster_spec()
+    assert (spec.partition, spec.nodelist, spec.container_image, spec.nodes, spec.tasks_per_node) == \
+        ("gpu", "N[01-02]", "docker://x", 2, 4)
+    assert spec.extra_sbatch_args == ["--account=p", "--exclusive"] and spec.time_limit == "30"
+    c = parse_quickstart("sft", base + ["slurm.time_limit=soon"], validate=False)
+    with pytest.raises(ConfigError, match="slurm.time_limit='soon'"):
+        c.slurm_cluster_spec()
+    c = parse_quickstart("sft", base + ["partition='a b'"], validate=False)
+    with pytest.raises(ConfigError, match="partition='a b'"):
+        c.slurm_cluster_spec()
