@@ -3,7 +3,8 @@
 The dataflow graph is read off the experiment's calls: calls whose name
 contains ``gen`` generate, ``train_mfc_names`` train, the rest run
 inference; inference calls read the generations and train calls read
-everything before them (the shape of PPO, GRPO and DPO graphs).
+everything before them (the shape of PPO, GRPO and DPO graphs). Calls
+without a model (a rule-based reward) run data-parallel on every device.
 On CPU the profile is this machine's (measured once, cached in
 ``~/.cache/realhf/machine_profile.json`` or ``$REALHF_SEARCH_PROFILE``); on
 CUDA the H100 preset with the local device memory. Several nodes: every
@@ -22,7 +23,7 @@ from realhf.api.quickstart.model import MFCConfig, ParallelismConfig, load_real_
 from realhf.search.hardware import DeviceProfile, cached_profile, h100_profile
 from realhf.search.plan import INF, format_plan
 from realhf.search.search import PlanSearch, SearchResult
-from realhf.search.workload import GENERATE, INFERENCE, TRAIN, Assignment, CallSpec, Mesh, ModelShape
+from realhf.search.workload import GENERATE, INFERENCE, TRAIN, Assignment, CallSpec, Layout, Mesh, ModelShape
 
 logger = logging.getLogger("realhf.search")
 SEARCH_ITERS = 1500
@@ -45,8 +46,10 @@ def workload_of(cfg: Any, mfc_names: Sequence[str], train_mfc_names: Sequence[st
     if not isinstance(n_seqs, int) or n_seqs < 1:
         raise ConfigError("allocation_mode='search' needs dataset.train_bs_n_seqs (a positive batch size).")
     prompt = _get(cfg, "dataset.max_prompt_len") or _get(cfg, "dataset.max_seqlen") or 256
-    gen = _get(cfg, "ppo.max_new_tokens") or _get(cfg, "ppo.gen.max_new_tokens") or _get(cfg, "gen.max_new_tokens")
-    minibatches = _get(cfg, "ppo.ppo_n_minibatches") or _get(cfg, "group_n_minibatches") or 1
+    gen = (_get(cfg, "ppo.max_new_tokens") or _get(cfg, "ppo.gen.max_new_tokens")
+           or _get(cfg, "grpo.gen.max_new_tokens") or _get(cfg, "gen.max_new_tokens"))
+    minibatches = _get(cfg, "ppo.ppo_n_minibatches") or _get(cfg, "grpo.n_minibatches") or 1
+    n_seqs *= int(_get(cfg, "grpo.group_size") or 1)  # GRPO: every prompt yields a group of answers
     gen_names = [n for n in mfc_names if "gen" in n]
     gen_len = int(gen or 0) if gen_names else 0
     calls, done = [], []
@@ -54,6 +57,8 @@ def workload_of(cfg: Any, mfc_names: Sequence[str], train_mfc_names: Sequence[st
     order = sorted(mfc_names, key=lambda n: ({GENERATE: 0, INFERENCE: 1, TRAIN: 2}[kinds[n]], list(mfc_names).index(n)))
     roles_trained = {cfg.mfc_models[n][0] for n in train_mfc_names if n in cfg.mfc_models}
     for n in order:
+        if n not in cfg.mfc_models:  # no model (e.g. a rule-based reward): nothing to place
+            continue
         key, model = cfg.mfc_models[n]
         try:
             real = load_real_config(model)
@@ -116,7 +121,8 @@ def search_allocations(cfg: Any, mfc_names: Sequence[str], train_mfc_names: Sequ
         raise ConfigError(f"allocation_mode='search' found no plan that fits in memory on {n_nodes} x {per_node} "
                           "devices; use more devices or smaller models/batches.")
     allocs = dict(getattr(cfg, "allocations", {}) or {})
-    out = {n: to_mfc_config(res.plan[n], allocs.get(n), n in train_mfc_names, n_nodes, per_node)
+    everywhere = Assignment(Mesh(0, n_nodes * per_node), Layout(n_nodes * per_node, 1, 1))
+    out = {n: to_mfc_config(res.plan.get(n, everywhere), allocs.get(n), n in train_mfc_names, n_nodes, per_node)
            for n in mfc_names}
     msg = (f"allocation_mode=search: predicted step time {res.seconds:.3f} s on {prof.name} "
            f"({res.iters} iterations, {res.elapsed_s:.1f} s): {format_plan(res.plan)}")

@@ -71,3 +71,18 @@ def test_search_ppo_runs(fixed_profile, tmp_path):
     exp = parse_quickstart("ppo", ppo_args()).initial_setup()
     hist = run_with_pipes(exp, "ppo", "search", timeout=300, fileroot=str(tmp_path)).history
     assert len(hist) == 2 and all(-1e3 < h.stats["actor_train"]["task_reward"] < 1e3 for h in hist)
+
+
+def test_search_sft_and_grpo_build(fixed_profile):
+    sft = ["experiment_name=s", "trial_name=t", "n_gpus_per_node=2", "allocation_mode=search", f"model.path={TINY}",
+           "model.init_from_scratch=True", f"dataset.train_path={DATA}/sft-train.jsonl", "dataset.train_bs_n_seqs=16"]
+    parse_quickstart("sft", sft).initial_setup()
+    grpo = ["experiment_name=g", "trial_name=t", "n_gpus_per_node=2", "allocation_mode=search",
+            f"dataset.path={DATA}/prompt-train.jsonl", "dataset.train_bs_n_seqs=8", "dataset.max_prompt_len=48",
+            "grpo.group_size=2", "grpo.gen.max_new_tokens=8", "grpo.gen.min_new_tokens=1"]
+    for r in ["actor", "ref", "rew"]:
+        grpo += [f"{r}.path={TINY}", f"{r}.init_from_scratch=True"]
+    cfg = parse_quickstart("grpo", grpo)
+    calls = sq.workload_of(cfg, cfg.mfc_names, cfg.train_mfc_names)
+    assert all(c.n_seqs == 16 for c in calls)  # 8 prompts x groups of 2
+    cfg.initial_setup()
