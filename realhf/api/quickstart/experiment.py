@@ -225,7 +225,7 @@ class CommonExperimentConfig:
             if importlib.util.find_spec("ray") is None:
                 raise ConfigError("mode='ray' needs the 'ray' package (pip install ray); or use mode=local.")
             self._validate_ray_address()
-        elif self.ray_address is not None:
+        if self.mode != "ray" and self.ray_address is not None:
             raise ConfigError(f"ray_address={self.ray_address!r} is only used with mode=ray; remove it or set mode=ray.")
         self.exp_ctrl.validate("exp_ctrl")
         self._validate_name_resolve()
