@@ -58,7 +58,7 @@ def kv_cache_bytes(call: CallSpec, lay: Layout, param_bytes: int) -> float:
     """Keys and values of every row of the device's data-parallel share, for the full sequence."""
     m = call.model
     rows = math.ceil(call.n_seqs / lay.dp)
-    kv_heads = max(1, m.n_kv_heads // lay.tp) if m.n_kv_heads >= lay.tp else 1
+    kv_heads = max(1, m.n_kv_heads // lay.tp)  # heads tp does not divide are replicated
     layers = math.ceil(m.n_layers / lay.pp)
     return 2.0 * layers * kv_heads * m.head_dim * rows * call.seq_len * param_bytes
 

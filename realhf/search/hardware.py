@@ -222,12 +222,12 @@ def measure_op_overhead(repeat: int = 60, chunks: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_train_efficiency(flops_per_s: float = 0.0, tokens: int = 512, repeat: int = 5) -> float:
+def measure_train_efficiency(tokens: int = 512, repeat: int = 5) -> float:
     """Forward+backward FLOP/s of the probe block over the matmul FLOP/s, one thread.
 
     Each repeat times a plain matmul of the block's shape and a training pass
     back to back and keeps their ratio (the median is reported), so load
-    from other processes cancels out. ``flops_per_s`` is unused (kept for callers).
+    from other processes cancels out.
     """
     import torch
 
@@ -334,7 +334,7 @@ def profile_this_machine(n_workers: int = 2, *, with_comm: bool = True) -> Devic
         param_bytes=4,
         op_overhead_s=measure_op_overhead(),
         call_overhead_s=CPU_CALL_OVERHEAD_S,
-        train_efficiency=measure_train_efficiency(flops),
+        train_efficiency=measure_train_efficiency(),
         mb_overhead_s=CPU_MB_OVERHEAD_S,
         collective_overhead_s=CPU_COLLECTIVE_OVERHEAD_S,
         pp_slot_overhead_s=CPU_PP_SLOT_OVERHEAD_S,

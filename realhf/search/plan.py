@@ -13,7 +13,7 @@ the largest transient need of any call it runs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 from realhf.search.cost import CallCost, call_cost, realloc_time
 from realhf.search.hardware import DeviceProfile

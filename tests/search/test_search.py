@@ -8,7 +8,7 @@ import pytest
 from realhf.search.baseline import heuristic_plan
 from realhf.search.hardware import h100_profile
 from realhf.search.search import PlanSearch, candidate_layouts, candidate_meshes
-from realhf.search.workload import LLAMA, INFERENCE, Assignment, CallSpec, Layout, Mesh, ModelShape, ppo_calls
+from realhf.search.workload import LLAMA, INFERENCE, CallSpec, Mesh, ModelShape, ppo_calls
 from tests.search.test_cost import simple_profile
 
 M = ModelShape(n_layers=4, hidden=64, intermediate=128, n_q_heads=4, n_kv_heads=2, vocab=100)
