@@ -4,8 +4,8 @@ One cluster for the module (``ray.init`` here; the CLI joins it as another
 driver through ``ray_address`` or ``$RAY_ADDRESS``). A tiny SFT and a tiny PPO
 (the settings of the ``mode=local`` CLI tests) finish with their workers'
 logs in the trial's log directory; a worker killed mid-run, and Ctrl-C of the
-launcher, end the run naming the worker / cleanly; a bad address fails before
-any worker starts. After each run no actor or placement group of it is left.
+launcher, end the run naming the worker / cleanly, and so does a launcher killed
+outright; a bad address fails before any worker starts. After each run no actor or placement group of it is left.
 Marked ``ray``: ``python -m pytest -q -m ray``.
 """
 
@@ -206,14 +206,34 @@ def test_ctrl_c_stops_every_actor(cluster, tmp_path):
     _assert_workers_gone(exp)
 
 
-@pytest.mark.parametrize("address,message", [
-    ("127.0.0.1:1", "ray_address='127.0.0.1:1': no Ray cluster answers"),
-    ("no-port-here", "ray_address='no-port-here' is not a Ray address"),
-    (None, "mode='ray' needs ray_address="),
+def test_killed_launcher_leaves_nothing(cluster, tmp_path):
+    """SIGKILL of the launcher (no cleanup code runs): Ray ends the departed driver's actors and
+    placement groups, and each worker dies with its actor."""
+    exp, trial = "sft-raylost", "l"
+    proc, out = _start(tmp_path, exp, [*SFT, "exp_ctrl.benchmark_steps=100000", "exp_ctrl.total_train_epochs=1000"],
+                       address=cluster, trial=trial)
+    try:
+        _wait_for_step(proc, tmp_path, exp)
+        assert len(_worker_procs(exp)) == 3
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        out.close()
+        if proc.poll() is None:
+            proc.kill()
+    _assert_cluster_clean(exp, trial, timeout=60)
+    _assert_workers_gone(exp, timeout=60)
+
+
+# Missing and malformed addresses are refused by the config (tests/quickstart/test_ray_config.py);
+# these two reach the launcher: a port nobody listens on, and one in the launcher's environment.
+@pytest.mark.parametrize("address,env_address,message", [
+    ("127.0.0.1:1", None, "error: ray_address='127.0.0.1:1': no Ray cluster answers"),
+    (None, "127.0.0.1:1", "error: $RAY_ADDRESS='127.0.0.1:1': no Ray cluster answers"),
 ])
-def test_bad_address_fails_before_any_worker(cluster, tmp_path, address, message):
+def test_unreachable_address_fails_before_any_worker(cluster, tmp_path, address, env_address, message):
     exp = "sft-raybad"
-    proc, out = _start(tmp_path, exp, SFT, address=address)
+    proc, out = _start(tmp_path, exp, SFT, address=address, env_address=env_address)
     code, text = _finish(proc, out, tmp_path, exp, timeout=120)
     assert code == 2, text[-3000:]
     errors = [line for line in text.splitlines() if line.startswith("error:")]
