@@ -20,7 +20,10 @@ import signal as signal_lib
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
+from realhf.base import logging
+
 Command = Union[str, Sequence[str]]
+_logger = logging.getLogger("scheduler")
 
 
 class JobState(enum.Enum):
@@ -131,18 +134,61 @@ class SchedulerClient(abc.ABC):
     def find_all(self, job_name_regex: str = ".*") -> List[JobInfo]:
         """Infos of every job whose name matches ``job_name_regex``."""
 
-    @abc.abstractmethod
+    poll_interval_s: float = 0.1
+
     def wait(self, timeout: Optional[float] = None,
              check_status: Iterable[JobState] = (JobState.CANCELLED, JobState.FAILED,
                                                  JobState.NOT_FOUND),
              remove_status: Iterable[JobState] = (JobState.COMPLETED,),
-             update: bool = False) -> List[JobInfo]:
-        """Block until every job reached a ``remove_status`` state.
+             update: bool = False, job_names: Optional[Iterable[str]] = None) -> List[JobInfo]:
+        """Block until every job (or every one of ``job_names``) reached a ``remove_status`` state.
 
         A job entering a ``check_status`` state stops all jobs and raises
         :class:`JobException`. Raises TimeoutError after ``timeout`` seconds
         (jobs keep running). Returns the final infos of the removed jobs.
+        Schedulers differ only in how they learn the jobs' states
+        (:meth:`_poll_jobs`) and describe a failure (:meth:`_failure`).
         """
+        check, remove = set(check_status), set(remove_status)
+        left = self._job_names() if job_names is None else list(job_names)
+        done: List[JobInfo] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while left:
+            infos = self._poll_jobs(left)
+            for name in list(left):
+                info = infos.get(name) or JobInfo(name=name, state=JobState.NOT_FOUND)
+                if info.state in check:
+                    exc = self._failure(info)
+                    _logger.error(f"{exc}\nStopping all jobs of {self.run_name}.")
+                    self.stop_all()
+                    self._after_failure(name)
+                    raise exc
+                if info.state in remove:
+                    left.remove(name)
+                    done.append(info)
+            if not left:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"Timed out after {timeout}s waiting for jobs of "
+                                   f"{self.run_name}; still pending: {left}.")
+            time.sleep(self.poll_interval_s if deadline is None
+                       else max(0.0, min(self.poll_interval_s, deadline - time.monotonic())))
+        return done
+
+    @abc.abstractmethod
+    def _job_names(self) -> List[str]:
+        """Names of every job this client submitted."""
+
+    def _poll_jobs(self, names: List[str]) -> Dict[str, JobInfo]:
+        """Current infos of ``names`` (one query where the scheduler allows it)."""
+        return {n: self.find(n) for n in names}
+
+    @abc.abstractmethod
+    def _failure(self, info: JobInfo) -> JobException:
+        """The exception that reports a failed job: worker, host, cause, log tail."""
+
+    def _after_failure(self, name: str) -> None:
+        """Clean-up after :meth:`stop_all` when ``name`` failed (e.g. processes it left)."""
 
 
 # ---------------------------------------------------------------------- #

@@ -24,7 +24,7 @@ import shlex
 import signal as signal_lib
 import subprocess
 import time
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import psutil
 
@@ -247,35 +247,12 @@ class LocalSchedulerClient(SchedulerClient):
             exit_code=job.popen.returncode, log_tail=read_log_tail(job.log_path),
         )
 
-    def wait(self, timeout: Optional[float] = None,
-             check_status: Iterable[JobState] = (JobState.CANCELLED, JobState.FAILED,
-                                                 JobState.NOT_FOUND),
-             remove_status: Iterable[JobState] = (JobState.COMPLETED,),
-             update: bool = False, job_names: Optional[Iterable[str]] = None) -> List[JobInfo]:
-        check, remove = set(check_status), set(remove_status)
-        left = list(self._jobs) if job_names is None else list(job_names)
-        done: List[JobInfo] = []
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while left:
-            for name in list(left):
-                info = self.find(name)
-                if info.state in check:
-                    exc = self._failure(info)
-                    logger.error(f"{exc}\nStopping all jobs of {self.run_name}.")
-                    self.stop_all()
-                    if name in self._jobs:  # what the failed job left in its group
-                        self._signal(self._jobs[name], signal_lib.SIGKILL)
-                    raise exc
-                if info.state in remove:
-                    left.remove(name)
-                    done.append(info)
-            if not left:
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"Timed out after {timeout}s waiting for jobs of "
-                                   f"{self.run_name}; still pending: {left}.")
-            time.sleep(self.poll_interval_s)
-        return done
+    def _job_names(self) -> List[str]:
+        return list(self._jobs)
+
+    def _after_failure(self, name: str) -> None:
+        if name in self._jobs:  # what the failed job left in its group
+            self._signal(self._jobs[name], signal_lib.SIGKILL)
 
     def __enter__(self) -> "LocalSchedulerClient":
         return self

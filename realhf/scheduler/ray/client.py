@@ -317,35 +317,12 @@ class RaySchedulerClient(SchedulerClient):
         return JobException(self.run_name, job.worker_type, job.host, reason, worker_index=job.index,
                             exit_code=job.exit_code, log_tail=tail)
 
-    def wait(self, timeout: Optional[float] = None,
-             check_status: Iterable[JobState] = (JobState.CANCELLED, JobState.FAILED,
-                                                 JobState.NOT_FOUND),
-             remove_status: Iterable[JobState] = (JobState.COMPLETED,),
-             update: bool = False, job_names: Optional[Iterable[str]] = None) -> List[JobInfo]:
-        check, remove = set(check_status), set(remove_status)
-        left = list(self._jobs) if job_names is None else list(job_names)
-        done: List[JobInfo] = []
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while left:
-            self._refresh([self._jobs[n] for n in left if n in self._jobs])
-            for name in list(left):
-                job = self._jobs.get(name)
-                info = self._info(job) if job is not None else JobInfo(name=name, state=JobState.NOT_FOUND)
-                if info.state in check:
-                    exc = self._failure(info)
-                    logger.error(f"{exc}\nStopping all jobs of {self.run_name}.")
-                    self.stop_all()
-                    raise exc
-                if info.state in remove:
-                    left.remove(name)
-                    done.append(info)
-            if not left:
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"Timed out after {timeout}s waiting for jobs of "
-                                   f"{self.run_name}; still pending: {left}.")
-            time.sleep(self.poll_interval_s)
-        return done
+    def _job_names(self) -> List[str]:
+        return list(self._jobs)
+
+    def _poll_jobs(self, names: List[str]) -> Dict[str, JobInfo]:
+        self._refresh([self._jobs[n] for n in names if n in self._jobs])
+        return {n: self._info(self._jobs[n]) for n in names if n in self._jobs}
 
     def close(self) -> None:
         """Stop everything; leave the cluster if this client joined it."""

@@ -24,7 +24,7 @@ import shutil
 import signal as signal_lib
 import subprocess
 import time
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from realhf.base import constants, logging
 from realhf.scheduler.client import (
@@ -286,35 +286,12 @@ class SlurmSchedulerClient(SchedulerClient):
         return JobException(self.run_name, info.worker_type, info.host, reason, worker_index=info.worker_index,
                             exit_code=info.exit_code, log_tail=read_log_tail(info.log_path))
 
-    def wait(self, timeout: Optional[float] = None,
-             check_status: Iterable[JobState] = (JobState.CANCELLED, JobState.FAILED, JobState.NOT_FOUND),
-             remove_status: Iterable[JobState] = (JobState.COMPLETED,),
-             update: bool = False, job_names: Optional[Iterable[str]] = None) -> List[JobInfo]:
-        check, remove = set(check_status), set(remove_status)
-        left = [self.job_name(g.worker_type, i) for g, i in self._all()] if job_names is None else list(job_names)
-        done: List[JobInfo] = []
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while left:
-            self._poll()
-            infos = {i.name: i for i in self.find_all()}
-            for name in list(left):
-                info = infos.get(name, JobInfo(name=name, state=JobState.NOT_FOUND))
-                if info.state in check:
-                    exc = self._failure(info)
-                    logger.error(f"{exc}\nCancelling all jobs of {self.run_name}.")
-                    self.stop_all()
-                    raise exc
-                if info.state in remove:
-                    left.remove(name)
-                    done.append(info)
-            if not left:
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"Timed out after {timeout}s waiting for jobs of {self.run_name}; "
-                                   f"still pending: {left}.")
-            time.sleep(self.poll_interval_s if deadline is None
-                       else max(0.0, min(self.poll_interval_s, deadline - time.monotonic())))
-        return done
+    def _job_names(self) -> List[str]:
+        return [self.job_name(g.worker_type, i) for g, i in self._all()]
+
+    def _poll_jobs(self, names: List[str]) -> Dict[str, JobInfo]:
+        self._poll()
+        return {i.name: i for i in self.find_all()}
 
     def __enter__(self) -> "SlurmSchedulerClient":
         return self
