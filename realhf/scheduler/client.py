@@ -236,17 +236,6 @@ def _make_ray(expr_name: str, trial_name: str, **kwargs) -> SchedulerClient:
     return RaySchedulerClient(expr_name, trial_name, **kwargs)
 
 
-def _unavailable(mode: str, what: str) -> SchedulerFactory:
-    def factory(expr_name: str, trial_name: str, **kwargs) -> SchedulerClient:
-        raise SchedulerUnavailableError(
-            f"Scheduler mode {mode!r} is not available in this installation ({what}); "
-            f"use mode='local'. Available modes: "
-            f"{[m for m in registered_modes() if m not in ('slurm', 'ray')]}."
-        )
-
-    return factory
-
-
 register_scheduler("local", _make_local)
 register_scheduler("slurm", _make_slurm)
 register_scheduler("ray", _make_ray)
