@@ -23,9 +23,11 @@ and PPO, ``grpo`` from the SFT checkpoint on the embedded math prompts with
 the rule reward (the final answer checked against the prompt's ``answer``
 field; no reward model, no critic). It saves the actor every
 ``--eval-every`` steps and measures each checkpoint's exact-match accuracy
-with greedy decoding on the held-out prompts (``prompt-valid``, answers
-checked by :func:`realhf.impl.reward.math_verify.math_reward`), then prints
-the curve: step, mean training reward, held-out accuracy. SFT runs
+on the held-out prompts (``prompt-valid``, answers checked by
+:func:`realhf.impl.reward.math_verify.math_reward`) twice: greedy, and as
+the mean over ``--eval-samples`` answers sampled at the GRPO temperature
+(the policy GRPO trains). It then prints the curve: step, mean training
+reward, greedy and sampled held-out accuracy. SFT runs
 ``--grpo-sft-steps`` steps (1000: after the PPO path's 300 steps the model
 answers 4.5% of the held-out prompts, too few correct samples for GRPO);
 ``--sft-checkpoint DIR`` skips SFT and starts GRPO from ``DIR``.
@@ -77,6 +79,7 @@ class DemoSettings:
     grpo_lr: float = 5e-4
     eval_every: int = 20
     eval_prompts: int = 200
+    eval_samples: int = 8
     sft_checkpoint: str = ""
 
 
@@ -173,12 +176,15 @@ def step_checkpoints(exp: str, trial: str, role: str) -> Dict[int, str]:
 
 
 def heldout_accuracy(ckpt: str, n_prompts: int, max_new_tokens: int, dataset: str = "prompt-valid",
-                     batch_size: int = 50) -> float:
-    """Exact-match accuracy of greedy answers to the first ``n_prompts`` prompts of ``dataset``.
+                     batch_size: int = 50, samples: int = 0, temperature: float = 1.0, seed: int = 1) -> float:
+    """Exact-match accuracy of answers to the first ``n_prompts`` prompts of ``dataset``.
 
     Runs in this process, after the workers are gone: the checkpoint is loaded
-    as a ReaLModel, answers are decoded greedily with the KV cache and checked
-    against each record's ``answer`` with the math rule reward.
+    as a ReaLModel, answers are decoded with the KV cache and checked against
+    each record's ``answer`` with the math rule reward. ``samples=0`` decodes
+    one greedy answer per prompt; ``samples=k`` draws k answers per prompt at
+    ``temperature`` (the policy as GRPO samples it, seeded) and returns
+    their mean accuracy.
     """
     import torch
 
@@ -198,20 +204,26 @@ def heldout_accuracy(ckpt: str, n_prompts: int, max_new_tokens: int, dataset: st
     tokenizer = load_hf_tokenizer(ckpt)
     model = getattr(ReaLModel, f"from_{family}")(ckpt)
     model.eval()
-    gconfig = GenerationHyperparameters(max_new_tokens=max_new_tokens, min_new_tokens=0, greedy=True)
+    if samples > 0:
+        gconfig = GenerationHyperparameters(max_new_tokens=max_new_tokens, min_new_tokens=0, temperature=temperature,
+                                            top_p=1.0, top_k=10**9)
+    else:
+        gconfig = GenerationHyperparameters(max_new_tokens=max_new_tokens, min_new_tokens=0, greedy=True)
+    per_prompt = max(samples, 1)
+    generator = torch.Generator().manual_seed(seed)
     correct = 0.0
     for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
+        chunk = [r for r in records[i:i + batch_size] for _ in range(per_prompt)]
         prompts = tokenizer([r["prompt"] for r in chunk])["input_ids"]
         with torch.no_grad():
             out = generate(model, torch.tensor([t for p in prompts for t in p], dtype=torch.long),
                            cu_seqlens_from_lengths([len(p) for p in prompts]), gconfig,
-                           eos_token_id=tokenizer.eos_token_id)
+                           eos_token_id=tokenizer.eos_token_id, generator=generator)
         cu = out.cu_gen_lengths.tolist()
         for j, r in enumerate(chunk):
             answer = tokenizer.decode(out.gen_tokens[cu[j]:cu[j + 1]].tolist(), skip_special_tokens=True)
             correct += math_reward(answer, r["answer"])
-    return correct / len(records)
+    return correct / (len(records) * per_prompt)
 
 
 def grpo_curve(s: DemoSettings, sft_ckpt: str) -> List[Dict[str, float]]:
@@ -222,9 +234,11 @@ def grpo_curve(s: DemoSettings, sft_ckpt: str) -> List[Dict[str, float]]:
     for step in sorted(ckpts):
         window = rewards[prev:step]
         acc = heldout_accuracy(ckpts[step], s.eval_prompts, s.grpo_new_tokens)
+        sampled = heldout_accuracy(ckpts[step], s.eval_prompts, s.grpo_new_tokens, samples=s.eval_samples,
+                                   temperature=s.grpo_temperature, seed=s.seed)
         rows.append({"step": step, "train_reward": statistics.mean(window) if window else float("nan"),
-                     "heldout_acc": acc})
-        print(f"[demo] step {step:4d}: held-out accuracy {acc:.3f}", flush=True)
+                     "heldout_acc": acc, "heldout_sampled_acc": sampled})
+        print(f"[demo] step {step:4d}: held-out accuracy {acc:.3f} (greedy), {sampled:.3f} (sampled)", flush=True)
         prev = step
     return rows
 
@@ -244,16 +258,22 @@ def run_grpo(s: DemoSettings) -> Dict[str, object]:
     t_eval = time.time()
     rows = grpo_curve(s, sft_ckpt)
     n_eval = s.eval_prompts if s.eval_prompts > 0 else "all"
-    print(f"\n[demo] GRPO curve (held-out: greedy exact match on {n_eval} prompt-valid prompts; "
-          f"train reward: mean task reward of the steps since the previous row)")
-    print(f"[demo] {'step':>5} {'train reward':>13} {'held-out acc':>13}")
+    print(f"\n[demo] GRPO curve (held-out: exact match on {n_eval} prompt-valid prompts, greedy and the mean of "
+          f"{s.eval_samples} samples at temperature {s.grpo_temperature}; train reward: mean task reward of the "
+          f"steps since the previous row)")
+    print(f"[demo] {'step':>5} {'train reward':>13} {'held-out acc':>13} {'sampled acc':>13}")
     for r in rows:
-        print(f"[demo] {r['step']:5d} {r['train_reward']:13.3f} {r['heldout_acc']:13.3f}")
+        print(f"[demo] {r['step']:5d} {r['train_reward']:13.3f} {r['heldout_acc']:13.3f} "
+              f"{r['heldout_sampled_acc']:13.3f}")
     before, after = rows[0]["heldout_acc"], rows[-1]["heldout_acc"]
     print(f"[demo] GRPO held-out accuracy before: {before:.3f}")
     print(f"[demo] GRPO held-out accuracy after:  {after:.3f}")
+    sampled_before, sampled_after = rows[0]["heldout_sampled_acc"], rows[-1]["heldout_sampled_acc"]
+    print(f"[demo] GRPO held-out sampled accuracy before: {sampled_before:.3f}")
+    print(f"[demo] GRPO held-out sampled accuracy after:  {sampled_after:.3f}")
     print(f"[demo] evaluation {time.time() - t_eval:.0f} s, total {time.time() - t0:.0f} s", flush=True)
-    return {"acc_before": before, "acc_after": after, "curve": rows}
+    return {"acc_before": before, "acc_after": after, "sampled_acc_before": sampled_before,
+            "sampled_acc_after": sampled_after, "curve": rows}
 
 
 def _clear_trial(exp: str, trial: str) -> None:
