@@ -45,8 +45,9 @@ from realhf.base import name_resolve
 me, other = sys.argv[1], sys.argv[2]
 name_resolve.add(f"peers/{me}", f"addr-of-{me}")
 print(name_resolve.wait(f"peers/{other}", timeout=30, poll_frequency=0.01), flush=True)
-name_resolve.wait(f"done/{other}", timeout=30, poll_frequency=0.01) if me == "a" else None
+# Neither exits (removing its peers/ entry) before the other has read it.
 name_resolve.add(f"done/{me}", "1", delete_on_exit=False)
+name_resolve.wait(f"done/{other}", timeout=30, poll_frequency=0.01)
 """
 
 
