@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 import uuid
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import Callable, Dict, List, Optional, Tuple
 
 from realhf.base import constants
 

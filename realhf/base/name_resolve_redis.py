@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from typing import List, Optional
+from typing import Optional
 
 from realhf.base.name_resolve import NameEntryExistsError, NameEntryNotFoundError, NameRecordRepository
 

@@ -50,7 +50,7 @@ from realhf.api.core import model_api
 from realhf.api.core.config import ModelInterfaceType, ModelName
 from realhf.api.core.data_api import PackedDataLoader, SequenceSample, make_dataset
 from realhf.api.core.dfg import MFCDef
-from realhf.api.core.model_api import FinetuneSpec, MicroBatchSpec
+from realhf.api.core.model_api import MicroBatchSpec
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.base import constants, logging, seeding
 from realhf.impl.model.comm import global_comm

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.base import network
-from realhf.system.master_worker import MasterCore, PipeTransport, StepLog
+from realhf.system.master_worker import MasterCore, PipeTransport
 from realhf.system.model_worker import ModelWorkerCore, serve_pipe
 
 

@@ -9,7 +9,7 @@ import torch
 
 import realhf.impl.model  # noqa: F401
 from realhf.api.core.model_api import MicroBatchSpec, Model
-from realhf.base.testing import DistributedRunError, run_distributed
+from realhf.base.testing import run_distributed
 from realhf.impl.model.backend import OptimizerConfig, TrainEngine
 from realhf.impl.model.backend.loss_scaler import DynamicLossScaler
 

@@ -1,6 +1,5 @@
 """Bad inputs refused by the command line before any worker starts: exit code 2, one stderr line."""
 
-import json
 import os
 import subprocess
 import sys

@@ -3,7 +3,6 @@ and warm up NCCL groups; checked on CPU by standing in for the CUDA runtime."""
 
 from __future__ import annotations
 
-import io
 import socket
 from typing import List
 

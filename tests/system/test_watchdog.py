@@ -7,7 +7,7 @@ import pytest
 
 from realhf.base import name_resolve, names
 from realhf.system import watchdog as wd
-from realhf.system.worker_base import FatalError, PollResult, Worker
+from realhf.system.worker_base import FatalError, Worker
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from realhf.api.quickstart.checks import (
 from realhf.api.quickstart.dataset import PairedComparisonDatasetConfig, PromptOnlyDatasetConfig
 from realhf.api.quickstart.experiment import CommonExperimentConfig
 from realhf.api.quickstart.heuristic import heuristic_mfc
-from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig, ParallelismConfig
+from realhf.api.quickstart.model import MFCConfig, ModelTrainEvalConfig
 from realhf.api.quickstart.ppo import PPOHyperparameters, validate_generation
 
 

@@ -11,7 +11,7 @@ The errors name the config key, the file, its sample count and the sizes.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 from realhf.api.core import system_api as sa
 from realhf.api.core.system_api import ExperimentConfigError

@@ -28,7 +28,7 @@ from realhf.api.core import dfg
 from realhf.api.core import system_api as sa
 from realhf.api.core.config import ModelInterfaceType, ModelName
 from realhf.api.quickstart.entrypoint import register_quickstart_exp
-from realhf.api.quickstart.grpo import GRPO_MFCS, GRPOConfig
+from realhf.api.quickstart.grpo import GRPOConfig
 from realhf.experiments.common import utils
 
 ROLE = {"actor_gen": "actor", "actor_train": "actor", "ref_inf": "ref", "rew_inf": "reward"}
