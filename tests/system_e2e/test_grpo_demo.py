@@ -93,6 +93,7 @@ def test_grpo_demo_learns(tmp_path):
     # 0.235 0.225 0.215 0.220 0.225 0.230. GRPO raises the sampled policy's held-out accuracy;
     # the greedy accuracy of this 1.2M-parameter model stays where SFT left it.
     out = _run_demo(tmp_path, [], timeout=2400)
+    print(out)  # the curve, for pytest -s
     curve = _curve(out)
     assert [row[0] for row in curve] == list(range(0, 101, 20))
     first, last = curve[1][1], (curve[-1][1] + curve[-2][1]) / 2
