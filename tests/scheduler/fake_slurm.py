@@ -3,9 +3,11 @@
 :func:`install` writes them as small Python scripts into ``<dir>/bin`` (put it
 first on PATH). ``sbatch`` runs the submitted script on this machine in the
 background, in its own session, with the ``SLURM_*`` variables a job sees and
-its ``--output``/``--chdir`` directives honoured; ``srun`` starts
+its ``--output``/``--chdir`` directives honoured (``squeue --states=all``
+lists ended jobs too, unless ``FAKE_SQUEUE_FORGETS`` is set; ``sacct`` fails
+as on a cluster without accounting storage when ``FAKE_NO_ACCOUNTING`` is set); ``srun`` starts
 ``--ntasks`` copies of its command with ``SLURM_PROCID`` etc. and, with
-``--kill-on-bad-exit=1``, stops the others when one fails. Job state lives in
+``--kill-on-bad-exit=1``, kills the others (their whole process trees) when one fails. Job state lives in
 ``<dir>/state``: ``<id>.pid`` (the job's session), ``<id>.rc`` (exit code),
 ``<id>.cancelled``. ``<dir>/calls.log`` records every call (argv).
 """
@@ -98,13 +100,19 @@ os.replace(path(job, "rc.tmp"), path(job, "rc"))
 
 _SQUEUE = r'''
 fmt = sys.argv[sys.argv.index("-o") + 1] if "-o" in sys.argv else "%i %T"
-for job in ids(sys.argv[1:]):
+argv = sys.argv[1:]
+every_state = "--states=all" in argv or ("-t" in argv and argv[argv.index("-t") + 1].lower() == "all")
+for job in ids(argv):
     s = state(job)
-    if s is not None and s[0] == "RUNNING":
-        print(fmt.replace("%i", job).replace("%T", "RUNNING"))
+    # ended jobs are listed with --states=all until the controller forgets them (MinJobAge)
+    if s is not None and (s[0] == "RUNNING" or (every_state and not os.environ.get("FAKE_SQUEUE_FORGETS"))):
+        print(fmt.replace("%i", job).replace("%T", s[0]))
 '''
 
 _SACCT = r'''
+if os.environ.get("FAKE_NO_ACCOUNTING"):
+    print("Slurm accounting storage is disabled", file=sys.stderr)
+    sys.exit(1)
 for job in ids(sys.argv[1:]):
     s = state(job)
     if s is not None and s[0] != "RUNNING":
@@ -140,21 +148,40 @@ for t in range(n):
     env = dict(os.environ, SLURM_PROCID=str(t), SLURM_LOCALID=str(t), SLURM_NTASKS=str(n), SLURM_NODEID="0",
                SLURM_STEP_ID="0", SLURM_STEPID="0")
     procs.append(subprocess.Popen(cmd, env=env))
-def stop(*a):
+def tree(pid):
+    """pid and its descendants (what Slurm's process tracking signals for a task)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo.extend(children.get(out[-1], []))
+    return out
+def stop(sig=signal.SIGTERM, *a):
     for p in procs:
         if p.poll() is None:
-            p.terminate()
-signal.signal(signal.SIGTERM, stop)
-worst = 0
-while any(p.poll() is None for p in procs):
+            for pid in tree(p.pid):
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+signal.signal(signal.SIGTERM, lambda *a: stop(signal.SIGTERM))
+bad = []
+while [p.poll() for p in procs].count(None):  # poll every task (any() would stop at the first running one)
     bad = [p.returncode for p in procs if p.returncode not in (None, 0)]
     if bad and opts.get("--kill-on-bad-exit") == "1":
-        stop()
+        stop(signal.SIGKILL)  # as srun does: the step's other tasks die at once, before their exit code files
         for p in procs:
             p.wait()
         break
     time.sleep(0.1)
-codes = [p.returncode for p in procs]
+codes = bad or [p.returncode for p in procs]
 sys.exit(next((c if c > 0 else 128 - c for c in codes if c != 0), 0))
 '''
 

@@ -4,6 +4,7 @@ scheduler against fake sbatch/squeue/sacct/scancel/srun that execute the jobs on
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import textwrap
 
@@ -65,7 +66,7 @@ def test_golden_scripts():
         # realhf worker group model_worker, indices 0..7 of run exp_trial
         set -u
         echo "realhf: job ${SLURM_JOB_ID:-?} (model_worker) on ${SLURM_NODELIST:-?}"
-        srun --ntasks=8 --kill-on-bad-exit=1 --label --container-image=docker://real:1 --container-mounts=/data:/data bash /shared/logs/slurm/model_worker-s0.task.sh
+        srun --ntasks=8 --cpus-per-task=8 --kill-on-bad-exit=1 --label --container-image=docker://real:1 --container-mounts=/data:/data bash /shared/logs/slurm/model_worker-s0.task.sh
         """)
     assert g.task_text == textwrap.dedent("""\
         #!/bin/bash
@@ -92,7 +93,7 @@ def test_master_script_has_its_own_resources():
     assert "#SBATCH --cpus-per-task=2" in d and "#SBATCH --mem-per-cpu=1500M" in d
     assert not any("gpus" in l or "nodelist" in l or "--nodes" in l for l in d)
     assert 'run -i x"${REAL_WORKER_INDEX}"' in g.task_text
-    assert "srun --ntasks=1 --kill-on-bad-exit=1 --label bash /l/slurm/master_worker-s1.task.sh" in g.sbatch_text
+    assert "srun --ntasks=1 --cpus-per-task=2 --kill-on-bad-exit=1 --label bash /l/slurm/master_worker-s1.task.sh" in g.sbatch_text
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -167,6 +168,21 @@ def test_crashing_worker_is_named_and_the_rest_cancelled(tmp_path, fakes):
     assert any(l.startswith("scancel") for l in fake_slurm.calls(fakes))
 
 
+def test_the_crashed_worker_is_named_not_the_sibling_srun_stopped(tmp_path, fakes):
+    """By the first poll the job has ended: worker 0, stopped by srun, wrote no exit code; worker 1 crashed."""
+    c = _client(tmp_path)
+    code = ("import os, sys, time\n"
+            "if os.environ['REAL_WORKER_INDEX'] == '1':\n    sys.exit(3)\n"
+            "time.sleep(5)\n")
+    c.submit_array("model_worker", [sys.executable, "-c", code], count=2)
+    assert sched.wait_until(lambda: os.path.exists(os.path.join(fakes, "state", "1000.rc")), 30)
+    assert c._exit_code("model_worker", 0) is None and c._exit_code("model_worker", 1) == 3
+    with pytest.raises(JobException) as ei:
+        c.wait(timeout=30)
+    assert (ei.value.worker_index, ei.value.exit_code) == (1, 3), str(ei.value)
+    assert "exp_trial:model_worker-1" in str(ei.value) and "exited with code 3" in str(ei.value)
+
+
 def test_stop_all_cancels(tmp_path, fakes):
     c = _client(tmp_path)
     c.submit_array("model_worker", [sys.executable, "-c", "import time; time.sleep(120)"], count=2)
@@ -175,6 +191,36 @@ def test_stop_all_cancels(tmp_path, fakes):
     assert [i.state for i in c.find_all()] == [JobState.CANCELLED] * 2
     with pytest.raises(JobException, match="cancelled"):
         c.wait(timeout=10)
+
+
+@pytest.mark.parametrize("queue_forgets,accounting", [(False, False), (True, True)],
+                         ids=["squeue-all-states-no-accounting", "forgotten-by-squeue-sacct"])
+def test_job_ended_by_slurm_is_reported(tmp_path, fakes, monkeypatch, queue_forgets, accounting):
+    """A job that ends without its workers' exit codes (node failure) is named with its Slurm state,
+    found by ``squeue --states=all`` on a cluster without accounting, or by sacct once squeue forgot it."""
+    if queue_forgets:
+        monkeypatch.setenv("FAKE_SQUEUE_FORGETS", "1")
+    if not accounting:
+        monkeypatch.setenv("FAKE_NO_ACCOUNTING", "1")
+    c = _client(tmp_path)
+    c.submit_array("model_worker", [sys.executable, "-c", "import time; time.sleep(120)"], count=2)
+    assert sched.wait_until(lambda: all(i.state == JobState.RUNNING for i in c.find_all()), 30)
+    with open(os.path.join(fakes, "state", "1000.pid")) as f:
+        os.killpg(int(f.read()), signal.SIGKILL)  # the whole job vanishes, no exit code is written
+    with pytest.raises(JobException, match="Slurm job 1000 ended as NODE_FAIL before the worker exited"):
+        c.wait(timeout=30)
+    assert any(l.startswith("sacct") for l in fake_slurm.calls(fakes)) == queue_forgets
+
+
+def test_sacct_asked_once_when_accounting_is_disabled(tmp_path, fakes, monkeypatch):
+    monkeypatch.setenv("FAKE_NO_ACCOUNTING", "1")
+    monkeypatch.setenv("FAKE_SQUEUE_FORGETS", "1")
+    c = _client(tmp_path)
+    c.submit_array("model_worker", [sys.executable, "-c", "pass"], count=1)
+    c.submit_array("model_worker", [sys.executable, "-c", "import time; time.sleep(1)"], count=1)
+    infos = c.wait(timeout=60)  # the exit code files still tell how each worker ended
+    assert [i.state for i in infos] == [JobState.COMPLETED] * 2
+    assert sum(l.startswith("sacct") for l in fake_slurm.calls(fakes)) == 1
 
 
 def test_sbatch_refusal_is_reported(tmp_path, fakes, monkeypatch):

@@ -4,10 +4,14 @@
 :mod:`realhf.scheduler.slurm.scripts`) under ``<log_dir>/slurm/`` and submits
 them with ``sbatch --parsable``. A worker's state comes first from its exit
 code file (written by its task script on the shared file system), then from
-the state of its job (``squeue``, or ``sacct`` once the job left the queue):
+the state of its job (``squeue --states=all``, which also lists jobs that ended
+less than ``MinJobAge`` ago; ``sacct`` only for jobs the controller forgot,
+and never again once it reports that accounting storage is disabled):
 so a crashed worker is reported by group and index, and a job that Slurm
 ended (timeout, node failure, scancel) is reported for every worker that had
-not finished. :meth:`stop_all` runs ``scancel`` and waits until the queue no
+not finished. A worker that exited 0 counts as completed once its job left the
+queue too (or ``grace_period_s`` after it exited), so a finished run leaves no
+job behind. :meth:`stop_all` runs ``scancel`` and waits until the queue no
 longer lists the jobs.
 
 The commands (``sbatch``, ``squeue``, ``sacct``, ``scancel``) are looked up
@@ -96,6 +100,7 @@ class SlurmSchedulerClient(SchedulerClient):
         self._groups: List[_Group] = []
         self._next_index: Dict[str, int] = {}
         self._last_poll = 0.0
+        self._use_sacct = True
 
     # -- commands ------------------------------------------------------- #
     def _exe(self, name: str) -> str:
@@ -151,7 +156,7 @@ class SlurmSchedulerClient(SchedulerClient):
 
     # -- job states ----------------------------------------------------- #
     def _poll(self, force: bool = False) -> None:
-        """Refresh every unfinished group's Slurm state (one squeue, then sacct for the rest)."""
+        """Refresh every unfinished group's Slurm state (one squeue, then sacct for jobs it no longer lists)."""
         if not force and time.monotonic() - self._last_poll < self.poll_interval_s:
             return
         self._last_poll = time.monotonic()
@@ -161,7 +166,7 @@ class SlurmSchedulerClient(SchedulerClient):
         ids = ",".join(g.job_id for g in open_groups)
         listed = self._squeue(ids)
         missing = [g for g in open_groups if g.job_id not in listed]
-        finished = self._sacct(",".join(g.job_id for g in missing)) if missing else {}
+        finished = self._sacct(",".join(g.job_id for g in missing)) if missing and self._use_sacct else {}
         for g in open_groups:
             state = listed.get(g.job_id) or finished.get(g.job_id)
             if state is None:  # neither queue nor accounting knows it (accounting off, or purged)
@@ -172,7 +177,9 @@ class SlurmSchedulerClient(SchedulerClient):
                 g.state = JobState.CANCELLED
 
     def _squeue(self, ids: str) -> Dict[str, str]:
-        res = self._call("squeue", ["-h", "-j", ids, "-o", "%i|%T"], check=False)
+        # --states=all: without it squeue lists only pending/running jobs, and a cluster without
+        # accounting storage (no sacct) would leave no way to learn how a job ended.
+        res = self._call("squeue", ["-h", "--states=all", "-j", ids, "-o", "%i|%T"], check=False)
         states = {}
         for line in res.stdout.splitlines():
             job, _, state = line.strip().partition("|")
@@ -181,7 +188,15 @@ class SlurmSchedulerClient(SchedulerClient):
         return states
 
     def _sacct(self, ids: str) -> Dict[str, str]:
+        if shutil.which(self.commands["sacct"]) is None:
+            logger.info(f"'{self.commands['sacct']}' is not on PATH; job states come from squeue only.")
+            self._use_sacct = False
+            return {}
         res = self._call("sacct", ["-n", "-P", "-X", "-j", ids, "-o", "JobID,State,ExitCode"], check=False)
+        if res.returncode != 0 and "accounting storage is disabled" in (res.stderr + res.stdout).lower():
+            logger.info("Slurm accounting storage is disabled (no sacct); job states come from squeue only.")
+            self._use_sacct = False
+            return {}
         states = {}
         for line in res.stdout.splitlines():
             parts = line.strip().split("|")
@@ -199,6 +214,12 @@ class SlurmSchedulerClient(SchedulerClient):
         except (OSError, ValueError):
             return None
 
+    def _exited_long_ago(self, worker_type: str, index: int) -> bool:
+        try:
+            return time.time() - os.path.getmtime(self._worker_file(worker_type, index, ".rc")) > self.grace_period_s
+        except OSError:
+            return True
+
     def _host(self, worker_type: str, index: int) -> Optional[str]:
         try:
             with open(self._worker_file(worker_type, index, ".host")) as f:
@@ -212,6 +233,10 @@ class SlurmSchedulerClient(SchedulerClient):
             state = JobState.COMPLETED if code == 0 else JobState.FAILED
             if g.cancelled and code != 0:
                 state = JobState.CANCELLED
+            if code == 0 and g.state.active() and not self._exited_long_ago(g.worker_type, index):
+                # The worker is done but its job is still ending (srun, the batch script, an epilog):
+                # a finished run leaves nothing in the queue, unless Slurm takes over a grace period.
+                state = JobState.RUNNING
         elif g.state.active():
             state = g.state
         else:  # the job ended before this worker wrote its exit code
@@ -272,7 +297,29 @@ class SlurmSchedulerClient(SchedulerClient):
         self._call("scancel", ["--signal=KILL", "--full"] + ids, check=False)
 
     # -- waiting -------------------------------------------------------- #
+    def _first_crash(self) -> Optional[JobInfo]:
+        """The worker that first exited with a non-zero code (by its exit code file), if any."""
+        crashed = []
+        for g, i in self._all():
+            code = self._exit_code(g.worker_type, i)
+            if code not in (None, 0):
+                try:
+                    when = os.path.getmtime(self._worker_file(g.worker_type, i, ".rc"))
+                except OSError:
+                    continue
+                crashed.append((when, g, i))
+        if not crashed:
+            return None
+        _, g, i = min(crashed, key=lambda c: c[0])
+        return self._info(g, i)
+
     def _failure(self, info: JobInfo) -> JobException:
+        # srun --kill-on-bad-exit stops a crashed worker's siblings before they write an exit code, and
+        # their job may end before the next poll: name the worker that crashed, not one it took along.
+        if info.state == JobState.FAILED:
+            cause = self._first_crash()
+            if cause is not None and cause.state == JobState.FAILED:
+                info = cause
         g = next((g for g, i in self._all() if self.job_name(g.worker_type, i) == info.name), None)
         if g is None:
             return JobException(self.run_name, info.name, None, "job not found")

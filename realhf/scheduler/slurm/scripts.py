@@ -72,9 +72,13 @@ def sbatch_directives(spec: SlurmClusterSpec, worker_type: str, job_name: str, c
     return d
 
 
-def srun_line(spec: SlurmClusterSpec, count: int, task_path: str) -> str:
-    """``srun`` starting the task script once per worker (inside the container, if any)."""
-    args = ["srun", f"--ntasks={count}", "--kill-on-bad-exit=1", "--label"]
+def srun_line(spec: SlurmClusterSpec, count: int, task_path: str, cpus_per_task: int = 1) -> str:
+    """``srun`` starting the task script once per worker (inside the container, if any).
+
+    ``--cpus-per-task`` is repeated because srun of Slurm 22.05 (to 23.02) does not
+    inherit it from the job: each task would be given one CPU.
+    """
+    args = ["srun", f"--ntasks={count}", f"--cpus-per-task={cpus_per_task}", "--kill-on-bad-exit=1", "--label"]
     if spec.container_image:
         args.append(f"--container-image={spec.container_image}")
         if spec.container_mounts:
@@ -104,7 +108,7 @@ def render_group(spec: SlurmClusterSpec, *, run_name: str, worker_type: str, cmd
         f"# realhf worker group {worker_type}, indices {offset}..{offset + count - 1} of run {run_name}",
         "set -u",
         f"echo \"realhf: job ${{SLURM_JOB_ID:-?}} ({worker_type}) on ${{SLURM_NODELIST:-?}}\"",
-        srun_line(spec, count, task_path),
+        srun_line(spec, count, task_path, spec.master_cpus if is_master else spec.cpus_per_worker),
     ]
     task = ["#!/bin/bash",
             f"# one task of {worker_type}: worker index = {offset} + SLURM_PROCID",
