@@ -19,6 +19,15 @@ def prompt_workload(n_prompts: int, out_dir: Path) -> Dict[str, Path]:
     return {"model": model, "prompts": Path(prompts)}
 
 
+def prompt_lengths(files: Dict[str, Path], max_len: int) -> List[int]:
+    """Token counts of the workload's prompts (left-truncated to ``max_len``)."""
+    import json
+
+    tokenizer = _shape.load_tokenizer(files["model"])
+    texts = [json.loads(line)["prompt"] for line in files["prompts"].read_text().splitlines() if line.strip()]
+    return [min(len(ids), max_len) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def mesh_args(meshes: Dict[str, List[int]], n_workers: int) -> List[str]:
     """Quickstart options placing each call on its ranks, data-parallel over them."""
     args = []

@@ -66,6 +66,12 @@ vLLM.
   and data loading), shown in a second table; ``--profile-trl`` adds an
   untimed run of the child under ``cProfile`` and prints its top functions.
 
+After both sides, the machine's limit (``_roofline.py``): the matmul FLOPs
+of generation and training at this step's token counts, this machine's
+matmul rate at those shapes with both cores busy, the floor (matmul
+core-seconds over 2 cores) and each system's step as a multiple of it; TRL's
+step over the floor is the highest ratio any system could reach over TRL here.
+
 Each side runs ``--steps`` steps (6; ``--quick``: 3 steps of 8 prompts x 4
 samples x 8 tokens) and the table gives the median step time over steps
 2.. (the first includes start-up work), samples/s = samples per step /
@@ -129,7 +135,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _shape  # noqa: E402
 from _common import print_table, write_json  # noqa: E402
-from _rl_bench import loadavg, median_step, mesh_args, prompt_workload, timeline_rows  # noqa: E402
+from _rl_bench import loadavg, median_step, mesh_args, prompt_lengths, prompt_workload, timeline_rows  # noqa: E402
+from _roofline import roofline, roofline_rows  # noqa: E402
 
 TRL_VERSION = "1.16.0"
 TRL_DIR_ENV = "REALHF_BENCH_TRL116_DIR"
@@ -139,6 +146,8 @@ GROUP_SIZE = 4
 LR = 1e-6
 SEED = 1
 CALLS = ["fetch", "actor_gen", "rew_inf", "actor_train"]
+# What each call computes, for the machine's limit (``_roofline``); the rule reward does no matmuls.
+CALL_KINDS = {"actor_gen": "generate", "actor_train": "train_logprobs"}
 # layout -> (number of workers, {call: mesh ranks}); a mesh of all workers runs data parallel.
 LAYOUTS = {
     "dp2": (2, {c: [0, 1] for c in CALLS[1:]}),
@@ -442,12 +451,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             prof_path = Path(tmp) / "trl_profile.txt"
             run_trl_subprocess(trl_dir, steps, n_prompts, new_tokens, trl_threads[0], files, str(prof_path))
             profile_text = prof_path.read_text()
+        lengths = [n for n in prompt_lengths(files, MAX_PROMPT_LEN) for _ in range(GROUP_SIZE)]
+    # The machine's limit at this step's shapes: half the samples' tokens per core in training (one
+    # minibatch, data parallel over both cores), half the samples decoded per core.
+    limit = roofline(_shape.SHAPE, lengths, new_tokens, CALL_KINDS,
+                     train_rows=(sum(lengths) + n_samples * new_tokens) // 2, decode_rows=max(1, n_samples // 2))
+    load["after_roofline"] = loadavg()
     ratio_cols = [f"ratio_{t}t" for t in trl_threads]
     ratio = {col: {} for col in ratio_cols}
     for layout, row in zip(layouts, rows):
         for col, trl_row in zip(ratio_cols, trl_rows):
             row[col] = ratio[col][layout] = row["samples_per_s"] / trl_row["samples_per_s"]
     rows += trl_rows
+    limit_rows = roofline_rows(limit, {row["system"]: row["median_step_s"] for row in rows})
+    ceiling = {row["system"]: row["median_step_s"] / limit["floor_s"] for row in trl_rows}
 
     print(f"\nGRPO samples/s, ours vs TRL {TRL_VERSION}, {n_prompts} prompts x {GROUP_SIZE} samples x {new_tokens} "
           f"new tokens, median over steps 2..{steps}; ratio_<n>t = ours / trl with n threads")
@@ -462,6 +479,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if profile_text is not None:
         print(f"TRL ({trl_threads[0]} threads) under cProfile (untimed run, cumulative time):")
         print(profile_text)
+    rates = ", ".join(f"{k} {v:.1f}" for k, v in limit["gflops_per_core"].items())
+    print(f"The machine's limit: matmul GFLOP/s per core with all {limit['cores']} cores busy ({rates}); "
+          "seconds = core-seconds of each call's matmuls, x_floor = step time / floor")
+    print_table(limit_rows, ["what", "gflop", "seconds", "x_floor"])
+    print(f"highest reachable ratio over trl: {ceiling}")
     print(f"load average (1, 5, 15 min): {load}")
 
     from importlib.metadata import version
@@ -481,7 +503,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 "accelerate": version("accelerate"), "datasets": version("datasets")}
     name = "bench_grpo_trl_quick" if args.quick else "bench_grpo_trl"
     path = write_json(name, {"rows": rows, "ratio": ratio, "timeline": timeline, "trl_phases_ms": phase_rows,
-                             "checks": checks, "raw": raw}, extra={"setup": setup, "versions": versions,
+                             "checks": checks, "limit": limit, "limit_rows": limit_rows,
+                             "ratio_ceiling": ceiling, "raw": raw}, extra={"setup": setup, "versions": versions,
                                                                    "loadavg": load})
     print(f"wrote {path}")
     return {"rows": rows, "ratio": ratio}

@@ -39,6 +39,12 @@ step; no gradient checkpointing.
   (no gc.collect)`` replaces ``gc.collect`` by a no-op in its process (the
   collector still runs automatically, as in ours).
 
+After both sides, the machine's limit (``_roofline.py``): the matmul FLOPs
+of each call at this step's token counts, this machine's matmul rate at
+those shapes with both cores busy, the floor (all calls' matmul core-seconds
+over 2 cores) and each system's step time as a multiple of it; TRL's step
+over the floor is the highest ratio any system could reach over TRL here.
+
 Each side runs ``--steps`` steps (6; ``--quick``: 3 steps of 8 prompts x 8
 tokens) and the table gives the median step time over steps 2.. (the first
 includes start-up work), samples/s = prompts per step / median step, and
@@ -99,7 +105,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _shape  # noqa: E402
 from _common import print_table, write_json  # noqa: E402
-from _rl_bench import loadavg, mesh_args, prompt_workload, timeline_rows  # noqa: E402
+from _rl_bench import loadavg, mesh_args, prompt_lengths, prompt_workload, timeline_rows  # noqa: E402
+from _roofline import roofline, roofline_rows  # noqa: E402
 
 TRL_VERSION = "1.12.0"
 INSTALL_HINT = (f'pip install "trl=={TRL_VERSION}" accelerate datasets  '
@@ -109,6 +116,9 @@ N_MINIBATCHES = 2
 PPO_EPOCHS = 1
 SEED = 1
 CALLS = ["fetch", "actor_gen", "ref_inf", "rew_inf", "critic_inf", "actor_train", "critic_train"]
+# What each call computes, for the machine's limit (``_roofline``).
+CALL_KINDS = {"actor_gen": "generate", "ref_inf": "logprobs", "critic_inf": "values", "rew_inf": "reward",
+              "actor_train": "train_logprobs", "critic_train": "train_values"}
 # layout -> (number of workers, {call: mesh ranks}); a mesh of all workers runs data parallel.
 LAYOUTS = {
     "dp2": (2, {c: [0, 1] for c in CALLS[1:]}),
@@ -278,6 +288,11 @@ def step_row(system: str, seconds: List[float], n_prompts: int, new_tokens: int,
     return row
 
 
+def ratio_ceiling(limit: Dict[str, Any], trl_rows: List[Dict[str, Any]]) -> Dict[str, float]:
+    """TRL's step time over the machine's floor: no system can beat TRL by more here."""
+    return {row["system"]: row["median_step_s"] / limit["floor_s"] for row in trl_rows}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 steps of 8 prompts x 8 new tokens (smoke run)")
@@ -325,7 +340,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             load[f"after_{key}"] = loadavg()
             trl_rows.append(step_row("trl" if keep_gc else "trl (no gc.collect)", raw[key]["seconds"], n_prompts,
                                      new_tokens, raw[key]["gc_seconds"]))
+        lengths = prompt_lengths(files, MAX_PROMPT_LEN)
     rows += trl_rows
+    # The machine's limit: matmul rates at this step's shapes (a training micro-batch of one core, the
+    # rows one core decodes when generation is split over both), measured after both sides have run.
+    limit = roofline(_shape.SHAPE, lengths, new_tokens, CALL_KINDS,
+                     train_rows=(sum(lengths) + n_prompts * new_tokens) // N_MINIBATCHES,
+                     decode_rows=max(1, n_prompts // 2))
+    load["after_roofline"] = loadavg()
+    limit_rows = roofline_rows(limit, {row["system"]: row["median_step_s"] for row in rows})
     ratio = {layout: row["samples_per_s"] / trl_rows[0]["samples_per_s"] for layout, row in zip(layouts, rows)}
     ratio_no_gc = {layout: row["samples_per_s"] / trl_rows[1]["samples_per_s"] for layout, row in zip(layouts, rows)}
     for layout, row in zip(layouts, rows):
@@ -339,6 +362,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print("\nOur median step, per call (workers' clocks, ms from the step's start)")
     print_table(timeline, ["layout", "call", "ranks", "start_ms", "end_ms", "call_ms", "hooks_ms", "transfer_ms",
                            "timeline"])
+    rates = ", ".join(f"{k} {v:.1f}" for k, v in limit["gflops_per_core"].items())
+    print(f"\nThe machine's limit: matmul GFLOP/s per core with all {limit['cores']} cores busy ({rates}); "
+          "seconds = core-seconds of each call's matmuls, x_floor = step time / floor")
+    print_table(limit_rows, ["what", "gflop", "seconds", "x_floor"])
+    print(f"highest reachable ratio over trl: {ratio_ceiling(limit, trl_rows)}")
     print(f"load average (1, 5, 15 min): {load}")
 
     from importlib.metadata import version
@@ -356,7 +384,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 "accelerate": version("accelerate")}
     name = "bench_ppo_trl_quick" if args.quick else "bench_ppo_trl"
     path = write_json(name, {"rows": rows, "ratio": ratio, "ratio_no_gc": ratio_no_gc, "timeline": timeline,
-                             "raw": raw}, extra={"setup": setup, "versions": versions, "loadavg": load})
+                             "limit": limit, "limit_rows": limit_rows,
+                             "ratio_ceiling": ratio_ceiling(limit, trl_rows), "raw": raw},
+                      extra={"setup": setup, "versions": versions, "loadavg": load})
     print(f"wrote {path}")
     return {"rows": rows, "ratio": ratio, "ratio_no_gc": ratio_no_gc}
 

@@ -1,0 +1,197 @@
+"""The machine's limit for one RL step on the benchmark shape.
+
+Any system that runs the same algorithm in fp32 must do the step's matrix
+multiplications: the transformer layers on every token of every sequence it
+generates, scores or trains on, plus the output head where its output is used
+(next-token logits of the answer positions, values of the answer positions, the
+reward at the last position). :func:`step_flops` counts them per call from the
+shape and the actual token counts; attention scores are counted causally.
+
+:func:`measure_rates` measures this machine's matmul rate at the shapes those
+calls run, one single-threaded process per core, all cores at once (so the
+shared cache and memory bandwidth are contended as in a real step): forward
+GEMMs at the number of tokens of a training or scoring micro-batch, their
+backward forms (``dY @ W`` and ``dY^T @ X``), and forward GEMMs of a decoding
+step (one row per sequence a core generates).
+
+:func:`floor_seconds` = core-seconds of matmul work / cores: the step time of a
+system that spends nothing on anything but matrix multiplication and keeps
+every core busy. The step time of the peer divided by this floor is the
+highest speed-up over that peer any system could reach on this machine.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from typing import Any, Dict, List, Sequence, Tuple
+
+Linear = Tuple[int, int]  # (in_features, out_features)
+
+
+def layer_linears(shape: Dict[str, int]) -> List[Linear]:
+    """The linear maps of one llama decoder layer: q, k, v, o, gate, up, down."""
+    h, inter = shape["hidden_size"], shape["intermediate_size"]
+    head_dim = h // shape["num_attention_heads"]
+    kv = head_dim * shape["num_key_value_heads"]
+    return [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]
+
+
+def _layers_flops(shape: Dict[str, int], n_tokens: int) -> float:
+    per_token = 2 * sum(i * o for i, o in layer_linears(shape))
+    return float(shape["num_hidden_layers"] * per_token * n_tokens)
+
+
+def _causal_attention_flops(shape: Dict[str, int], length: int) -> float:
+    # Q K^T and P V over the causal triangle: 2 * 2 * (L (L + 1) / 2) * hidden per layer.
+    return float(shape["num_hidden_layers"] * 2 * length * (length + 1) * shape["hidden_size"])
+
+
+def forward_flops(shape: Dict[str, int], lengths: Sequence[int], head_tokens: int, head_out: int) -> float:
+    """Matmul FLOPs of one forward pass over sequences of ``lengths`` with an output head of
+    ``head_out`` columns applied at ``head_tokens`` positions in all."""
+    total = _layers_flops(shape, sum(lengths)) + sum(_causal_attention_flops(shape, n) for n in lengths)
+    return total + 2.0 * shape["hidden_size"] * head_out * head_tokens
+
+
+def generate_flops(shape: Dict[str, int], prompt_lengths: Sequence[int], new_tokens: int) -> Tuple[float, float]:
+    """(prefill, decode) FLOPs of generating ``new_tokens`` after each prompt with a key/value cache:
+    the prompt once with logits at its last position, then one token per step for the other
+    ``new_tokens - 1`` tokens, attending over the cache."""
+    vocab, h = shape["vocab_size"], shape["hidden_size"]
+    prefill = forward_flops(shape, prompt_lengths, len(prompt_lengths), vocab)
+    decode = 0.0
+    for p in prompt_lengths:
+        for t in range(1, new_tokens):
+            ctx = p + t
+            decode += _layers_flops(shape, 1) + shape["num_hidden_layers"] * 4.0 * ctx * h + 2.0 * h * vocab
+    return prefill, decode
+
+
+def step_flops(shape: Dict[str, int], prompt_lengths: Sequence[int], new_tokens: int,
+               calls: Dict[str, str]) -> Dict[str, Dict[str, float]]:
+    """FLOPs per call, by kind of work (``prefill``/``decode``/``forward``/``train``).
+
+    ``calls`` maps a call name to what it computes: ``generate``, ``logprobs`` (next-token
+    log-probabilities of the answers), ``values`` (a scalar per answer position), ``reward``
+    (a scalar at the last position), ``train_logprobs`` / ``train_values`` (forward and backward,
+    the backward costing twice the forward)."""
+    lengths = [p + new_tokens for p in prompt_lengths]
+    answers = len(prompt_lengths) * new_tokens
+    vocab = shape["vocab_size"]
+    heads = {"logprobs": (answers, vocab), "values": (answers, 1), "reward": (len(lengths), 1)}
+    out: Dict[str, Dict[str, float]] = {}
+    for name, kind in calls.items():
+        if kind == "generate":
+            prefill, decode = generate_flops(shape, prompt_lengths, new_tokens)
+            out[name] = {"prefill": prefill, "decode": decode}
+        elif kind in heads:
+            out[name] = {"forward": forward_flops(shape, lengths, *heads[kind])}
+        elif kind.startswith("train_"):
+            fwd = forward_flops(shape, lengths, *heads[kind[len("train_"):]])
+            out[name] = {"train": 3 * fwd}
+        else:
+            raise ValueError(f"unknown call kind {kind!r} for {name!r}")
+    return out
+
+
+def _gemm_set(shape: Dict[str, int], rows: int, kind: str) -> List[Tuple[Tuple[int, int], Tuple[int, int]]]:
+    """(A shape, B shape) of the GEMMs of one layer for ``rows`` tokens: forward ``X @ W^T``, or for
+    ``backward`` the two gradient products ``dY @ W`` and ``dY^T @ X``."""
+    gemms = []
+    for i, o in layer_linears(shape) + [(shape["hidden_size"], shape["vocab_size"])]:
+        if kind == "forward":
+            gemms.append(((rows, i), (i, o)))
+        else:
+            gemms += [((rows, o), (o, i)), ((o, rows), (rows, i))]
+    return gemms
+
+
+def _rate_worker(shape: Dict[str, int], rows: int, kind: str, seconds: float, start: Any, out: Any) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(a, generator=gen), torch.randn(b, generator=gen)) for a, b in _gemm_set(shape, rows, kind)]
+    flops_per_round = sum(2.0 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in pairs)
+    for a, b in pairs:  # warm the allocator and the kernels' caches
+        a @ b
+    start.wait()
+    rounds, t0 = 0, time.perf_counter()
+    while True:
+        for a, b in pairs:
+            a @ b
+        rounds += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            break
+    out.put(rounds * flops_per_round / elapsed)
+
+
+def measure_rates(shape: Dict[str, int], rows: Dict[str, Tuple[int, str]], cores: int = 0,
+                  seconds: float = 1.0) -> Dict[str, float]:
+    """Matmul FLOP/s of one core while every core runs the same GEMMs, for each named
+    ``(rows, forward|backward)`` case; the mean over the cores."""
+    cores = cores or os.cpu_count() or 1
+    ctx = mp.get_context("fork")
+    rates = {}
+    for name, (n_rows, kind) in rows.items():
+        start, out = ctx.Barrier(cores), ctx.Queue()
+        procs = [ctx.Process(target=_rate_worker, args=(shape, n_rows, kind, seconds, start, out))
+                 for _ in range(cores)]
+        for p in procs:
+            p.start()
+        per_core = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(30)
+        rates[name] = sum(per_core) / len(per_core)
+    return rates
+
+
+def floor_seconds(flops: Dict[str, Dict[str, float]], rate_of: Dict[str, float], cores: int) -> Dict[str, Any]:
+    """Core-seconds of each call at the measured rates (``rate_of`` maps a kind of work to a
+    per-core FLOP/s; ``train`` work is one third forward, two thirds backward) and the step's
+    floor: all calls' core-seconds spread over ``cores``."""
+    per_call = {}
+    for call, parts in flops.items():
+        secs = 0.0
+        for kind, f in parts.items():
+            if kind == "train":
+                secs += f / 3 / rate_of["forward"] + 2 * f / 3 / rate_of["backward"]
+            else:
+                secs += f / rate_of[kind]
+        per_call[call] = secs
+    total_flops = sum(sum(p.values()) for p in flops.values())
+    return {"core_seconds": per_call, "gflop": total_flops / 1e9, "floor_s": sum(per_call.values()) / cores}
+
+
+def roofline(shape: Dict[str, int], prompt_lengths: Sequence[int], new_tokens: int, calls: Dict[str, str],
+             train_rows: int, decode_rows: int, cores: int = 0) -> Dict[str, Any]:
+    """Measure the rates at this step's shapes and return FLOPs, rates and the floor.
+
+    ``train_rows``: tokens per micro-batch of a training or scoring pass on one core;
+    ``decode_rows``: sequences one core decodes at a time."""
+    cores = cores or os.cpu_count() or 1
+    flops = step_flops(shape, prompt_lengths, new_tokens, calls)
+    rates = measure_rates(shape, {"forward": (train_rows, "forward"), "backward": (train_rows, "backward"),
+                                  "decode": (decode_rows, "forward")}, cores)
+    rate_of = {"forward": rates["forward"], "prefill": rates["forward"], "backward": rates["backward"],
+               "decode": rates["decode"]}
+    result = floor_seconds(flops, rate_of, cores)
+    result.update({"cores": cores, "gflops_per_core": {k: v / 1e9 for k, v in rates.items()},
+                   "train_rows": train_rows, "decode_rows": decode_rows,
+                   "call_gflop": {c: sum(p.values()) / 1e9 for c, p in flops.items()}})
+    return result
+
+
+def roofline_rows(result: Dict[str, Any], peer_seconds: Dict[str, float]) -> List[Dict[str, Any]]:
+    """Table rows: each call's GFLOP and core-seconds at the measured rates, then the floor and,
+    for each named step time (ours, the peer's), its ratio to the floor."""
+    rows = [{"what": call, "gflop": result["call_gflop"][call], "seconds": secs}
+            for call, secs in result["core_seconds"].items()]
+    rows.append({"what": f"floor (all calls / {result['cores']} cores)", "gflop": result["gflop"],
+                 "seconds": result["floor_s"], "x_floor": 1.0})
+    for name, secs in peer_seconds.items():
+        rows.append({"what": name, "seconds": secs, "x_floor": secs / result["floor_s"]})
+    return rows
