@@ -26,7 +26,7 @@ from realhf.scheduler.client import JobException, JobState
 from realhf.scheduler.slurm.client import SlurmSchedulerClient
 from realhf.scheduler.slurm.spec import SlurmClusterSpec
 from tests.scheduler.real_slurm import real_slurm  # noqa: F401  (module-scoped fixture)
-from tests.system_e2e._cli import DATA, TINY, run_quickstart, tiny_sft
+from tests.system_e2e._cli import run_quickstart, tiny_ppo_4workers, tiny_sft
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
@@ -154,21 +154,9 @@ def test_sft_cli_end_to_end(slurm_env, tmp_path):
     assert [r["global_step"] for r in _steps(log_dir)] == [1, 2]
 
 
-def _model(role):
-    return [f"{role}.path={TINY}", f"{role}.init_from_scratch=True"]
-
-
 def test_ppo_cli_end_to_end(slurm_env, tmp_path):
     """Four model workers in one job (actor generation on dp4, training on dp2 x tp2), the master in another."""
-    args = ["mode=slurm", "n_gpus_per_node=4", "allocation_mode=manual", "actor_gen.parallel.data_parallel_size=4",
-            "actor_train.parallel.data_parallel_size=2", "actor_train.parallel.model_parallel_size=2",
-            "critic_train.parallel.data_parallel_size=2", "critic_train.parallel.pipeline_parallel_size=2",
-            "critic_inf.parallel.data_parallel_size=2", "critic_inf.parallel.pipeline_parallel_size=2",
-            "ref_inf.parallel.data_parallel_size=4", "rew_inf.parallel.data_parallel_size=4",
-            *_model("actor"), *_model("critic"), *_model("ref"), *_model("rew"),
-            f"dataset.path={DATA}/prompt-train.jsonl", "dataset.train_bs_n_seqs=8", "dataset.max_prompt_len=48",
-            "ppo.gen.max_new_tokens=12", "ppo.gen.min_new_tokens=1", "ppo.ppo_n_minibatches=1",
-            "exp_ctrl.benchmark_steps=2", *RESOURCES]
+    args = tiny_ppo_4workers("mode=slurm", *RESOURCES)
     res, log_dir = run_quickstart(tmp_path, "ppo", "rslurm-ppo", args, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     _check_cli_jobs(slurm_env, log_dir, "rslurm-ppo_t", 4)

@@ -30,3 +30,18 @@ def tiny_sft(*overrides: str) -> list:
     """A from-scratch SFT of the tiny llama on the embedded data, plus ``overrides``."""
     return [f"model.path={TINY}", "model.init_from_scratch=True", f"dataset.train_path={DATA}/sft-train.jsonl",
             *overrides]
+
+
+def tiny_ppo_4workers(*overrides: str) -> list:
+    """PPO of the tiny llama (all four roles from scratch) on 4 model workers with a different layout per
+    call: generation dp4, actor training dp2 x tp2, critic dp2 x pp2; 2 steps of 8 prompts, plus ``overrides``."""
+    models = [x for role in ("actor", "critic", "ref", "rew")
+              for x in (f"{role}.path={TINY}", f"{role}.init_from_scratch=True")]
+    return ["n_gpus_per_node=4", "allocation_mode=manual", "actor_gen.parallel.data_parallel_size=4",
+            "actor_train.parallel.data_parallel_size=2", "actor_train.parallel.model_parallel_size=2",
+            "critic_train.parallel.data_parallel_size=2", "critic_train.parallel.pipeline_parallel_size=2",
+            "critic_inf.parallel.data_parallel_size=2", "critic_inf.parallel.pipeline_parallel_size=2",
+            "ref_inf.parallel.data_parallel_size=4", "rew_inf.parallel.data_parallel_size=4", *models,
+            f"dataset.path={DATA}/prompt-train.jsonl", "dataset.train_bs_n_seqs=8", "dataset.max_prompt_len=48",
+            "ppo.gen.max_new_tokens=12", "ppo.gen.min_new_tokens=1", "ppo.ppo_n_minibatches=1",
+            "exp_ctrl.benchmark_steps=2", *overrides]

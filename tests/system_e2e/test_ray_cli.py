@@ -25,9 +25,8 @@ ray = pytest.importorskip("ray", reason="mode=ray needs the 'ray' package: pip i
 
 pytestmark = [pytest.mark.ray, pytest.mark.distributed]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(ROOT, "realhf", "assets", "models", "tiny-llama")
-DATA = os.path.join(ROOT, "realhf", "assets", "data")
+from tests.system_e2e._cli import ROOT, tiny_ppo_4workers  # noqa: E402
+
 TIMEOUT_S = 300
 SFT = ["model.path=realhf/assets/models/tiny-llama", "model.init_from_scratch=True",
        "dataset.train_path=realhf/assets/data/sft-train.jsonl", "dataset.train_bs_n_seqs=32",
@@ -136,21 +135,9 @@ def test_sft_runs_as_ray_actors(cluster, tmp_path):
     _assert_workers_gone(exp)
 
 
-def _model(role):
-    return [f"{role}.path={TINY}", f"{role}.init_from_scratch=True"]
-
-
 def test_ppo_runs_as_ray_actors(cluster, tmp_path):
     exp = "ppo-ray"
-    args = ["n_gpus_per_node=4", "allocation_mode=manual", "actor_gen.parallel.data_parallel_size=4",
-            "actor_train.parallel.data_parallel_size=2", "actor_train.parallel.model_parallel_size=2",
-            "critic_train.parallel.data_parallel_size=2", "critic_train.parallel.pipeline_parallel_size=2",
-            "critic_inf.parallel.data_parallel_size=2", "critic_inf.parallel.pipeline_parallel_size=2",
-            "ref_inf.parallel.data_parallel_size=4", "rew_inf.parallel.data_parallel_size=4",
-            *_model("actor"), *_model("critic"), *_model("ref"), *_model("rew"),
-            f"dataset.path={DATA}/prompt-train.jsonl", "dataset.train_bs_n_seqs=8", "dataset.max_prompt_len=48",
-            "ppo.gen.max_new_tokens=12", "ppo.gen.min_new_tokens=1", "ppo.ppo_n_minibatches=1",
-            "exp_ctrl.benchmark_steps=2"]
+    args = tiny_ppo_4workers()
     proc, out = _start(tmp_path, exp, args, address=cluster)
     code, text = _finish(proc, out, tmp_path, exp)
     assert code == 0, text[-4000:]
