@@ -214,11 +214,16 @@ class SlurmSchedulerClient(SchedulerClient):
         except (OSError, ValueError):
             return None
 
-    def _exited_long_ago(self, worker_type: str, index: int) -> bool:
+    def _exit_time(self, worker_type: str, index: int) -> Optional[float]:
+        """When the worker wrote its exit code file (None if it has not)."""
         try:
-            return time.time() - os.path.getmtime(self._worker_file(worker_type, index, ".rc")) > self.grace_period_s
+            return os.path.getmtime(self._worker_file(worker_type, index, ".rc"))
         except OSError:
-            return True
+            return None
+
+    def _exited_long_ago(self, worker_type: str, index: int) -> bool:
+        when = self._exit_time(worker_type, index)
+        return when is None or time.time() - when > self.grace_period_s
 
     def _host(self, worker_type: str, index: int) -> Optional[str]:
         try:
@@ -302,11 +307,8 @@ class SlurmSchedulerClient(SchedulerClient):
         crashed = []
         for g, i in self._all():
             code = self._exit_code(g.worker_type, i)
-            if code not in (None, 0):
-                try:
-                    when = os.path.getmtime(self._worker_file(g.worker_type, i, ".rc"))
-                except OSError:
-                    continue
+            when = self._exit_time(g.worker_type, i)
+            if code not in (None, 0) and when is not None:
                 crashed.append((when, g, i))
         if not crashed:
             return None
