@@ -195,3 +195,20 @@ def roofline_rows(result: Dict[str, Any], peer_seconds: Dict[str, float]) -> Lis
     for name, secs in peer_seconds.items():
         rows.append({"what": name, "seconds": secs, "x_floor": secs / result["floor_s"]})
     return rows
+
+
+def ratio_bound(result: Dict[str, Any], peer_rows: Sequence[Dict[str, Any]]) -> Dict[str, float]:
+    """Each peer's step time over the floor: no system doing the same matmuls beats that peer by
+    more on this machine."""
+    return {row["system"]: row["median_step_s"] / result["floor_s"] for row in peer_rows}
+
+
+def print_limit(result: Dict[str, Any], rows: Sequence[Dict[str, Any]], bound: Dict[str, float]) -> None:
+    """The measured rates, the table of :func:`roofline_rows` and the ratio bound."""
+    from _common import print_table
+
+    rates = ", ".join(f"{k} {v:.1f}" for k, v in result["gflops_per_core"].items())
+    print(f"\nThe machine's limit: matmul GFLOP/s per core with all {result['cores']} cores busy ({rates}); "
+          "seconds = core-seconds of each call's matmuls, x_floor = step time / floor")
+    print_table(rows, ["what", "gflop", "seconds", "x_floor"])
+    print(f"highest reachable ratio over trl: {bound}")

@@ -136,7 +136,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shape  # noqa: E402
 from _common import print_table, write_json  # noqa: E402
 from _rl_bench import loadavg, median_step, mesh_args, prompt_lengths, prompt_workload, timeline_rows  # noqa: E402
-from _roofline import roofline, roofline_rows  # noqa: E402
+from _roofline import print_limit, ratio_bound, roofline, roofline_rows  # noqa: E402
 
 TRL_VERSION = "1.16.0"
 TRL_DIR_ENV = "REALHF_BENCH_TRL116_DIR"
@@ -464,7 +464,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             row[col] = ratio[col][layout] = row["samples_per_s"] / trl_row["samples_per_s"]
     rows += trl_rows
     limit_rows = roofline_rows(limit, {row["system"]: row["median_step_s"] for row in rows})
-    ceiling = {row["system"]: row["median_step_s"] / limit["floor_s"] for row in trl_rows}
+    ceiling = ratio_bound(limit, trl_rows)
 
     print(f"\nGRPO samples/s, ours vs TRL {TRL_VERSION}, {n_prompts} prompts x {GROUP_SIZE} samples x {new_tokens} "
           f"new tokens, median over steps 2..{steps}; ratio_<n>t = ours / trl with n threads")
@@ -479,11 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if profile_text is not None:
         print(f"TRL ({trl_threads[0]} threads) under cProfile (untimed run, cumulative time):")
         print(profile_text)
-    rates = ", ".join(f"{k} {v:.1f}" for k, v in limit["gflops_per_core"].items())
-    print(f"The machine's limit: matmul GFLOP/s per core with all {limit['cores']} cores busy ({rates}); "
-          "seconds = core-seconds of each call's matmuls, x_floor = step time / floor")
-    print_table(limit_rows, ["what", "gflop", "seconds", "x_floor"])
-    print(f"highest reachable ratio over trl: {ceiling}")
+    print_limit(limit, limit_rows, ceiling)
     print(f"load average (1, 5, 15 min): {load}")
 
     from importlib.metadata import version

@@ -106,7 +106,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shape  # noqa: E402
 from _common import print_table, write_json  # noqa: E402
 from _rl_bench import loadavg, mesh_args, prompt_lengths, prompt_workload, timeline_rows  # noqa: E402
-from _roofline import roofline, roofline_rows  # noqa: E402
+from _roofline import print_limit, ratio_bound, roofline, roofline_rows  # noqa: E402
 
 TRL_VERSION = "1.12.0"
 INSTALL_HINT = (f'pip install "trl=={TRL_VERSION}" accelerate datasets  '
@@ -288,11 +288,6 @@ def step_row(system: str, seconds: List[float], n_prompts: int, new_tokens: int,
     return row
 
 
-def ratio_ceiling(limit: Dict[str, Any], trl_rows: List[Dict[str, Any]]) -> Dict[str, float]:
-    """TRL's step time over the machine's floor: no system can beat TRL by more here."""
-    return {row["system"]: row["median_step_s"] / limit["floor_s"] for row in trl_rows}
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 steps of 8 prompts x 8 new tokens (smoke run)")
@@ -349,6 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                      decode_rows=max(1, n_prompts // 2))
     load["after_roofline"] = loadavg()
     limit_rows = roofline_rows(limit, {row["system"]: row["median_step_s"] for row in rows})
+    bound = ratio_bound(limit, trl_rows)
     ratio = {layout: row["samples_per_s"] / trl_rows[0]["samples_per_s"] for layout, row in zip(layouts, rows)}
     ratio_no_gc = {layout: row["samples_per_s"] / trl_rows[1]["samples_per_s"] for layout, row in zip(layouts, rows)}
     for layout, row in zip(layouts, rows):
@@ -362,11 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print("\nOur median step, per call (workers' clocks, ms from the step's start)")
     print_table(timeline, ["layout", "call", "ranks", "start_ms", "end_ms", "call_ms", "hooks_ms", "transfer_ms",
                            "timeline"])
-    rates = ", ".join(f"{k} {v:.1f}" for k, v in limit["gflops_per_core"].items())
-    print(f"\nThe machine's limit: matmul GFLOP/s per core with all {limit['cores']} cores busy ({rates}); "
-          "seconds = core-seconds of each call's matmuls, x_floor = step time / floor")
-    print_table(limit_rows, ["what", "gflop", "seconds", "x_floor"])
-    print(f"highest reachable ratio over trl: {ratio_ceiling(limit, trl_rows)}")
+    print_limit(limit, limit_rows, bound)
     print(f"load average (1, 5, 15 min): {load}")
 
     from importlib.metadata import version
@@ -385,7 +377,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     name = "bench_ppo_trl_quick" if args.quick else "bench_ppo_trl"
     path = write_json(name, {"rows": rows, "ratio": ratio, "ratio_no_gc": ratio_no_gc, "timeline": timeline,
                              "limit": limit, "limit_rows": limit_rows,
-                             "ratio_ceiling": ratio_ceiling(limit, trl_rows), "raw": raw},
+                             "ratio_ceiling": bound, "raw": raw},
                       extra={"setup": setup, "versions": versions, "loadavg": load})
     print(f"wrote {path}")
     return {"rows": rows, "ratio": ratio, "ratio_no_gc": ratio_no_gc}
