@@ -64,3 +64,15 @@ def test_grad_norm_square_sum_matches_float64():
     assert abs(float(got) - float(exact)) <= 1e-6 * float(exact)
     ranges.ranges = []
     assert float(ranges.square_sum(g)) == 0.0
+
+
+@pytest.mark.parametrize("period", [3, 5_000])
+def test_fused_decay_runs_equal_the_masked_update(period):
+    """A mask of long runs takes the two-call path, a fragmented one the masked pass; both equal the reference."""
+    cfg = OptimizerConfig(weight_decay=0.1)
+    p0 = torch.randn(N, generator=torch.Generator().manual_seed(0))
+    mask = ((torch.arange(N) // period) % 2 == 0).float()
+    fused, plain = _run(True, cfg, p0, mask), _run(False, cfg, p0, mask)
+    assert (fused.decay_runs is None) == (period == 3)
+    torch.testing.assert_close(fused.param, plain.param, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fused.exp_avg_sq, plain.exp_avg_sq, rtol=1e-6, atol=0)

@@ -118,6 +118,9 @@ class FlatAdamW:
     which lets norms and biases live in the same buffer as matrices.
     """
 
+    # Past this many runs of equal mask values, one masked pass beats per-run kernel calls.
+    MAX_DECAY_RUNS = 256
+
     def __init__(self, param: torch.Tensor, cfg: OptimizerConfig, decay_mask: Optional[torch.Tensor] = None):
         if param.dim() != 1 or param.dtype != torch.float32:
             raise ValueError("FlatAdamW expects a 1-D float32 tensor.")
@@ -127,6 +130,7 @@ class FlatAdamW:
         self.exp_avg = torch.zeros_like(param)
         self.exp_avg_sq = torch.zeros_like(param)
         self.step_count = 0
+        self.decay_runs = _mask_runs(decay_mask, self.MAX_DECAY_RUNS) if decay_mask is not None else None
 
     @torch.no_grad()
     def step(self, grad: torch.Tensor, lr: float) -> None:
@@ -149,18 +153,32 @@ class FlatAdamW:
         self.param.addcdiv_(self.exp_avg, denom, value=-lr / bc1)
 
     def _fused_step(self, g: torch.Tensor, lr: float) -> None:
-        """The same update in one pass over the buffers (torch's fused AdamW kernel);
-        a per-element decay mask is applied first, as the decoupled decay it is."""
+        """The same update in one pass over the buffers (torch's fused AdamW kernel).
+
+        With a decay mask, the decayed and the undecayed runs of the buffer go
+        to two kernel calls with their own weight decay; a mask too fragmented
+        for that is applied first, as the decoupled decay it is.
+        """
         c = self.cfg
         decay = c.weight_decay if lr > 0 else 0.0
-        if decay > 0 and self.decay_mask is not None:
-            self.param.addcmul_(self.param, self.decay_mask, value=-lr * decay)
-            decay = 0.0
         self.step_count += 1
         step = torch.tensor(float(self.step_count), device=self.param.device)  # the step being taken
-        torch._fused_adamw_([self.param], [g], [self.exp_avg], [self.exp_avg_sq], [], [step], lr=lr,
-                            beta1=c.beta1, beta2=c.beta2, weight_decay=decay, eps=c.eps, amsgrad=False,
-                            maximize=False)
+        if decay > 0 and self.decay_mask is not None:
+            if self.decay_runs is None:
+                self.param.addcmul_(self.param, self.decay_mask, value=-lr * decay)
+                decay = 0.0
+            else:
+                for runs, wd in ((self.decay_runs[1], decay), (self.decay_runs[0], 0.0)):
+                    if runs:
+                        self._fused_call(g, runs, step, lr, wd)
+                return
+        self._fused_call(g, [(0, self.param.numel())], step, lr, decay)
+
+    def _fused_call(self, g: torch.Tensor, runs, step: torch.Tensor, lr: float, wd: float) -> None:
+        c = self.cfg
+        views = [[t[s:e] for s, e in runs] for t in (self.param, g, self.exp_avg, self.exp_avg_sq)]
+        torch._fused_adamw_(*views, [], [step] * len(runs), lr=lr, beta1=c.beta1, beta2=c.beta2,
+                            weight_decay=wd, eps=c.eps, amsgrad=False, maximize=False)
 
     def state_dict(self) -> dict:
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "step": self.step_count}
@@ -169,3 +187,19 @@ class FlatAdamW:
         self.exp_avg.copy_(state["exp_avg"])
         self.exp_avg_sq.copy_(state["exp_avg_sq"])
         self.step_count = int(state["step"])
+
+
+def _mask_runs(mask: torch.Tensor, max_runs: int):
+    """``(undecayed, decayed)`` lists of ``(start, end)`` runs of a 0/1 mask, or
+    None when the mask has more than ``max_runs`` runs."""
+    flat = mask.reshape(-1)
+    if flat.numel() == 0:
+        return [], []
+    change = torch.nonzero(flat[1:] != flat[:-1]).reshape(-1) + 1
+    if change.numel() + 1 > max_runs:
+        return None
+    bounds = [0] + change.tolist() + [flat.numel()]
+    out = ([], [])
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        out[int(flat[s].item() != 0)].append((s, e))
+    return out
