@@ -114,7 +114,6 @@ def _attn_loop(q, k, v, ctx: PackedContext, scale: float, window: Optional[int],
 
 
 def _attn_block_diag(q, k, v, ctx: PackedContext, scale: float, window: Optional[int]) -> torch.Tensor:
-    n_rep = q.shape[1] // k.shape[1]
     mask = ctx.seq_ids[:, None] == ctx.seq_ids[None, :]
     mask = mask & _window_mask(ctx.positions[:, None], ctx.positions[None, :], window)
     o = _sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
@@ -168,7 +167,6 @@ def _attn_padded(q, k, v, ctx: PackedContext, scale: float, window: Optional[int
     mask = _window_mask(j[:, None], j[None, :], window)[None] & (j[None, None, :] < lens)
     # Padding queries see everything so that no softmax row is empty; they are dropped.
     mask = mask | (j[None, :, None] >= lens)
-    n_rep = q.shape[1] // k.shape[1]
     o = _sdpa(grid(q), grid(k), grid(v), attn_mask=mask[:, None], scale=scale)
     return o.transpose(1, 2).reshape(bs * width, *q.shape[1:]).index_select(0, cells)
 

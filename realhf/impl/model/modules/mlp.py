@@ -6,11 +6,13 @@ from typing import Callable, Dict
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from realhf.api.core.model_api import ReaLModelConfig
 from realhf.impl.model.modules.activations import get_activation
 from realhf.impl.model.modules.moe import MoEMLP
 from realhf.impl.model.modules.norm import make_norm
+from realhf.impl.ops import fused_layers
 
 
 class PlainMLP(nn.Module):
@@ -41,6 +43,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln(x)
+        if self.act is F.silu:
+            return self.down_proj(fused_layers.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -7,6 +7,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from realhf.impl.ops import fused_layers
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * w, normalized in fp32 and cast back before the scale (llama)."""
@@ -21,7 +23,7 @@ class RMSNorm(nn.Module):
         return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * self._normalize(x).to(x.dtype)
+        return fused_layers.rms_norm(x, self.weight, self.eps)
 
 
 class GemmaRMSNorm(RMSNorm):

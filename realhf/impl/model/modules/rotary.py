@@ -7,6 +7,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from realhf.impl.ops import fused_layers
+
 
 def _default_inv_freq(head_dim: int, base: float) -> torch.Tensor:
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
@@ -62,19 +64,9 @@ def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> Tuple[tor
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x [tokens, heads, head_dim].
+    """Rotate x [tokens, heads, head_dim] (fp32 math).
 
     Non-interleaved pairs dimension j with j + head_dim/2 (GPT-NeoX / HF llama
     layout); interleaved pairs dimensions 2j and 2j+1 (original RoFormer layout).
     """
-    dtype = x.dtype
-    x = x.float()
-    c, s = cos[:, None, :], sin[:, None, :]
-    if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
-    else:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-    return out.to(dtype)
+    return fused_layers.rotary(x, cos, sin, interleaved)

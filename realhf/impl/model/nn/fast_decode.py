@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from realhf.impl.model.modules.norm import RMSNorm
 from realhf.impl.model.nn.kv_cache import KVCache
 from realhf.impl.model.modules.rotary import rotary_inv_freq
+from realhf.impl.ops import fused_layers
 
 DECODE_IMPL = "auto"  # "auto" | "fast" | "eager"
 
@@ -106,8 +107,7 @@ class _Block:
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # Same arithmetic as RMSNorm: normalize in fp32, cast back, then scale.
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return fused_layers.rms_norm(x, w, eps)
 
 
 class FastDecoder:
@@ -136,15 +136,8 @@ class FastDecoder:
         self.all_rows = torch.arange(cache.bs, device=self.wte.device)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotary on x [n, heads, head_dim] (fp32 math, as ``apply_rotary``)."""
-        dtype = x.dtype
-        x = x.float()
-        if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-            return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).to(dtype)
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+        """Rotary on x [n, heads, head_dim] with cos/sin [n, head_dim / 2] (fp32 math, as ``apply_rotary``)."""
+        return fused_layers.rotary(x, cos, sin, self.interleaved)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -157,7 +150,7 @@ class FastDecoder:
         if bool((pos >= cache.capacity).any()):
             raise ValueError(f"KV cache capacity {cache.capacity} exceeded.")
         freqs = pos.float()[:, None] * self.inv_freq[None, :]
-        cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+        cos, sin = freqs.cos(), freqs.sin()
         max_k = int(pos.max()) + 1
         mask = (torch.arange(max_k, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
         nq, nkv, d = self.n_q, self.n_kv, self.head_dim

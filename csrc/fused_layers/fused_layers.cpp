@@ -1,0 +1,226 @@
+// Fused CPU kernels for the element-wise parts of a llama block.
+//
+// On a CPU, a transformer block's matrix products run near the core's peak
+// while RMS norm, rotary embedding and the gated MLP's product each take
+// 5-15 separate passes over memory (and as many autograd nodes).  Here each of
+// them is one pass forward and one pass backward, over float32 rows spread on
+// torch's threads with at::parallel_for.  Python wraps them in autograd
+// functions (realhf/impl/ops/fused_layers.py), whose torch fallbacks are the
+// reference the tests compare against.
+//
+// Inner loops use 8 independent accumulators so that -O3 vectorizes the
+// reductions without reassociating floating point (no -ffast-math).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 8;
+
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+int64_t row_grain(int64_t width) {
+  // About 32k elements per task: enough work to amortize a task.
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, width));
+}
+
+inline float sum_products(const float* a, const float* b, int64_t n) {
+  float acc[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] += a[j + k] * b[j + k];
+  float s = 0.f;
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// ---------------------------------------------------------------- RMS norm
+// y = w * x * rstd, rstd = 1 / sqrt(mean(x^2) + eps), per row of x [N, D].
+std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_f32(x, "x");
+  check_f32(w, "weight");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && w.size(0) == x.size(1),
+              "rms_norm_fwd expects x [N, D] and weight [D]");
+  const int64_t n = x.size(0), d = x.size(1);
+  auto y = at::empty_like(x);
+  auto rstd = at::empty({n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* rp = rstd.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* __restrict__ xr = xp + r * d;
+      float* __restrict__ yr = yp + r * d;
+      const float rs = 1.f / std::sqrt(sum_products(xr, xr, d) / static_cast<float>(d) + feps);
+      rp[r] = rs;
+      for (int64_t j = 0; j < d; ++j) yr[j] = wp[j] * (xr[j] * rs);
+    }
+  });
+  return {y, rstd};
+}
+
+// dx = rstd * (g*w - xhat * mean(g*w*xhat)), dw = sum over rows of g * xhat.
+std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                                     const at::Tensor& rstd) {
+  check_f32(g, "grad");
+  check_f32(x, "x");
+  check_f32(w, "weight");
+  check_f32(rstd, "rstd");
+  TORCH_CHECK(g.sizes() == x.sizes() && x.dim() == 2 && w.size(0) == x.size(1) && rstd.size(0) == x.size(0),
+              "rms_norm_bwd: shapes of grad, x, weight and rstd disagree");
+  const int64_t n = x.size(0), d = x.size(1);
+  auto dx = at::empty_like(x);
+  const int nthreads = at::get_num_threads();
+  auto partial = at::zeros({nthreads, d}, x.options());
+  const float* gp = g.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* rp = rstd.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
+    float* __restrict__ dw = pp + static_cast<int64_t>(at::get_thread_num()) * d;
+    for (int64_t r = b; r < e; ++r) {
+      const float* __restrict__ gr = gp + r * d;
+      const float* __restrict__ xr = xp + r * d;
+      float* __restrict__ dxr = dxp + r * d;
+      const float rs = rp[r];
+      // mean(g*w*xhat) = rs * mean(g*w*x)
+      float acc[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      int64_t j = 0;
+      for (; j + kLanes <= d; j += kLanes)
+        for (int k = 0; k < kLanes; ++k) acc[k] += gr[j + k] * wp[j + k] * xr[j + k];
+      float dot = 0.f;
+      for (int k = 0; k < kLanes; ++k) dot += acc[k];
+      for (; j < d; ++j) dot += gr[j] * wp[j] * xr[j];
+      const float c = rs * rs * dot / static_cast<float>(d);
+      for (int64_t q = 0; q < d; ++q) {
+        dxr[q] = rs * (gr[q] * wp[q] - xr[q] * c);
+        dw[q] += gr[q] * (xr[q] * rs);
+      }
+    }
+  });
+  return {dx, partial.sum(0)};
+}
+
+// ------------------------------------------------------------------ rotary
+// x [N, H, D] rotated by per-token angles with cos/sin [N, D/2]; sign = -1
+// rotates back (the backward of a rotation is the opposite rotation).
+// Non-interleaved pairs dimension j with j + D/2, interleaved 2j with 2j+1.
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved,
+                  double sign) {
+  check_f32(x, "x");
+  check_f32(cos, "cos");
+  check_f32(sin, "sin");
+  TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
+                  2 * cos.size(1) == x.size(2),
+              "rotary expects x [N, H, D], cos and sin [N, D/2]");
+  const int64_t n = x.size(0), h = x.size(1), d = x.size(2), half = d / 2;
+  auto out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sg = static_cast<float>(sign);
+  at::parallel_for(0, n, row_grain(h * d), [&](int64_t b, int64_t e) {
+    std::vector<float> s(half);
+    for (int64_t t = b; t < e; ++t) {
+      const float* c = cp + t * half;
+      for (int64_t j = 0; j < half; ++j) s[j] = sg * sp[t * half + j];
+      for (int64_t hh = 0; hh < h; ++hh) {
+        const float* xr = xp + (t * h + hh) * d;
+        float* orow = op + (t * h + hh) * d;
+        if (interleaved) {
+          for (int64_t j = 0; j < half; ++j) {
+            const float x1 = xr[2 * j], x2 = xr[2 * j + 1];
+            orow[2 * j] = x1 * c[j] - x2 * s[j];
+            orow[2 * j + 1] = x2 * c[j] + x1 * s[j];
+          }
+        } else {
+          for (int64_t j = 0; j < half; ++j) {
+            const float x1 = xr[j], x2 = xr[j + half];
+            orow[j] = x1 * c[j] - x2 * s[j];
+            orow[j + half] = x2 * c[j] + x1 * s[j];
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- gated MLP
+// y = gate * sig * up, where sig = sigmoid(gate) comes from torch's
+// vectorized kernel (so silu(gate) = gate * sig).
+at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& sig, const at::Tensor& up) {
+  check_f32(gate, "gate");
+  check_f32(sig, "sigmoid(gate)");
+  check_f32(up, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes() && gate.sizes() == sig.sizes(), "swiglu_fwd: shapes disagree");
+  auto y = at::empty_like(gate);
+  const float* gp = gate.data_ptr<float>();
+  const float* sp = sig.data_ptr<float>();
+  const float* up_ = up.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, gate.numel(), 32768, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) yp[i] = (gp[i] * sp[i]) * up_[i];
+  });
+  return y;
+}
+
+// d up = dy * silu(gate); d gate = dy * up * sig * (1 + gate * (1 - sig)).
+std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& sig,
+                                   const at::Tensor& up) {
+  check_f32(dy, "grad");
+  check_f32(gate, "gate");
+  check_f32(sig, "sigmoid(gate)");
+  check_f32(up, "up");
+  TORCH_CHECK(dy.sizes() == gate.sizes() && gate.sizes() == up.sizes() && gate.sizes() == sig.sizes(),
+              "swiglu_bwd: shapes disagree");
+  auto dgate = at::empty_like(gate);
+  auto dup = at::empty_like(up);
+  const float* dyp = dy.data_ptr<float>();
+  const float* gp = gate.data_ptr<float>();
+  const float* sp = sig.data_ptr<float>();
+  const float* upp = up.data_ptr<float>();
+  float* dgp = dgate.data_ptr<float>();
+  float* dup_ = dup.data_ptr<float>();
+  at::parallel_for(0, gate.numel(), 32768, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float s = sp[i], g = gp[i], d = dyp[i];
+      dup_[i] = d * (g * s);
+      dgp[i] = d * upp[i] * s * (1.f + g * (1.f - s));
+    }
+  });
+  return {dgate, dup};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused float32 CPU kernels: RMS norm, rotary embedding, gated MLP product";
+  m.def("rms_norm_fwd", &rms_norm_fwd, py::arg("x"), py::arg("weight"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>(), "(y, rstd) of an RMS norm over the last dim of x [N, D].");
+  m.def("rms_norm_bwd", &rms_norm_bwd, py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
+        py::call_guard<py::gil_scoped_release>(), "(dx, dweight) of rms_norm_fwd.");
+  m.def("rotary", &rotary, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("interleaved"),
+        py::arg("sign"), py::call_guard<py::gil_scoped_release>(),
+        "x [N, H, D] rotated by the angles of cos/sin [N, D/2] (sign=-1: the inverse rotation).");
+  m.def("swiglu_fwd", &swiglu_fwd, py::arg("gate"), py::arg("sig"), py::arg("up"),
+        py::call_guard<py::gil_scoped_release>(), "gate * sig * up with sig = sigmoid(gate).");
+  m.def("swiglu_bwd", &swiglu_bwd, py::arg("grad"), py::arg("gate"), py::arg("sig"), py::arg("up"),
+        py::call_guard<py::gil_scoped_release>(), "(dgate, dup) of swiglu_fwd.");
+}

@@ -1,0 +1,139 @@
+"""RMS norm, rotary embedding and the gated-MLP product as single fused passes.
+
+The element-wise parts of a llama block cost little arithmetic but, written
+in torch, 5-15 passes over memory each (and as many autograd nodes); on a
+CPU they take about as long as the block's matrix products' remainder. The
+``cpp`` backend (``realhf._C.fused_layers``) does each in one pass forward
+and one backward for float32 CPU tensors; the ``python`` backend is the
+plain torch formula, the reference the tests compare against, and the one
+every other dtype or device uses.
+
+* :func:`rms_norm` -- ``w * x / sqrt(mean(x^2) + eps)`` over the last dim;
+* :func:`rotary` -- x ``[N, H, D]`` rotated by per-token angles (cos/sin
+  ``[N, D/2]``), non-interleaved (j with j + D/2) or interleaved (2j, 2j+1);
+* :func:`swiglu` -- ``silu(gate) * up``.
+
+All are differentiable in x, the norm also in its weight.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from realhf.impl.ops import dispatch, native
+
+_EXT = "fused_layers"
+
+
+def _fp32_cpu(*ts: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+
+
+# ------------------------------------------------------------ torch formulas
+def _rms_norm_python(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotary_python(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    c, s = cos[:, None, :], sin[:, None, :]
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2).to(dtype)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(dtype)
+
+
+def _swiglu_python(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+# ------------------------------------------------------------ native kernels
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        y, rstd = native.load(_EXT).rms_norm_fwd(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = native.load(_EXT).rms_norm_bwd(grad.contiguous(), x, weight, rstd)
+        return dx, (dw if ctx.needs_input_grad[1] else None), None
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved = interleaved
+        return native.load(_EXT).rotary(x, cos, sin, interleaved, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        # The inverse of a rotation is the rotation by the opposite angle.
+        return native.load(_EXT).rotary(grad.contiguous(), cos, sin, ctx.interleaved, -1.0), None, None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        sig = torch.sigmoid(gate)  # torch's vectorized exp
+        ctx.save_for_backward(gate, sig, up)
+        return native.load(_EXT).swiglu_fwd(gate, sig, up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, sig, up = ctx.saved_tensors
+        dgate, dup = native.load(_EXT).swiglu_bwd(grad.contiguous(), gate, sig, up)
+        return dgate, dup
+
+
+def _rms_norm_cpp(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if not _fp32_cpu(x, weight) or x.shape[-1] != weight.shape[0]:
+        return _rms_norm_python(x, weight, eps)
+    shape = x.shape
+    return _RMSNorm.apply(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(), float(eps)).view(shape)
+
+
+def _rotary_cpp(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    if not _fp32_cpu(x, cos, sin) or x.dim() != 3:
+        return _rotary_python(x, cos, sin, interleaved)
+    return _Rotary.apply(x.contiguous(), cos.contiguous(), sin.contiguous(), bool(interleaved))
+
+
+def _swiglu_cpp(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if not _fp32_cpu(gate, up) or gate.shape != up.shape:
+        return _swiglu_python(gate, up)
+    return _SwiGLU.apply(gate.contiguous(), up.contiguous())
+
+
+_cpu = dispatch.on_device_types("cpu")
+for _op, _py, _cpp in (("rms_norm", _rms_norm_python, _rms_norm_cpp), ("rotary", _rotary_python, _rotary_cpp),
+                       ("swiglu", _swiglu_python, _swiglu_cpp)):
+    dispatch.register(_op, "python", _py)
+    dispatch.register(_op, "cpp", _cpp, serves=_cpu, probe=native.cpu_probe(_EXT))
+
+
+# ---------------------------------------------------------------- public API
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: Optional[str] = None) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2, -1) + eps)``, normalized in fp32 and cast back before the scale."""
+    return dispatch.select("rms_norm", x.device, backend).fn(x, weight, eps)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+           backend: Optional[str] = None) -> torch.Tensor:
+    """Rotate x ``[N, H, D]`` by the per-token angles whose cos/sin are ``[N, D/2]`` (fp32 math)."""
+    return dispatch.select("rotary", x.device, backend).fn(x, cos, sin, interleaved)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """``silu(gate) * up``."""
+    return dispatch.select("swiglu", gate.device, backend).fn(gate, up)

@@ -1,0 +1,106 @@
+"""Fused RMS norm, rotary and gated-MLP product: the native kernels against the torch formulas.
+
+Values and gradients of the ``cpp`` backend must equal the ``python`` one
+(plain torch autograd) to float32 rounding, for the shapes the model uses,
+non-contiguous inputs included; dtypes the kernels do not serve fall back to
+the torch formula exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from realhf.impl.ops import fused_layers as fl
+
+
+def _angles(n: int, half: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randint(0, 500, (n,), generator=g).float()
+    f = pos[:, None] * (1.0 / 10000 ** (torch.arange(half).float() / half))[None, :]
+    return f.cos(), f.sin()
+
+
+def _run(fn, inputs, grad_seed: int = 1):
+    """Output and input gradients of ``fn(*inputs)`` under a fixed random output gradient."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*leaves)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
+    out.backward(g)
+    return out.detach(), [t.grad for t in leaves if t.requires_grad]
+
+
+def _compare(op, fn, inputs, require_backend, rtol=1e-5, atol=1e-5):
+    require_backend(op, "cpp")
+    ref_out, ref_grads = _run(lambda *a: fn("python", *a), inputs)
+    out, grads = _run(lambda *a: fn("cpp", *a), inputs)
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol)
+    assert len(grads) == len(ref_grads)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("shape", [(418, 256), (3, 7, 64), (5, 13)])
+def test_rms_norm_matches_torch(shape, require_backend):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen) * 3
+    w = torch.rand(shape[-1], generator=gen) + 0.5
+    _compare("rms_norm", lambda b, x, w: fl.rms_norm(x, w, 1e-6, backend=b), [x, w], require_backend)
+
+
+def test_rms_norm_of_a_non_contiguous_input(require_backend):
+    x = torch.randn(64, 40, generator=torch.Generator().manual_seed(0)).t()  # [40, 64], strided
+    w = torch.rand(64) + 0.5
+    assert not x.is_contiguous()
+    _compare("rms_norm", lambda b, x, w: fl.rms_norm(x, w, 1e-5, backend=b), [x, w], require_backend)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("heads,head_dim", [(4, 64), (2, 6)])
+def test_rotary_matches_torch(interleaved, heads, head_dim, require_backend):
+    n = 37
+    cos, sin = _angles(n, head_dim // 2)
+    x = torch.randn(n, heads, head_dim, generator=torch.Generator().manual_seed(3))
+    _compare("rotary", lambda b, x: fl.rotary(x, cos, sin, interleaved, backend=b), [x], require_backend)
+
+
+def test_rotary_of_a_slice_of_a_fused_projection(require_backend):
+    """Decoding rotates the q and k heads of one q/k/v product: a non-contiguous view."""
+    cos, sin = _angles(8, 16)
+    qkv = torch.randn(8, 8, 32, generator=torch.Generator().manual_seed(4))
+    _compare("rotary", lambda b, x: fl.rotary(x[:, :6], cos, sin, False, backend=b), [qkv], require_backend)
+
+
+def test_swiglu_matches_torch(require_backend):
+    gen = torch.Generator().manual_seed(5)
+    gate, up = torch.randn(418, 688, generator=gen) * 4, torch.randn(418, 688, generator=gen)
+    _compare("swiglu", lambda b, g, u: fl.swiglu(g, u, backend=b), [gate, up], require_backend)
+
+
+def test_other_dtypes_fall_back_to_the_torch_formula(require_backend):
+    require_backend("rms_norm", "cpp")
+    x, w = torch.randn(6, 16, dtype=torch.float64), torch.rand(16, dtype=torch.float64)
+    assert torch.equal(fl.rms_norm(x, w, 1e-6, backend="cpp"), fl.rms_norm(x, w, 1e-6, backend="python"))
+    cos, sin = _angles(6, 4)
+    xb = torch.randn(6, 2, 8).bfloat16()
+    assert torch.equal(fl.rotary(xb, cos, sin, False, backend="cpp"), fl.rotary(xb, cos, sin, False, backend="python"))
+    g, u = torch.randn(4, 9).bfloat16(), torch.randn(4, 9).bfloat16()
+    assert torch.equal(fl.swiglu(g, u, backend="cpp"), fl.swiglu(g, u, backend="python"))
+
+
+def test_the_torch_formulas_are_the_textbook_ones():
+    """The reference itself: RMS norm, a rotation of each pair, silu(g) * u, written out per element."""
+    x, w = torch.randn(3, 4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    rms = torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(fl.rms_norm(x, w, 1e-6, backend="python"), w * x / rms)
+    theta = torch.tensor([[0.3, 1.1], [2.0, -0.7]])
+    v = torch.randn(2, 1, 4)
+    out = fl.rotary(v, theta.cos(), theta.sin(), False, backend="python")
+    for t in range(2):
+        for j in range(2):
+            a, b = v[t, 0, j], v[t, 0, j + 2]
+            c, s = theta[t, j].cos(), theta[t, j].sin()
+            torch.testing.assert_close(out[t, 0, j], a * c - b * s)
+            torch.testing.assert_close(out[t, 0, j + 2], b * c + a * s)
+    g, u = torch.randn(5), torch.randn(5)
+    torch.testing.assert_close(fl.swiglu(g, u, backend="python"), g / (1 + torch.exp(-g)) * u)
