@@ -38,7 +38,7 @@ import os
 import pickle
 import time
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import networkx as nx
 
@@ -64,6 +64,51 @@ class _Item:
 
     lengths: Dict[str, int]
     holders: Dict[str, List[int]]
+
+
+def assign_by_load(ids: List[Any], size: Dict[Any, int], n_parts: int,
+                   local: Callable[[Any, int], int]) -> List[List[Any]]:
+    """Split ``ids`` over ``n_parts`` dp ranks: data stays where it is, loads within one item.
+
+    An item goes to the rank holding most of it (``local(item, rank)``; the
+    least loaded one on ties), items held nowhere longest first onto the least
+    loaded rank; then, while the most and least loaded ranks differ by more
+    than the largest item, the item of the former that best halves the gap
+    moves to the latter (each move shrinks the sum of squared loads, so this
+    ends). E.g. generation -> reward on the same ranks moves nothing unless
+    the generated lengths are unbalanced. Each part keeps the order of ``ids``.
+    """
+    load = [0] * n_parts
+    parts: List[List[Any]] = [[] for _ in range(n_parts)]
+
+    def put(i: Any, j: int) -> None:
+        parts[j].append(i)
+        load[j] += size[i]
+
+    by_size = sorted(ids, key=lambda i: -size[i])
+    homeless = []
+    for i in by_size:
+        held = [local(i, j) for j in range(n_parts)]
+        if max(held) > 0:
+            put(i, min(range(n_parts), key=lambda j: (-held[j], load[j], j)))
+        else:
+            homeless.append(i)
+    for i in homeless:
+        put(i, min(range(n_parts), key=lambda j: (load[j], len(parts[j]), j)))
+    slack = size[by_size[0]] if by_size else 0
+    while True:
+        hi = max(range(n_parts), key=lambda j: (load[j], -j))
+        lo = min(range(n_parts), key=lambda j: (load[j], j))
+        gap = load[hi] - load[lo]
+        movable = [i for i in parts[hi] if 0 < size[i] < gap]
+        if gap <= slack or not movable:
+            break
+        i = min(movable, key=lambda i: abs(gap - 2 * size[i]))
+        parts[hi].remove(i)
+        load[hi] -= size[i]
+        put(i, lo)
+    order = {i: n for n, i in enumerate(ids)}
+    return [sorted(p, key=order.__getitem__) for p in parts]
 
 
 @dataclasses.dataclass
@@ -167,14 +212,16 @@ class MasterCore:
             k = math.ceil(len(ids) / dp)
             return [ids[j * k:(j + 1) * k] for j in range(dp)]
         key = max(rpc.input_keys, key=lambda k: sum(items[i].lengths.get(k, 0) for i in ids)) if rpc.input_keys else None
-        load = [0] * dp
-        parts: List[List[Any]] = [[] for _ in range(dp)]
-        for i in sorted(ids, key=lambda i: -(items[i].lengths.get(key, 1) if key else 1)):
-            j = min(range(dp), key=lambda j: (load[j], len(parts[j])))
-            parts[j].append(i)
-            load[j] += items[i].lengths.get(key, 1) if key else 1
-        order = {i: n for n, i in enumerate(ids)}
-        return [sorted(p, key=order.__getitem__) for p in parts]
+        size = {i: items[i].lengths.get(key, 1) if key else 1 for i in ids}
+        groups = [set(g) for g in self._dp_ranks(rpc.model_name)]
+
+        def local(i: Any, j: int) -> int:
+            """Input elements of item ``i`` that dp rank ``j`` produced itself (its owner ranks,
+            not copies moved there by other calls, so the choice does not depend on call order)."""
+            return sum(items[i].lengths.get(k, 0) for k in rpc.input_keys
+                       if k in items[i].holders and items[i].holders[k][0] in groups[j])
+
+        return assign_by_load(ids, size, dp, local)
 
     def _transfer_plan(self, rpc: MFCDef, assignment: List[List[Any]], items: Dict[Any, _Item]):
         groups = self._dp_ranks(rpc.model_name)

@@ -32,6 +32,7 @@ the handler's wall-clock span.
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import pickle
@@ -255,18 +256,24 @@ class ModelWorkerCore:
 
     def _transfer(self, plan: Sequence[Tuple[int, Sequence[int], List[Any], List[str]]]) -> None:
         """``plan``: (src rank, dst ranks, ids, keys); this rank sends or receives its part."""
-        sends, srcs = [], []
+        # One message per (sender, receiver) pair, whatever the number of key groups.
+        outgoing: Dict[int, List[SequenceSample]] = collections.defaultdict(list)
+        srcs = set()
         for src, dsts, ids, keys in plan:
             if src == self.rank:
-                payload = _to_bytes(SequenceSample.gather([self.store[i].select(keys) for i in ids]))
-                sends += [(payload, d) for d in dsts if d != self.rank]
+                part = SequenceSample.gather([self.store[i].select(keys) for i in ids])
+                for d in dsts:
+                    if d != self.rank:
+                        outgoing[d].append(part)
             elif self.rank in dsts:
-                srcs.append(src)
-        if not sends and not srcs:
+                srcs.add(src)
+        if not outgoing and not srcs:
             return None
-        for t in p2p.batch_send_recv(sends, srcs):
-            for it in _from_bytes(t).unpack():
-                self._put(it)
+        sends = [(_to_bytes(parts), d) for d, parts in sorted(outgoing.items())]
+        for t in p2p.batch_send_recv(sends, sorted(srcs)):
+            for part in _from_bytes(t):
+                for it in part.unpack():
+                    self._put(it)
         return None
 
     def _put(self, item: SequenceSample) -> None:

@@ -10,7 +10,7 @@ same tensor in every parallel layout.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -106,11 +106,31 @@ def is_tied_on_stage(config: ReaLModelConfig, layer_indices: Sequence[int]) -> b
     return config.tied_embedding and 0 in layer_indices and (config.n_layers + 1) in layer_indices
 
 
+# Building a layer on the meta device costs ~1 ms; layouts, plans and checks ask
+# for the same shapes on every parameter reallocation, so they are memoized
+# per (config, layer); the key is the config's repr, which lists every field.
+_SHAPES_CACHE: Dict[Tuple[str, int], Tuple[Tuple[str, torch.Size], ...]] = {}
+_PARTITION_CACHE: Dict[Tuple[str, int], Tuple[Tuple[int, ...], ...]] = {}
+_CACHE_LIMIT = 4096
+
+
+def _remember(cache: dict, key, value):
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def layer_param_shapes(config: ReaLModelConfig, layer_index: int) -> List[Tuple[str, torch.Size]]:
     """(key, shape) of one layer in registration order, built on the meta device."""
-    with torch.device("meta"):
-        layer = make_layer(config, layer_index)
-    return [(f"{layer_index}.{n}", p.shape) for n, p in layer.named_parameters()]
+    key = (repr(config), layer_index)
+    shapes = _SHAPES_CACHE.get(key)
+    if shapes is None:
+        with torch.device("meta"):
+            layer = make_layer(config, layer_index)
+        shapes = _remember(_SHAPES_CACHE, key,
+                           tuple((f"{layer_index}.{n}", p.shape) for n, p in layer.named_parameters()))
+    return list(shapes)
 
 
 def layer_num_params(config: ReaLModelConfig, layer_index: int) -> int:
@@ -123,6 +143,14 @@ def partition_layers(config: ReaLModelConfig, pp_size: int) -> List[List[int]]:
     n_total = config.n_layers + 2
     if not 1 <= pp_size <= n_total:
         raise ValueError(f"pp_size={pp_size} must be in [1, {n_total}].")
+    key = (repr(config), pp_size)
+    stages = _PARTITION_CACHE.get(key)
+    if stages is None:
+        stages = _remember(_PARTITION_CACHE, key, tuple(map(tuple, _partition_layers(config, pp_size, n_total))))
+    return [list(s) for s in stages]
+
+
+def _partition_layers(config: ReaLModelConfig, pp_size: int, n_total: int) -> List[List[int]]:
     sizes = [layer_num_params(config, i) for i in range(n_total)]
     prefix = [0]
     for s in sizes:
