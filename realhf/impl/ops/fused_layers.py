@@ -18,7 +18,8 @@ All are differentiable in x, the norm also in its weight.
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -96,23 +97,36 @@ class _SwiGLU(torch.autograd.Function):
         return dgate, dup
 
 
+def _needs_graph(*ts: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
 def _rms_norm_cpp(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not _fp32_cpu(x, weight) or x.shape[-1] != weight.shape[0]:
         return _rms_norm_python(x, weight, eps)
     shape = x.shape
-    return _RMSNorm.apply(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(), float(eps)).view(shape)
+    x2, w = x.reshape(-1, shape[-1]).contiguous(), weight.contiguous()
+    if _needs_graph(x, weight):
+        return _RMSNorm.apply(x2, w, float(eps)).view(shape)
+    return native.load(_EXT).rms_norm_fwd(x2, w, float(eps))[0].view(shape)
 
 
 def _rotary_cpp(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     if not _fp32_cpu(x, cos, sin) or x.dim() != 3:
         return _rotary_python(x, cos, sin, interleaved)
-    return _Rotary.apply(x.contiguous(), cos.contiguous(), sin.contiguous(), bool(interleaved))
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    if _needs_graph(x):
+        return _Rotary.apply(x, cos, sin, bool(interleaved))
+    return native.load(_EXT).rotary(x, cos, sin, bool(interleaved), 1.0)
 
 
 def _swiglu_cpp(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if not _fp32_cpu(gate, up) or gate.shape != up.shape:
         return _swiglu_python(gate, up)
-    return _SwiGLU.apply(gate.contiguous(), up.contiguous())
+    gate, up = gate.contiguous(), up.contiguous()
+    if _needs_graph(gate, up):
+        return _SwiGLU.apply(gate, up)
+    return native.load(_EXT).swiglu_fwd(gate, torch.sigmoid(gate), up)
 
 
 _cpu = dispatch.on_device_types("cpu")
@@ -121,19 +135,33 @@ for _op, _py, _cpp in (("rms_norm", _rms_norm_python, _rms_norm_cpp), ("rotary",
     dispatch.register(_op, "python", _py)
     dispatch.register(_op, "cpp", _cpp, serves=_cpu, probe=native.cpu_probe(_EXT))
 
+# These run ~100 times a forward pass: the automatic choice is made once per
+# (operator, device type, REAL_OP_BACKEND value) instead of on every call.
+_chosen: Dict[Tuple[str, str, Optional[str]], Callable] = {}
+
+
+def _impl(op: str, device: torch.device, backend: Optional[str]) -> Callable:
+    if backend is not None:
+        return dispatch.select(op, device, backend).fn
+    key = (op, device.type, os.environ.get(dispatch.ENV_VAR))
+    fn = _chosen.get(key)
+    if fn is None:
+        fn = _chosen[key] = dispatch.select(op, device).fn
+    return fn
+
 
 # ---------------------------------------------------------------- public API
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: Optional[str] = None) -> torch.Tensor:
     """``weight * x / sqrt(mean(x^2, -1) + eps)``, normalized in fp32 and cast back before the scale."""
-    return dispatch.select("rms_norm", x.device, backend).fn(x, weight, eps)
+    return _impl("rms_norm", x.device, backend)(x, weight, eps)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
            backend: Optional[str] = None) -> torch.Tensor:
     """Rotate x ``[N, H, D]`` by the per-token angles whose cos/sin are ``[N, D/2]`` (fp32 math)."""
-    return dispatch.select("rotary", x.device, backend).fn(x, cos, sin, interleaved)
+    return _impl("rotary", x.device, backend)(x, cos, sin, interleaved)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
     """``silu(gate) * up``."""
-    return dispatch.select("swiglu", gate.device, backend).fn(gate, up)
+    return _impl("swiglu", gate.device, backend)(gate, up)
