@@ -252,15 +252,22 @@ class MasterCore:
         names = [call] + ([other] if other in self.cfg.model_layouts else [])
         return sorted({r for n in names for r in self._mesh(n)})
 
-    def _issue_transfer(self, rpc: MFCDef, items: Dict[Any, _Item], by_head) -> List[Tuple[str, Ticket]]:
-        """Assign the call's items to its dp ranks and send its inputs there."""
-        assignment = self._assign(rpc, items, by_head)
-        self._assignments[rpc.name] = assignment
-        plan = self._transfer_plan(rpc, assignment, items)
+    def _issue_transfers(self, rpcs: List[MFCDef], items: Dict[Any, _Item],
+                         by_head) -> Dict[str, List[Tuple[str, Ticket]]]:
+        """Assign each call's items to its dp ranks and send the inputs there: one
+        request for all of ``rpcs`` (calls that became ready together), so each pair of
+        workers exchanges one message, whichever calls the data is for."""
+        plans: Dict[str, list] = {}
+        for rpc in rpcs:
+            assignment = self._assign(rpc, items, by_head)
+            self._assignments[rpc.name] = assignment
+            plans[rpc.name] = self._transfer_plan(rpc, assignment, items)
+        plan = [step for name in plans for step in plans[name]]
         if not plan:
-            return []
+            return {rpc.name: [] for rpc in rpcs}
         ranks = sorted({src for src, _, _, _ in plan} | {d for _, dsts, _, _ in plan for d in dsts})
-        return [("transfer", self.t.submit(ranks, "transfer", plan))]
+        ticket = self.t.submit(ranks, "transfer", plan)
+        return {name: ([("transfer", ticket)] if steps else []) for name, steps in plans.items()}
 
     def _issue_call(self, rpc: MFCDef) -> List[Tuple[str, Ticket]]:
         """Pre-hooks, the call, post-hooks. Nothing waits here: each worker runs its
@@ -340,8 +347,7 @@ class MasterCore:
                 ready = ready[:1] if not in_flight else []
             # Inputs move first: a rank about to start a long call still serves
             # the transfers other calls need from it.
-            for rpc in ready:
-                in_flight[rpc.name] = self._issue_transfer(rpc, items, by_head)
+            in_flight.update(self._issue_transfers(ready, items, by_head))
             for rpc in ready:
                 in_flight[rpc.name] += self._issue_call(rpc)
             pending = [t for ops in in_flight.values() for _, t in ops if not t.done]
