@@ -6,6 +6,8 @@ Public API:
   half-open interval bookkeeping and gather/scatter over flat buffers, used by
   parameter reallocation between parallel layouts;
 * :func:`gae_1d` -- generalized advantage estimation over packed sequences;
+* :mod:`realhf.impl.ops.fused_layers` -- RMS norm, rotary embedding and the
+  gated-MLP product as single fused passes (what the model's layers call);
 * :func:`available_backends` -- which implementations can run here.
 
 Each operator picks the fastest usable backend for the tensor's device
