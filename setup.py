@@ -3,7 +3,8 @@
 Native operators live in ``csrc/`` and compile into ``realhf._C.*``:
 
 * CPU extensions (C++, always built unless ``REAL_NO_EXT=1``):
-  ``realhf._C.interval_op``, ``realhf._C.gae`` and ``realhf._C.fused_layers``.
+  ``realhf._C.interval_op``, ``realhf._C.gae``, ``realhf._C.fused_layers``
+  and ``realhf._C.decode_step``.
 * CUDA extensions (only with ``REAL_CUDA=1``, a CUDA build of torch and a
   CUDA toolkit): ``realhf._C.interval_op_cuda`` and ``realhf._C.cugae``.
 
@@ -129,6 +130,12 @@ def _extensions():
             sources=["csrc/fused_layers/fused_layers.cpp"],
             extra_compile_args={"cxx": cxx_flags + omp_flags},
             extra_link_args=omp_flags,
+        ),
+        # A decoding step's whole block loop in one call (matmuls stay at::mm).
+        CppExtension(
+            name="realhf._C.decode_step",
+            sources=["csrc/fused_layers/decode_step.cpp"],
+            extra_compile_args={"cxx": cxx_flags},
         ),
     ]
     if _cuda_available_for_build():

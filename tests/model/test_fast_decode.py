@@ -11,6 +11,7 @@ from realhf.impl.model.nn.fast_decode import FastDecoder, fast_decode_unsupporte
 from realhf.impl.model.nn.real_llm_api import ReaLModel
 from realhf.impl.model.nn.real_llm_generate import generate
 from realhf.impl.model.utils.functional import cu_seqlens_from_lengths
+from realhf.impl.ops import dispatch
 
 LLAMA = ReaLModelConfig(n_layers=3, n_kv_heads=2, n_q_heads=4, hidden_dim=32, intermediate_dim=48, vocab_size=50,
                         head_dim=8, layer_norm_type="rms", mlp_type="llama", apply_rotary=True,
@@ -34,9 +35,15 @@ def _model(cfg: ReaLModelConfig, seed: int = 0) -> ReaLModel:
     return model.eval()
 
 
+@pytest.mark.parametrize("blocks", ["cpp", "python"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_steps_equal_general_forward(variant):
-    """Prefill, then decode steps in which rows drop out: logits and caches agree."""
+def test_steps_equal_general_forward(variant, blocks, monkeypatch):
+    """Prefill, then decode steps in which rows drop out: logits and caches agree,
+    with the block loop as one native call (``cpp``) and as torch operations."""
+    reason = dispatch.unusable_reason("decode_blocks", blocks, "cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setenv(dispatch.ENV_VAR, blocks)
     cfg = VARIANTS[variant]
     model = _model(cfg)
     assert fast_decode_unsupported(model) is None
@@ -48,6 +55,7 @@ def test_steps_equal_general_forward(variant):
         for c in caches:
             model(ids, cu_seqlens_from_lengths(lens), int(lens.max()), kv_cache=c)
     dec = FastDecoder(model, caches[1])
+    assert (dec._native is not None) == (blocks == "cpp")
     for rows in ([0, 1, 2, 3], [0, 2, 3], [1, 3], [2], [0, 1, 2, 3]):
         rows = torch.tensor(rows)
         tok = torch.randint(0, cfg.vocab_size, (len(rows),), generator=g)

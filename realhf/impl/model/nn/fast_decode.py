@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from realhf.impl.model.modules.norm import RMSNorm
 from realhf.impl.model.nn.kv_cache import KVCache
 from realhf.impl.model.modules.rotary import rotary_inv_freq
-from realhf.impl.ops import fused_layers
+from realhf.impl.ops import dispatch, fused_layers, native
+
+_EXT = "decode_step"
 
 DECODE_IMPL = "auto"  # "auto" | "fast" | "eager"
 
@@ -134,27 +136,37 @@ class FastDecoder:
             cfg.head_dim, cfg.rotary_base, cfg.rotary_scaling, cfg.rotary_scaling_type, cfg.rotary_scaling_extra)
         self.inv_freq = inv.to(self.wte.device)
         self.all_rows = torch.arange(cache.bs, device=self.wte.device)
+        # The block loop of a step: one native call when the extension serves this model.
+        impl = dispatch.select("decode_blocks", self.wte.device)
+        self._native = self._native_args() if impl.backend == "cpp" else None
+        self._blocks = impl.fn.__get__(self)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotary on x [n, heads, head_dim] with cos/sin [n, head_dim / 2] (fp32 math, as ``apply_rotary``)."""
         return fused_layers.rotary(x, cos, sin, self.interleaved)
 
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Feed ``tokens`` [n] to ``rows`` [n] (distinct cache rows, in order);
-        returns their next-token logits [n, vocab] and advances the cache."""
-        cache = self.cache
-        n = tokens.shape[0]
-        whole = n == cache.bs  # every row, in order: views instead of gathers
-        pos = cache.seqlens if whole else cache.seqlens[rows]
-        if bool((pos >= cache.capacity).any()):
-            raise ValueError(f"KV cache capacity {cache.capacity} exceeded.")
-        freqs = pos.float()[:, None] * self.inv_freq[None, :]
-        cos, sin = freqs.cos(), freqs.sin()
+    def _native_args(self) -> Optional[tuple]:
+        """Weights, epsilons and scales for the ``cpp`` block loop, or None when it cannot run
+        this model (it serves float32 CPU weights and caches and the silu activation)."""
+        tensors = [self.wte] + [t for b in self.blocks for t in (b.ln1, b.qkv_w, b.o_w, b.ln2, b.gu_w, b.d_w)]
+        tensors += [t for b in self.blocks for t in (b.qkv_b, b.o_b, b.gu_b, b.d_b) if t is not None]
+        if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors + self.cache.k + self.cache.v):
+            return None
+        if any(b.act is not F.silu for b in self.blocks):
+            return None
+        none = self.wte.new_empty(0)
+        weights = [t.contiguous() if t is not None else none for b in self.blocks
+                   for t in (b.ln1, b.qkv_w, b.qkv_b, b.o_w, b.o_b, b.ln2, b.gu_w, b.gu_b, b.d_w, b.d_b)]
+        eps = [float(e) for b in self.blocks for e in (b.eps1, b.eps2)]
+        return weights, eps, [float(b.scale) for b in self.blocks]
+
+    def blocks_python(self, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, whole: bool) -> torch.Tensor:
+        """All blocks of the step in torch operations (the reference for the native loop)."""
+        cache, n = self.cache, x.shape[0]
         max_k = int(pos.max()) + 1
         mask = (torch.arange(max_k, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
         nq, nkv, d = self.n_q, self.n_kv, self.head_dim
-        x = F.embedding(tokens, self.wte)
         for i, blk in enumerate(self.blocks):
             h = _rms(x, blk.ln1, blk.eps1)
             qkv = _matmul(h, blk.qkv_w, blk.qkv_b).view(n, nq + 2 * nkv, d)
@@ -171,10 +183,40 @@ class FastDecoder:
             h = _rms(x, blk.ln2, blk.eps2)
             gu = _matmul(h, blk.gu_w, blk.gu_b)
             x = x + _matmul(blk.act(gu[:, : self.f]) * gu[:, self.f:], blk.d_w, blk.d_b)
-            if blk.ln_f is not None:
-                x = _rms(x, *blk.ln_f)
+        return x
+
+    def blocks_cpp(self, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, whole: bool) -> torch.Tensor:
+        """All blocks of the step in one call of realhf._C.decode_step (float32 CPU, silu)."""
+        if self._native is None:
+            return self.blocks_python(x, rows, pos, cos, sin, whole)
+        weights, eps, scales = self._native
+        return native.load(_EXT).decode_blocks(
+            x.contiguous(), weights, eps, scales, self.cache.k, self.cache.v, rows.contiguous(), pos.contiguous(),
+            cos.contiguous(), sin.contiguous(), self.n_q, self.n_kv, self.head_dim, self.f, self.interleaved)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` [n] to ``rows`` [n] (distinct cache rows, in order);
+        returns their next-token logits [n, vocab] and advances the cache."""
+        cache = self.cache
+        n = tokens.shape[0]
+        whole = n == cache.bs  # every row, in order: views instead of gathers
+        pos = cache.seqlens if whole else cache.seqlens[rows]
+        if bool((pos >= cache.capacity).any()):
+            raise ValueError(f"KV cache capacity {cache.capacity} exceeded.")
+        freqs = pos.float()[:, None] * self.inv_freq[None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        x = self._blocks(F.embedding(tokens, self.wte), rows, pos, cos, sin, whole)
+        if self.blocks[-1].ln_f is not None:
+            x = _rms(x, *self.blocks[-1].ln_f)
         if whole:
             cache.seqlens += 1
         else:
             cache.seqlens[rows] += 1
         return x @ self.head
+
+
+dispatch.register("decode_blocks", "python", FastDecoder.blocks_python)
+dispatch.register("decode_blocks", "cpp", FastDecoder.blocks_cpp, serves=dispatch.on_device_types("cpu"),
+                  probe=native.cpu_probe(_EXT))

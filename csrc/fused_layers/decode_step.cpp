@@ -1,0 +1,186 @@
+// One decoding step through all transformer blocks of a llama-family model.
+//
+// Decoding feeds one token per row, so every matrix product is tiny and a
+// step written as ~25 torch operations per block spends most of its time in
+// per-operation overhead (Python, dispatch, allocation). Here the whole block
+// loop is one call: the matrix products still go to at::mm / at::addmm, and
+// everything between them (RMS norm, rotary, writing the new key/value into
+// each row's cache slot, attention over the cached prefix, the SwiGLU
+// product, the residual adds) is plain loops over float32 data.
+//
+// The arithmetic is that of realhf/impl/model/nn/fast_decode.py, which remains
+// the reference (and the path for other dtypes and activations).
+
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kWeightsPerBlock = 10;  // ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, gu_b, d_w, d_b
+
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
+              " must be a contiguous float32 CPU tensor");
+}
+
+// out[i] = w * x[i] / sqrt(mean(x[i]^2) + eps), as RMSNorm (fp32).
+at::Tensor rms(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const int64_t n = x.size(0), h = x.size(1);
+  auto out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xr = xp + i * h;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int64_t j = 0;
+    for (; j + 8 <= h; j += 8)
+      for (int k = 0; k < 8; ++k) acc[k] += xr[j + k] * xr[j + k];
+    float ss = 0.f;
+    for (int k = 0; k < 8; ++k) ss += acc[k];
+    for (; j < h; ++j) ss += xr[j] * xr[j];
+    const float rs = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
+    for (int64_t q = 0; q < h; ++q) op[i * h + q] = wp[q] * (xr[q] * rs);
+  }
+  return out;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return b.numel() == 0 ? at::mm(x, w) : at::addmm(b, x, w);
+}
+
+// Rotate one head vector src (length d) by angles with cos c / sin s (length d/2) into dst.
+inline void rotate(const float* src, const float* c, const float* s, float* dst, int64_t d, bool interleaved) {
+  const int64_t half = d / 2;
+  if (interleaved) {
+    for (int64_t j = 0; j < half; ++j) {
+      const float x1 = src[2 * j], x2 = src[2 * j + 1];
+      dst[2 * j] = x1 * c[j] - x2 * s[j];
+      dst[2 * j + 1] = x2 * c[j] + x1 * s[j];
+    }
+  } else {
+    for (int64_t j = 0; j < half; ++j) {
+      const float x1 = src[j], x2 = src[j + half];
+      dst[j] = x1 * c[j] - x2 * s[j];
+      dst[j + half] = x2 * c[j] + x1 * s[j];
+    }
+  }
+}
+
+}  // namespace
+
+// x [n, hidden] -> x after every block; keys/values of the fed tokens are
+// written at positions pos[i] of cache rows rows[i]. See fast_decode.py.
+at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, const std::vector<double>& eps,
+                         const std::vector<double>& scales, const std::vector<at::Tensor>& cache_k,
+                         const std::vector<at::Tensor>& cache_v, const at::Tensor& rows, const at::Tensor& pos,
+                         const at::Tensor& cos, const at::Tensor& sin, int64_t n_q, int64_t n_kv, int64_t head_dim,
+                         int64_t inter, bool interleaved) {
+  const int64_t n_blocks = static_cast<int64_t>(cache_k.size());
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kWeightsPerBlock * n_blocks &&
+                  static_cast<int64_t>(eps.size()) == 2 * n_blocks &&
+                  static_cast<int64_t>(scales.size()) == n_blocks &&
+                  static_cast<int64_t>(cache_v.size()) == n_blocks,
+              "decode_blocks: per-block argument counts disagree");
+  check_f32(x, "x");
+  check_f32(cos, "cos");
+  check_f32(sin, "sin");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && rows.is_contiguous() &&
+                  pos.is_contiguous(),
+              "rows and pos must be contiguous int64 tensors");
+  TORCH_CHECK(n_kv > 0 && n_q % n_kv == 0, "n_q_heads must be a multiple of n_kv_heads");
+  const int64_t n = x.size(0), d = head_dim, half = d / 2, group = n_q / n_kv;
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  auto q = at::empty({n, n_q * d}, x.options());
+  auto attn = at::empty({n, n_q * d}, x.options());
+  auto act = at::empty({n, inter}, x.options());
+  int64_t max_len = 0;
+  for (int64_t i = 0; i < n; ++i) max_len = std::max(max_len, pp[i] + 1);
+  std::vector<float> scores(static_cast<size_t>(max_len));
+
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const at::Tensor* w = weights.data() + kWeightsPerBlock * b;
+    const at::Tensor &ck = cache_k[b], &cv = cache_v[b];
+    check_f32(ck, "cache_k");
+    check_f32(cv, "cache_v");
+    const int64_t cap = ck.size(1);
+    float* ckp = ck.data_ptr<float>();
+    float* cvp = cv.data_ptr<float>();
+
+    // Attention: norm, q/k/v in one product, rotary, cache write, softmax over the prefix.
+    auto qkv = linear(rms(x, w[0], eps[2 * b]), w[1], w[2]);
+    const float* qkvp = qkv.data_ptr<float>();
+    const int64_t width = (n_q + 2 * n_kv) * d;
+    float* qp = q.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK(pp[i] < cap, "KV cache capacity ", cap, " exceeded");
+      const float* row = qkvp + i * width;
+      const float *c = cp + i * half, *s = sp + i * half;
+      for (int64_t h = 0; h < n_q; ++h) rotate(row + h * d, c, s, qp + (i * n_q + h) * d, d, interleaved);
+      const int64_t slot = (rp[i] * cap + pp[i]) * n_kv;
+      for (int64_t h = 0; h < n_kv; ++h) {
+        rotate(row + (n_q + h) * d, c, s, ckp + (slot + h) * d, d, interleaved);
+        std::copy(row + (n_q + n_kv + h) * d, row + (n_q + n_kv + h + 1) * d, cvp + (slot + h) * d);
+      }
+    }
+    const float scale = static_cast<float>(scales[b]);
+    float* ap = attn.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t len = pp[i] + 1;
+      const float* keys = ckp + rp[i] * cap * n_kv * d;
+      const float* vals = cvp + rp[i] * cap * n_kv * d;
+      for (int64_t h = 0; h < n_q; ++h) {
+        const int64_t kvh = h / group;
+        const float* qv = qp + (i * n_q + h) * d;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < len; ++j) {
+          const float* kv = keys + (j * n_kv + kvh) * d;
+          float dot = 0.f;
+          for (int64_t e = 0; e < d; ++e) dot += qv[e] * kv[e];
+          scores[j] = dot * scale;
+          mx = std::max(mx, scores[j]);
+        }
+        float total = 0.f;
+        for (int64_t j = 0; j < len; ++j) {
+          scores[j] = std::exp(scores[j] - mx);
+          total += scores[j];
+        }
+        float* out = ap + (i * n_q + h) * d;
+        std::fill(out, out + d, 0.f);
+        for (int64_t j = 0; j < len; ++j) {
+          const float p = scores[j] / total;
+          const float* vv = vals + (j * n_kv + kvh) * d;
+          for (int64_t e = 0; e < d; ++e) out[e] += p * vv[e];
+        }
+      }
+    }
+    x = x + linear(attn, w[3], w[4]);
+
+    // Gated MLP: norm, gate and up in one product, silu(gate) * up, down.
+    auto gu = linear(rms(x, w[5], eps[2 * b + 1]), w[6], w[7]);
+    const float* gup = gu.data_ptr<float>();
+    float* actp = act.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < inter; ++j) {
+        const float g = gup[i * 2 * inter + j];
+        actp[i * inter + j] = g / (1.f + std::exp(-g)) * gup[i * 2 * inter + inter + j];
+      }
+    x = x + linear(act, w[8], w[9]);
+  }
+  return x;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "One decoding step through all llama blocks (float32 CPU)";
+  m.def("decode_blocks", &decode_blocks, py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("scales"),
+        py::arg("cache_k"), py::arg("cache_v"), py::arg("rows"), py::arg("pos"), py::arg("cos"), py::arg("sin"),
+        py::arg("n_q"), py::arg("n_kv"), py::arg("head_dim"), py::arg("inter"), py::arg("interleaved"),
+        py::call_guard<py::gil_scoped_release>(),
+        "x after every block of one decoding step; writes the new keys/values into the caches.");
+}
