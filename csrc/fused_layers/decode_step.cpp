@@ -13,6 +13,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -176,6 +177,37 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
   return x;
 }
 
+// Matrices [out_i, in] side by side and transposed: [in, sum(out_i)], the
+// layout in which few-row products run fastest. Copied in 32 x 32 tiles, which
+// keeps both the rows read and the rows written in cache (a strided
+// .t().contiguous() was 3-4x slower than a plain copy).
+at::Tensor transpose_cat(const std::vector<at::Tensor>& mats) {
+  TORCH_CHECK(!mats.empty(), "transpose_cat needs at least one matrix");
+  const int64_t in = mats[0].size(1);
+  int64_t total = 0;
+  for (const auto& w : mats) {
+    check_f32(w, "weight");
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == in, "transpose_cat: matrices must be [out_i, in] with one in");
+    total += w.size(0);
+  }
+  auto out = at::empty({in, total}, mats[0].options());
+  float* op = out.data_ptr<float>();
+  constexpr int64_t kTile = 32;
+  int64_t col0 = 0;
+  for (const auto& w : mats) {
+    const int64_t rows = w.size(0);
+    const float* wp = w.data_ptr<float>();
+    for (int64_t r0 = 0; r0 < rows; r0 += kTile)
+      for (int64_t c0 = 0; c0 < in; c0 += kTile) {
+        const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(in, c0 + kTile);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) op[c * total + col0 + r] = wp[r * in + c];
+      }
+    col0 += rows;
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "One decoding step through all llama blocks (float32 CPU)";
   m.def("decode_blocks", &decode_blocks, py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("scales"),
@@ -183,4 +215,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n_q"), py::arg("n_kv"), py::arg("head_dim"), py::arg("inter"), py::arg("interleaved"),
         py::call_guard<py::gil_scoped_release>(),
         "x after every block of one decoding step; writes the new keys/values into the caches.");
+  m.def("transpose_cat", &transpose_cat, py::arg("mats"), py::call_guard<py::gil_scoped_release>(),
+        "[in, sum(out_i)]: the [out_i, in] matrices concatenated and transposed.");
 }

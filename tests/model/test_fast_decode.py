@@ -149,3 +149,14 @@ def test_sample_categorical_distribution_and_zeros(monkeypatch):
     # A draw that rounding pushes past the row's total takes the last non-zero entry.
     monkeypatch.setattr(real_llm_generate.torch, "rand", lambda *a, **k: torch.full((1, 1), 1.0 + 1e-6))
     assert int(sample_categorical(torch.tensor([[0.0, 0.25, 0.25, 0.5, 0.0, 0.0]]))[0]) == 3
+
+
+def test_native_transpose_cat_equals_torch():
+    from realhf.impl.ops import native
+
+    ext = native.load("decode_step")
+    if ext is None:
+        pytest.skip(native.import_error("decode_step"))
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(37, 45, generator=g), torch.randn(5, 45, generator=g), torch.randn(64, 45, generator=g)]
+    assert torch.equal(ext.transpose_cat(mats), torch.cat(mats).t().contiguous())
