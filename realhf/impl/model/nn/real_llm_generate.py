@@ -280,7 +280,7 @@ class DecodeState:
                 next_tok = self.sync_tokens(next_tok)
             logp_all = torch.log_softmax(lg, dim=-1)
         else:
-            warped, keep = self.warper(lg)
+            warped, keep = self.warper(lg, with_mask=self.record_mask)
             probs = torch.softmax(warped, dim=-1)
             next_tok = sample_categorical(probs, self.generator)
             if self.sync_tokens is not None:

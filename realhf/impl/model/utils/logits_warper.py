@@ -102,18 +102,19 @@ class LogitsWarper:
         """Whether top-k/top-p can remove tokens at all for this vocabulary."""
         return self.top_p < 1.0 or (self.top_k is not None and self.top_k < vocab_size)
 
-    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, logits: torch.Tensor, with_mask: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Warp ``logits`` [..., V]; returns (warped logits, keep mask).
 
         The keep mask is True where the warped logit is finite, so it also
-        reflects tokens that were -inf on input (e.g. a masked EOS).
+        reflects tokens that were -inf on input (e.g. a masked EOS); it is
+        None with ``with_mask=False`` (a decoding step that records no mask).
         """
         out = apply_temperature(logits.float(), self.temperature)
         if self.top_k is not None and self.top_k < out.shape[-1]:
             out = out.masked_fill(~top_k_keep_mask(out, self.top_k), NEG_INF)
         if self.top_p < 1.0:
             out = out.masked_fill(~top_p_keep_mask(out, self.top_p), NEG_INF)
-        return out, torch.isfinite(out)
+        return out, (torch.isfinite(out) if with_mask else None)
 
 
 def warp_logits(
