@@ -33,6 +33,7 @@ own part, e.g. its dp rank's ids). Failures and timeouts raise.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import pickle
@@ -524,6 +525,9 @@ class MasterCore:
         if self.resume:
             self.load_recover()
         total = self.total_steps()
+        # What exists now lives for the whole run: keep it out of the collector's full
+        # passes, which otherwise walk it again mid-step (pauses of 0.02-0.26 s were measured).
+        gc.freeze()
         start = time.perf_counter()
         while self.global_step < total:
             epoch_before = self.epoch

@@ -33,6 +33,7 @@ the handler's wall-clock span.
 from __future__ import annotations
 
 import collections
+import gc
 import io
 import os
 import pickle
@@ -224,6 +225,10 @@ class ModelWorkerCore:
                 for rpc in self.cfg.model_rpcs:
                     if rpc.model_name == name and rpc.is_train and rpc.name in self.interfaces:
                         self.interfaces[rpc.name].prepare_evaluation(self.models[name], self.eval_loaders[name])
+        # Everything built so far (modules, tokenizer, datasets, imported libraries) lives for the
+        # whole run: keep it out of the collector's full passes, which otherwise walk it all
+        # again whenever the steps' short-lived objects trigger one (a 0.36 s pause was measured).
+        gc.freeze()
         return None
 
     def _fetch(self, data: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
