@@ -200,6 +200,35 @@ class FastDecoder:
             x.contiguous(), weights, eps, scales, self.cache.k, self.cache.v, rows.contiguous(), pos.contiguous(),
             cos.contiguous(), sin.contiguous(), self.n_q, self.n_kv, self.head_dim, self.f, self.interleaved)
 
+    @property
+    def native(self) -> bool:
+        """Whether steps (and :meth:`prefill`) run the native block loop."""
+        return self._native is not None
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Feed packed prompts (row i gets ``input_ids[cu[i]:cu[i+1]]``, appended after
+        its cached prefix); returns the next-token logits of every row [bs, vocab].
+
+        Every prompt token is one query of the native loop (its row and position
+        given), so the whole prompt is one call and the output head runs on the
+        last token of each row only.
+        """
+        cache, dev = self.cache, self.wte.device
+        cu = cu_seqlens.to(dev).long()
+        lens = cu[1:] - cu[:-1]
+        rows = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens)
+        pos = cache.seqlens[rows] + torch.arange(rows.numel(), device=dev) - cu[:-1][rows]
+        if bool((pos >= cache.capacity).any()):
+            raise ValueError(f"KV cache capacity {cache.capacity} exceeded.")
+        freqs = pos.float()[:, None] * self.inv_freq[None, :]
+        x = self._blocks(F.embedding(input_ids.to(dev), self.wte), rows, pos, freqs.cos(), freqs.sin(), False)
+        x = x[cu[1:] - 1]
+        if self.blocks[-1].ln_f is not None:
+            x = _rms(x, *self.blocks[-1].ln_f)
+        cache.seqlens += lens
+        return x @ self.head
+
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` [n] to ``rows`` [n] (distinct cache rows, in order);

@@ -427,9 +427,12 @@ def generate(
     kw = logits_kwargs(model)
     state = DecodeState(bs, gconfig, eos_ids, device, generator, tensor_parallel_token_sync(model))
 
-    logits = model(input_ids, cu_seqlens, max_prompt, kv_cache=cache, **kw)
-    last_logits = logits[cu_seqlens[1:].long() - 1]  # [n_active, V], active rows in order
     fast = FastDecoder(model, cache) if use_fast_decode(model, device) else None
+    if fast is not None and fast.native:
+        last_logits = fast.prefill(input_ids, cu_seqlens)  # [bs, V]: the native block loop, heads of last tokens only
+    else:
+        logits = model(input_ids, cu_seqlens, max_prompt, kv_cache=cache, **kw)
+        last_logits = logits[cu_seqlens[1:].long() - 1]  # [n_active, V], active rows in order
     while True:
         feed = state.step(last_logits)
         if feed is None:
