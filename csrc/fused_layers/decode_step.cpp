@@ -110,7 +110,12 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
     const at::Tensor &ck = cache_k[b], &cv = cache_v[b];
     check_f32(ck, "cache_k");
     check_f32(cv, "cache_v");
-    const int64_t cap = ck.size(1);
+    TORCH_CHECK(ck.dim() == 4 && ck.sizes() == cv.sizes() && ck.size(2) == n_kv && ck.size(3) == d,
+                "caches must be [rows, capacity, n_kv_heads, head_dim]");
+    const int64_t cap = ck.size(1), n_rows = ck.size(0);
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK(rp[i] >= 0 && rp[i] < n_rows && pp[i] >= 0, "row ", rp[i], " / position ", pp[i],
+                  " outside a cache of ", n_rows, " rows");
     float* ckp = ck.data_ptr<float>();
     float* cvp = cv.data_ptr<float>();
 

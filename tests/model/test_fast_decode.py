@@ -186,3 +186,19 @@ def test_prefill_equals_general_forward(variant, blocks, monkeypatch):
         assert torch.equal(caches[1].seqlens, caches[0].seqlens)
     for k0, k1 in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         torch.testing.assert_close(k1, k0, atol=1e-5, rtol=1e-5)
+
+
+def test_native_loop_refuses_rows_outside_the_cache():
+    from realhf.impl.ops import native
+
+    ext = native.load("decode_step")
+    if ext is None:
+        pytest.skip(native.import_error("decode_step"))
+    h, d = 8, 8
+    block = [torch.ones(h), torch.zeros(h, 3 * d), torch.empty(0), torch.zeros(d, h), torch.empty(0),
+             torch.ones(h), torch.zeros(h, 8), torch.empty(0), torch.zeros(4, h), torch.empty(0)]
+    cache = torch.zeros(2, 4, 1, d)
+    with pytest.raises(RuntimeError, match="outside a cache of 2 rows"):
+        ext.decode_blocks(torch.zeros(1, h), block, [1e-6, 1e-6], [1.0], [cache], [cache.clone()],
+                          torch.tensor([5]), torch.tensor([0]), torch.ones(1, d // 2), torch.zeros(1, d // 2),
+                          1, 1, d, 4, False)
