@@ -108,35 +108,21 @@ def _extensions():
     # has already loaded, so both share one pool and at::get_num_threads().
     omp_flags = (["-fopenmp"] if sys.platform == "linux"
                  and torch.backends.openmp.is_available() else [])
+    def cpu_extension(name: str, source: str, openmp: bool = True) -> CppExtension:
+        flags = omp_flags if openmp else []
+        return CppExtension(name=f"realhf._C.{name}", sources=[source],
+                            extra_compile_args={"cxx": cxx_flags + flags}, extra_link_args=flags)
+
     exts = [
         # Both split work over torch's OpenMP threads: with 2 threads GAE ran
         # ~2x faster and slice/set_intervals ~1.1-1.6x (measured on 2 cores).
-        CppExtension(
-            name="realhf._C.interval_op",
-            sources=["csrc/interval_op/interval_op.cpp"],
-            extra_compile_args={"cxx": cxx_flags + omp_flags},
-            extra_link_args=omp_flags,
-        ),
-        CppExtension(
-            name="realhf._C.gae",
-            sources=["csrc/gae/gae.cpp"],
-            extra_compile_args={"cxx": cxx_flags + omp_flags},
-            extra_link_args=omp_flags,
-        ),
+        cpu_extension("interval_op", "csrc/interval_op/interval_op.cpp"),
+        cpu_extension("gae", "csrc/gae/gae.cpp"),
         # One pass each for RMS norm, rotary and the gated-MLP product (float32):
         # the PPO actor's train step ran 11% faster on one core.
-        CppExtension(
-            name="realhf._C.fused_layers",
-            sources=["csrc/fused_layers/fused_layers.cpp"],
-            extra_compile_args={"cxx": cxx_flags + omp_flags},
-            extra_link_args=omp_flags,
-        ),
+        cpu_extension("fused_layers", "csrc/fused_layers/fused_layers.cpp"),
         # A decoding step's whole block loop in one call (matmuls stay at::mm).
-        CppExtension(
-            name="realhf._C.decode_step",
-            sources=["csrc/fused_layers/decode_step.cpp"],
-            extra_compile_args={"cxx": cxx_flags},
-        ),
+        cpu_extension("decode_step", "csrc/fused_layers/decode_step.cpp", openmp=False),
     ]
     if _cuda_available_for_build():
         nvcc_flags = ["-O3", "--use_fast_math"] + _cuda_arch_flags()

@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "rotate.h"
+
 namespace {
 
 constexpr int64_t kWeightsPerBlock = 10;  // ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, gu_b, d_w, d_b
@@ -51,24 +53,6 @@ at::Tensor rms(const at::Tensor& x, const at::Tensor& w, double eps) {
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   return b.numel() == 0 ? at::mm(x, w) : at::addmm(b, x, w);
-}
-
-// Rotate one head vector src (length d) by angles with cos c / sin s (length d/2) into dst.
-inline void rotate(const float* src, const float* c, const float* s, float* dst, int64_t d, bool interleaved) {
-  const int64_t half = d / 2;
-  if (interleaved) {
-    for (int64_t j = 0; j < half; ++j) {
-      const float x1 = src[2 * j], x2 = src[2 * j + 1];
-      dst[2 * j] = x1 * c[j] - x2 * s[j];
-      dst[2 * j + 1] = x2 * c[j] + x1 * s[j];
-    }
-  } else {
-    for (int64_t j = 0; j < half; ++j) {
-      const float x1 = src[j], x2 = src[j + half];
-      dst[j] = x1 * c[j] - x2 * s[j];
-      dst[j + half] = x2 * c[j] + x1 * s[j];
-    }
-  }
 }
 
 }  // namespace
@@ -128,10 +112,10 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
       TORCH_CHECK(pp[i] < cap, "KV cache capacity ", cap, " exceeded");
       const float* row = qkvp + i * width;
       const float *c = cp + i * half, *s = sp + i * half;
-      for (int64_t h = 0; h < n_q; ++h) rotate(row + h * d, c, s, qp + (i * n_q + h) * d, d, interleaved);
+      for (int64_t h = 0; h < n_q; ++h) realhf::rotate_head(row + h * d, c, s, qp + (i * n_q + h) * d, d, interleaved);
       const int64_t slot = (rp[i] * cap + pp[i]) * n_kv;
       for (int64_t h = 0; h < n_kv; ++h) {
-        rotate(row + (n_q + h) * d, c, s, ckp + (slot + h) * d, d, interleaved);
+        realhf::rotate_head(row + (n_q + h) * d, c, s, ckp + (slot + h) * d, d, interleaved);
         std::copy(row + (n_q + n_kv + h) * d, row + (n_q + n_kv + h + 1) * d, cvp + (slot + h) * d);
       }
     }

@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "rotate.h"
+
 namespace {
 
 constexpr int kLanes = 8;
@@ -140,23 +142,8 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
     for (int64_t t = b; t < e; ++t) {
       const float* c = cp + t * half;
       for (int64_t j = 0; j < half; ++j) s[j] = sg * sp[t * half + j];
-      for (int64_t hh = 0; hh < h; ++hh) {
-        const float* xr = xp + (t * h + hh) * d;
-        float* orow = op + (t * h + hh) * d;
-        if (interleaved) {
-          for (int64_t j = 0; j < half; ++j) {
-            const float x1 = xr[2 * j], x2 = xr[2 * j + 1];
-            orow[2 * j] = x1 * c[j] - x2 * s[j];
-            orow[2 * j + 1] = x2 * c[j] + x1 * s[j];
-          }
-        } else {
-          for (int64_t j = 0; j < half; ++j) {
-            const float x1 = xr[j], x2 = xr[j + half];
-            orow[j] = x1 * c[j] - x2 * s[j];
-            orow[j + half] = x2 * c[j] + x1 * s[j];
-          }
-        }
-      }
+      for (int64_t hh = 0; hh < h; ++hh)
+        realhf::rotate_head(xp + (t * h + hh) * d, c, s.data(), op + (t * h + hh) * d, d, interleaved);
     }
   });
   return out;
