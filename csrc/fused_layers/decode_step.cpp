@@ -18,7 +18,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "rotate.h"
+#include "row_ops.h"
 
 namespace {
 
@@ -36,18 +36,7 @@ at::Tensor rms(const at::Tensor& x, const at::Tensor& w, double eps) {
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    const float* xr = xp + i * h;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int64_t j = 0;
-    for (; j + 8 <= h; j += 8)
-      for (int k = 0; k < 8; ++k) acc[k] += xr[j + k] * xr[j + k];
-    float ss = 0.f;
-    for (int k = 0; k < 8; ++k) ss += acc[k];
-    for (; j < h; ++j) ss += xr[j] * xr[j];
-    const float rs = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
-    for (int64_t q = 0; q < h; ++q) op[i * h + q] = wp[q] * (xr[q] * rs);
-  }
+  for (int64_t i = 0; i < n; ++i) realhf::rms_row(xp + i * h, wp, op + i * h, h, static_cast<float>(eps));
   return out;
 }
 

@@ -19,7 +19,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "rotate.h"
+#include "row_ops.h"
 
 namespace {
 
@@ -34,17 +34,6 @@ void check_f32(const at::Tensor& t, const char* name) {
 int64_t row_grain(int64_t width) {
   // About 32k elements per task: enough work to amortize a task.
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, width));
-}
-
-inline float sum_products(const float* a, const float* b, int64_t n) {
-  float acc[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += a[j + k] * b[j + k];
-  float s = 0.f;
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  for (; j < n; ++j) s += a[j] * b[j];
-  return s;
 }
 
 // ---------------------------------------------------------------- RMS norm
@@ -63,13 +52,7 @@ std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& w, d
   float* rp = rstd.data_ptr<float>();
   const float feps = static_cast<float>(eps);
   at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const float* __restrict__ xr = xp + r * d;
-      float* __restrict__ yr = yp + r * d;
-      const float rs = 1.f / std::sqrt(sum_products(xr, xr, d) / static_cast<float>(d) + feps);
-      rp[r] = rs;
-      for (int64_t j = 0; j < d; ++j) yr[j] = wp[j] * (xr[j] * rs);
-    }
+    for (int64_t r = b; r < e; ++r) rp[r] = realhf::rms_row(xp + r * d, wp, yp + r * d, d, feps);
   });
   return {y, rstd};
 }

@@ -33,9 +33,14 @@ def _fp32_cpu(*ts: torch.Tensor) -> bool:
 
 
 # ------------------------------------------------------------ torch formulas
-def _rms_norm_python(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x^2, -1) + eps)`` in fp32 (no scale; the torch formula)."""
     xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _rms_norm_python(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * rms_normalize(x, eps).to(x.dtype)
 
 
 def _rotary_python(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -18,10 +18,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
 
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fused_layers.rms_norm(x, self.weight, self.eps)
 
@@ -30,7 +26,7 @@ class GemmaRMSNorm(RMSNorm):
     """RMS norm with a zero-centred scale: x / rms(x) * (1 + w), all in fp32 (gemma)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self._normalize(x) * (1.0 + self.weight.float())).to(x.dtype)
+        return (fused_layers.rms_normalize(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
 
 
 def _layer_norm(dim: int, eps: float) -> nn.Module:

@@ -219,35 +219,34 @@ class FastDecoder:
         lens = cu[1:] - cu[:-1]
         rows = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens)
         pos = cache.seqlens[rows] + torch.arange(rows.numel(), device=dev) - cu[:-1][rows]
-        if bool((pos >= cache.capacity).any()):
-            raise ValueError(f"KV cache capacity {cache.capacity} exceeded.")
-        freqs = pos.float()[:, None] * self.inv_freq[None, :]
-        x = self._blocks(F.embedding(input_ids.to(dev), self.wte), rows, pos, freqs.cos(), freqs.sin(), False)
-        x = x[cu[1:] - 1]
-        if self.blocks[-1].ln_f is not None:
-            x = _rms(x, *self.blocks[-1].ln_f)
+        x = self._hidden(input_ids.to(dev), rows, pos, False)
         cache.seqlens += lens
-        return x @ self.head
+        return self._logits(x[cu[1:] - 1])
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` [n] to ``rows`` [n] (distinct cache rows, in order);
         returns their next-token logits [n, vocab] and advances the cache."""
         cache = self.cache
-        n = tokens.shape[0]
-        whole = n == cache.bs  # every row, in order: views instead of gathers
+        whole = tokens.shape[0] == cache.bs  # every row, in order: views instead of gathers
         pos = cache.seqlens if whole else cache.seqlens[rows]
-        if bool((pos >= cache.capacity).any()):
-            raise ValueError(f"KV cache capacity {cache.capacity} exceeded.")
-        freqs = pos.float()[:, None] * self.inv_freq[None, :]
-        cos, sin = freqs.cos(), freqs.sin()
-        x = self._blocks(F.embedding(tokens, self.wte), rows, pos, cos, sin, whole)
-        if self.blocks[-1].ln_f is not None:
-            x = _rms(x, *self.blocks[-1].ln_f)
+        x = self._hidden(tokens, rows, pos, whole)
         if whole:
             cache.seqlens += 1
         else:
             cache.seqlens[rows] += 1
+        return self._logits(x)
+
+    def _hidden(self, tokens: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, whole: bool) -> torch.Tensor:
+        """Hidden states after every block for ``tokens`` at cache ``rows`` / positions ``pos``."""
+        if bool((pos >= self.cache.capacity).any()):
+            raise ValueError(f"KV cache capacity {self.cache.capacity} exceeded.")
+        freqs = pos.float()[:, None] * self.inv_freq[None, :]
+        return self._blocks(F.embedding(tokens, self.wte), rows, pos, freqs.cos(), freqs.sin(), whole)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks[-1].ln_f is not None:
+            x = _rms(x, *self.blocks[-1].ln_f)
         return x @ self.head
 
 
