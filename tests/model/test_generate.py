@@ -332,3 +332,38 @@ def test_rejects_bad_inputs(hf_model):
     critic.config = dataclasses.replace(critic.config, is_critic=True)
     with pytest.raises(ValueError):
         generate(critic, torch.tensor([5, 6]), torch.tensor([0, 2]), _gconfig(), eos_token_id=2)
+
+
+# ---------------------------------------------------------------- repeated prompts
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_repeated_prompts_prefilled_once(hf_model, backend, prompts, greedy, monkeypatch):
+    """A group of identical prompts is prefilled once and decodes as if each row had its own prefill."""
+    from realhf.impl.model.nn import real_llm_generate
+
+    ids, cu = prompts
+    plist = _split(ids, cu)
+    rows = [0, 0, 0, 1, 2, 2, 3, 0]  # runs of repeats, and a repeat that is not consecutive
+    rep = torch.cat([plist[i] for i in rows])
+    rep_cu = torch.tensor([0] + [len(plist[i]) for i in rows]).cumsum(0)
+    model = _wrap(hf_model, backend)
+    cfg = _gconfig(greedy=greedy, max_new_tokens=9, temperature=1.2)
+
+    sizes = []
+    allocate = real_llm_generate._allocate_cache
+
+    def run(dedup: bool):
+        with monkeypatch.context() as m:
+            m.setattr(real_llm_generate, "_allocate_cache", lambda mdl, bs, *a: sizes.append(bs) or allocate(mdl, bs, *a))
+            if not dedup:
+                m.setattr(real_llm_generate, "repeated_rows", lambda *a: None)
+            return generate(model, rep, rep_cu, cfg, eos_token_id=2, generator=torch.Generator().manual_seed(7))
+
+    got = run(True)
+    # ReaLModel's cache: one prefill of the 5 runs; the reference model's own cache layout cannot copy rows.
+    assert sizes == ([5] if backend == "real" else [5, 8])
+    want = run(False)
+    assert [s.tolist() for s in got.sequences] == [s.tolist() for s in want.sequences]
+    torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.no_eos, want.no_eos)

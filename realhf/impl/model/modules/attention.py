@@ -21,12 +21,14 @@ Kernels:
   the new queries are scattered into a [bs, max_new, ...] grid and one SDPA
   call runs against the cache rows with a per-row length mask, which is what
   decoding (one token per row) needs.
+* Prefix-tree rows (``ctx.tree_masks``, see ``realhf.impl.model.nn.prefix_tree``):
+  one SDPA call per row with its tree visibility mask, on every device.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +69,9 @@ class PackedContext:
     # first block and reused by the others.
     cache_grids: Dict[Optional[int], Tuple[torch.Tensor, torch.Tensor, int, int]] = dataclasses.field(
         default_factory=dict)
+    # Prefix-tree layout (``prefix_tree.PrefixTree``): per packed row, the [L, L]
+    # visibility of its tokens, or None for a plain causal sequence.
+    tree_masks: Optional[List[Optional[torch.Tensor]]] = None
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
@@ -111,6 +116,24 @@ def _attn_loop(q, k, v, ctx: PackedContext, scale: float, window: Optional[int],
             o = _sdpa(qi, ki, vi, attn_mask=mask, scale=scale, dropout_p=dropout_p)
         outs.append(o[0].transpose(0, 1))
     return torch.cat(outs) if outs else torch.empty_like(q)
+
+
+def _attn_tree(q, k, v, ctx: PackedContext, scale: float, window: Optional[int], dropout_p: float = 0.0):
+    """Prefix-tree rows: one SDPA call per row with its tree visibility (and the
+    sliding window over original positions); plain rows as in :func:`_attn_loop`."""
+    lens = (ctx.cu_seqlens[1:] - ctx.cu_seqlens[:-1]).tolist()
+    outs = []
+    for qi, ki, vi, pos, mask in zip(q.split(lens), k.split(lens), v.split(lens), ctx.positions.split(lens),
+                                     ctx.tree_masks):
+        qi, ki, vi = (x.transpose(0, 1)[None] for x in (qi, ki, vi))
+        if mask is None and (window is None or qi.shape[2] <= window):
+            o = _sdpa(qi, ki, vi, is_causal=True, scale=scale, dropout_p=dropout_p)
+        else:
+            seen = _window_mask(pos[:, None], pos[None, :], window) if window is not None else None
+            full = mask if seen is None else (seen if mask is None else mask & seen)
+            o = _sdpa(qi, ki, vi, attn_mask=full, scale=scale, dropout_p=dropout_p)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
 
 
 def _attn_block_diag(q, k, v, ctx: PackedContext, scale: float, window: Optional[int]) -> torch.Tensor:
@@ -196,6 +219,8 @@ def packed_attention(
     attention probabilities (training without a cache only)."""
     if q.shape[0] == 0:
         return torch.empty_like(q)
+    if ctx.tree_masks is not None:
+        return _attn_tree(q, k, v, ctx, scale, window, dropout_p)
     if HAS_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_attention(q, k, v, ctx, scale, window, kv_cache, dropout_p)
     if kv_cache is not None:

@@ -146,6 +146,13 @@ class FastDecoder:
         self._native = self._native_args() if impl.backend == "cpp" else None
         self._blocks = impl.fn.__get__(self)
 
+    def use_cache(self, cache: KVCache) -> None:
+        """Decode into ``cache`` from now on (same layers, dtype and device; any number of rows)."""
+        if len(cache.k) != len(self.cache.k) or (cache.k and cache.k[0].shape[1:] != self.cache.k[0].shape[1:]):
+            raise ValueError("FastDecoder.use_cache: the new cache's layers or row shape differ.")
+        self.cache = cache
+        self.all_rows = torch.arange(cache.bs, device=self.wte.device)
+
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotary on x [n, heads, head_dim] with cos/sin [n, head_dim / 2] (fp32 math, as ``apply_rotary``)."""
         return fused_layers.rotary(x, cos, sin, self.interleaved)

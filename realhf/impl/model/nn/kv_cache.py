@@ -47,3 +47,9 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.k[0].shape[1] if self.k else 0
+
+    def gather_rows(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache whose row i is a copy of this cache's row ``rows[i]``."""
+        rows = rows.to(self.seqlens.device)
+        return KVCache(k=[t.index_select(0, rows) for t in self.k], v=[t.index_select(0, rows) for t in self.v],
+                       seqlens=self.seqlens.index_select(0, rows))

@@ -33,6 +33,12 @@ passed, so decoding always runs without it. After backward call
 :meth:`ReaLModel.reduce_sequence_parallel_grads` to complete the gradients
 of the replicated parameters that saw only this rank's tokens.
 
+Shared prefixes (``share_prefixes``, on by default): without a cache, a
+single-stage model without tensor parallelism packs consecutive sequences
+that share a prefix (GRPO's answers to one prompt) as a prefix tree (see
+``prefix_tree``), computing the prefix once; the outputs are gathered back
+to the flat layout, so callers see no difference but the time.
+
 Gradient checkpointing (``gradient_checkpointing``): in training mode with
 grad enabled and no cache, each block's activations are recomputed in
 backward (non-reentrant ``torch.utils.checkpoint``, RNG state preserved).
@@ -70,7 +76,7 @@ from realhf.impl.model.nn.real_llm_base import (
     make_layer,
     partition_layers,
 )
-from realhf.impl.model.nn import offload, tp_forward
+from realhf.impl.model.nn import offload, prefix_tree, tp_forward
 from realhf.impl.model.nn.tp_partition import (
     cache_kv_heads,
     partition_tensor,
@@ -151,6 +157,7 @@ class ReaLModel(nn.Module):
         # Plain attributes, so they can be toggled after construction.
         self.sequence_parallel = _scope_option(sequence_parallel, constants.sequence_parallel)
         self.gradient_checkpointing = _scope_option(gradient_checkpointing, constants.gradient_checkpointing)
+        self.share_prefixes = True
         # Layer shapes: the whole model, or this rank's shard of it.
         self.local_config = shard_config(config, tp_size)
         self.dtype = dtype
@@ -300,13 +307,14 @@ class ReaLModel(nn.Module):
         return missing, unexpected
 
     # ---------------------------------------------------------------- forward
-    def _context(self, cu_seqlens: torch.Tensor, max_seqlen: int, kv_cache: Optional[KVCache]) -> PackedContext:
+    def _context(self, cu_seqlens: torch.Tensor, max_seqlen: int, kv_cache: Optional[KVCache],
+                 tree: Optional[prefix_tree.PrefixTree] = None) -> PackedContext:
         cu = cu_seqlens.to(device=self.device, dtype=torch.int64)
         seqlens = cu[1:] - cu[:-1]
         total = int(cu[-1])
         seq_ids = torch.repeat_interleave(torch.arange(seqlens.shape[0], device=self.device), seqlens, output_size=total)
         past = None
-        positions = torch.arange(total, device=self.device) - cu[seq_ids]
+        positions = torch.arange(total, device=self.device) - cu[seq_ids] if tree is None else tree.positions
         if kv_cache is not None:
             if kv_cache.bs != seqlens.shape[0]:
                 raise ValueError(f"Batch size {seqlens.shape[0]} differs from the cache's {kv_cache.bs}.")
@@ -314,7 +322,8 @@ class ReaLModel(nn.Module):
             if kv_cache.k and bool((past + seqlens > kv_cache.capacity).any()):
                 raise ValueError(f"KV cache capacity {kv_cache.capacity} exceeded.")
             positions = positions + past[seq_ids]
-        ctx = PackedContext(cu, int(max_seqlen), seqlens, positions, seq_ids, past=past)
+        ctx = PackedContext(cu, int(max_seqlen), seqlens, positions, seq_ids, past=past,
+                            tree_masks=None if tree is None else tree.masks)
         cfg = self.config
         if cfg.apply_rotary and self.n_blocks > 0:
             if self._inv_freq is None:
@@ -344,9 +353,12 @@ class ReaLModel(nn.Module):
                     "ReaLModel is offloaded; call realhf.impl.model.nn.offload.reload(model) before forward."
                 )
             raise RuntimeError("Call instantiate() (or load weights) before forward.")
+        tree = self._prefix_tree(input_ids, cu_seqlens, kv_cache, hidden_states)
+        if tree is not None:
+            input_ids, cu_seqlens, max_seqlen = tree.input_ids, tree.cu_seqlens, None
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-        ctx = self._context(cu_seqlens, max_seqlen, kv_cache)
+        ctx = self._context(cu_seqlens, max_seqlen, kv_cache, tree)
         if kv_cache is not None and len(kv_cache.k) != self.n_blocks:
             raise ValueError(f"Cache has {len(kv_cache.k)} layers, this model has {self.n_blocks} blocks.")
         if self.tp_size > 1:
@@ -370,7 +382,16 @@ class ReaLModel(nn.Module):
                     x = x.squeeze(-1)
         if kv_cache is not None:
             kv_cache.seqlens += ctx.seqlens.to(kv_cache.seqlens.device)
-        return x
+        return x if tree is None else x.index_select(0, tree.expand)
+
+    def _prefix_tree(self, input_ids: Optional[torch.Tensor], cu_seqlens: torch.Tensor, kv_cache: Optional[KVCache],
+                     hidden_states: Optional[torch.Tensor]) -> Optional[prefix_tree.PrefixTree]:
+        """The prefix-tree layout of this forward's batch, when it applies and saves enough."""
+        if (not self.share_prefixes or kv_cache is not None or hidden_states is not None or input_ids is None
+                or not (self.has_embedding and self.has_head) or self.tp_size > 1
+                or self.config.mlp_type == "moe"):  # the router's balance loss counts tokens
+            return None
+        return prefix_tree.build_prefix_tree(input_ids.to(self.device), cu_seqlens)
 
     def _tp_forward(
         self,

@@ -1,7 +1,8 @@
 """Autoregressive generation for packed prompts with a KV cache.
 
 Prompts of different lengths are passed packed (no padding).  All prompts are
-prefilled in one forward call; afterwards each unfinished row feeds exactly one
+prefilled in one forward call (a run of identical consecutive prompts, such as
+GRPO's group, once: its rows then copy the prefilled cache row); afterwards each unfinished row feeds exactly one
 token per step, and finished rows pass length 0 so the batch never has to be
 re-packed or the cache compacted.
 
@@ -24,6 +25,7 @@ import torch
 
 from realhf.api.core.model_api import GenerationHyperparameters
 from realhf.impl.model.nn.fast_decode import FastDecoder, use_fast_decode
+from realhf.impl.model.nn.prefix_tree import repeated_rows
 from realhf.impl.model.utils.functional import cu_seqlens_from_lengths
 from realhf.impl.model.utils.logits_warper import LogitsWarper, mask_tokens
 
@@ -423,16 +425,33 @@ def generate(
 
     max_prompt = int(prompt_lens.max())
     dtype, _ = _model_dtype_device(model)
-    cache = _allocate_cache(model, bs, max_prompt + gconfig.max_new_tokens, dtype, device)
     kw = logits_kwargs(model)
     state = DecodeState(bs, gconfig, eos_ids, device, generator, tensor_parallel_token_sync(model))
 
+    # Runs of identical prompts (GRPO's group) are prefilled once; their rows then copy the cache row.
+    capacity = max_prompt + gconfig.max_new_tokens
+    first = repeated_rows(input_ids, cu_seqlens)
+    if first is not None:
+        unique = (first == torch.arange(bs)).to(device)
+        slot = (unique.cumsum(0) - 1)[first.to(device)]  # row of the prefill cache each row copies
+        cache = _allocate_cache(model, int(unique.sum()), capacity, dtype, device)
+        if hasattr(cache, "gather_rows"):
+            input_ids = input_ids[torch.repeat_interleave(unique, prompt_lens)]
+            cu_seqlens = cu_seqlens_from_lengths(prompt_lens[unique]).to(device)
+        else:  # a cache layout of the model's own: prefill every row
+            first = None
+    if first is None:
+        cache = _allocate_cache(model, bs, capacity, dtype, device)
     fast = FastDecoder(model, cache) if use_fast_decode(model, device) else None
     if fast is not None and fast.native:
         last_logits = fast.prefill(input_ids, cu_seqlens)  # [bs, V]: the native block loop, heads of last tokens only
     else:
         logits = model(input_ids, cu_seqlens, max_prompt, kv_cache=cache, **kw)
         last_logits = logits[cu_seqlens[1:].long() - 1]  # [n_active, V], active rows in order
+    if first is not None:
+        cache, last_logits = cache.gather_rows(slot), last_logits.index_select(0, slot)
+        if fast is not None:
+            fast.use_cache(cache)
     while True:
         feed = state.step(last_logits)
         if feed is None:

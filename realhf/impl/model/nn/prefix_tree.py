@@ -1,0 +1,164 @@
+"""Packing sequences that share a prefix as a tree: the prefix once, then each
+sequence's own remainder (a *branch*).
+
+GRPO-style rollouts train ``group_size`` answers to the same prompt; packed
+one after another, every answer repeats the prompt, so a forward and backward
+pass compute the prompt's activations ``group_size`` times. In the tree layout
+the consecutive sequences of a group become one packed row of the prefix
+followed by their branches; a branch token attends to the prefix and to the
+earlier tokens of its own branch, and keeps its original position. Every
+token's activations are therefore those of the flat layout (up to floating
+point rounding), and gathering the tree's outputs with :attr:`PrefixTree.expand`
+gives the flat layout's outputs, so losses and their gradients are unchanged:
+the gradient of a shared prefix row is the sum of what its copies would get.
+
+Groups are found from the token ids alone (:func:`plan_groups`): consecutive
+sequences join a group while their common prefix keeps the tokens saved from
+falling, and the tree is used only when it saves at least
+``MIN_SAVED_FRACTION`` of the tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Tuple
+
+import torch
+
+# Shortest prefix worth sharing, and the least fraction of tokens the tree must save.
+MIN_PREFIX = 2
+MIN_SAVED_FRACTION = 0.05
+
+
+@dataclasses.dataclass
+class PrefixTree:
+    """Tree layout of a packed batch (see the module docstring)."""
+
+    input_ids: torch.Tensor  # [T_tree] tokens in tree order
+    positions: torch.Tensor  # [T_tree] original position of each tree token
+    cu_seqlens: torch.Tensor  # int64 [G + 1] group boundaries in tree order
+    masks: List[Optional[torch.Tensor]]  # per group: [L, L] bool visibility; None: one plain causal sequence
+    expand: torch.Tensor  # int64 [T]: tree row of each token of the flat layout
+    saved: int  # flat tokens minus tree tokens
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def _padded(input_ids: torch.Tensor, cu: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """[bs, max_len] grid of the sequences, -1 past each end."""
+    bs, width = lens.shape[0], int(lens.max())
+    seq = torch.repeat_interleave(torch.arange(bs), lens)
+    col = torch.arange(seq.shape[0]) - cu[seq]
+    grid = torch.full((bs, width), -1, dtype=torch.int64)
+    grid[seq, col] = input_ids.to(torch.int64)
+    return grid
+
+
+def consecutive_prefixes(input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> List[int]:
+    """Length of the common prefix of sequences i and i + 1, for each i, capped at
+    ``min(len_i, len_i+1) - 1`` so that every branch keeps at least one token."""
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    lens = cu[1:] - cu[:-1]
+    if lens.shape[0] < 2:
+        return []
+    grid = _padded(input_ids.detach().cpu(), cu, lens)
+    cap = torch.minimum(lens[1:], lens[:-1]) - 1
+    col = torch.arange(grid.shape[1])
+    same = (grid[1:] == grid[:-1]) & (col[None, :] < cap[:, None])
+    return same.to(torch.int32).cumprod(dim=1).sum(dim=1).tolist()
+
+
+def plan_groups(prefixes: List[int], min_prefix: int = MIN_PREFIX) -> List[Tuple[int, int, int]]:
+    """Consecutive groups ``(first, end, prefix_len)`` over ``len(prefixes) + 1`` sequences.
+
+    A group's prefix is the minimum of its consecutive common prefixes; the next
+    sequence joins while that keeps the prefix at least ``min_prefix`` long and
+    does not lower the tokens the group saves, ``(members - 1) * prefix``. A
+    group of one has prefix 0.
+    """
+    groups: List[Tuple[int, int, int]] = []
+    first, prefix = 0, 0
+    for i, common in enumerate(prefixes, start=1):
+        members = i - first
+        joined = common if members == 1 else min(prefix, common)
+        if joined >= min_prefix and members * joined >= (members - 1) * prefix:
+            prefix = joined
+            continue
+        groups.append((first, i, prefix if members > 1 else 0))
+        first, prefix = i, 0
+    n = len(prefixes) + 1
+    groups.append((first, n, prefix if n - first > 1 else 0))
+    return groups
+
+
+def _group_mask(prefix: int, branch_lens: List[int], device: torch.device) -> torch.Tensor:
+    """Visibility inside a group: causal in tree order, across branches only to the prefix."""
+    branch = torch.repeat_interleave(torch.arange(len(branch_lens) + 1),
+                                     torch.tensor([prefix] + branch_lens)).to(device)
+    n = branch.shape[0]
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+    return causal & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None]))
+
+
+def build_prefix_tree(input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                      min_saved_fraction: float = MIN_SAVED_FRACTION) -> Optional[PrefixTree]:
+    """The tree layout of a packed batch, or None when it would save less than
+    ``min_saved_fraction`` of the tokens (or nothing)."""
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    total = int(cu[-1]) if cu.numel() else 0
+    if total == 0:
+        return None
+    groups = plan_groups(consecutive_prefixes(input_ids, cu))
+    saved = sum((end - first - 1) * prefix for first, end, prefix in groups)
+    if saved <= 0 or saved < min_saved_fraction * total:
+        return None
+    starts, lens = cu[:-1].tolist(), (cu[1:] - cu[:-1]).tolist()
+    device = input_ids.device
+    src: List[torch.Tensor] = []  # flat token index of each tree row, in tree order
+    expand: List[torch.Tensor] = []  # tree row of each flat token, in flat order
+    group_lens, masks = [], []
+    row = 0
+    for first, end, prefix in groups:
+        branch_lens = [lens[i] - prefix for i in range(first, end)]
+        src.append(torch.arange(starts[first], starts[first] + prefix))
+        offset = row + prefix
+        for i, n in zip(range(first, end), branch_lens):
+            src.append(torch.arange(starts[i] + prefix, starts[i] + lens[i]))
+            expand.append(torch.arange(row, row + prefix))
+            expand.append(torch.arange(offset, offset + n))
+            offset += n
+        group_lens.append(offset - row)
+        masks.append(_group_mask(prefix, branch_lens, device) if end - first > 1 else None)
+        row = offset
+    src_t = torch.cat(src)
+    seq_of = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    positions = src_t - cu[seq_of[src_t]]
+    return PrefixTree(
+        input_ids=input_ids[src_t.to(device)],
+        positions=positions.to(device),
+        cu_seqlens=torch.tensor([0] + group_lens, dtype=torch.int64).cumsum(0).to(device),
+        masks=masks,
+        expand=torch.cat(expand).to(device),
+        saved=saved,
+    )
+
+
+def repeated_rows(input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> Optional[torch.Tensor]:
+    """For each sequence, the index of the first of its run of identical consecutive
+    sequences (itself when it differs from the one before); None when no two
+    consecutive sequences are identical. Generation prefills such runs once."""
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    lens = cu[1:] - cu[:-1]
+    bs = lens.shape[0]
+    if bs < 2 or int(lens.min()) <= 0:
+        return None
+    grid = _padded(input_ids.detach().cpu(), cu, lens)
+    same = (grid[1:] == grid[:-1]).all(dim=1) & (lens[1:] == lens[:-1])
+    if not bool(same.any()):
+        return None
+    idx = torch.arange(bs)
+    starts = torch.cat([torch.ones(1, dtype=torch.bool), ~same])
+    # The latest run start at or before each row.
+    return torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=0).values
