@@ -26,6 +26,28 @@ namespace {
 
 constexpr int64_t kWeightsPerBlock = 10;  // ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, gu_b, d_w, d_b
 
+// Softmax attention of one query head over ``len`` cached positions whose
+// keys / values are ``stride`` floats apart: out = softmax(q . k_j * scale) @ v.
+void attend_head(const float* q, const float* keys, const float* vals, int64_t len, int64_t stride, int64_t d,
+                 float scale, float* scores, float* out) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < len; ++j) {
+    scores[j] = realhf::sum_products(q, keys + j * stride, d) * scale;
+    mx = std::max(mx, scores[j]);
+  }
+  float total = 0.f;
+  for (int64_t j = 0; j < len; ++j) {
+    scores[j] = std::exp(scores[j] - mx);
+    total += scores[j];
+  }
+  std::fill(out, out + d, 0.f);
+  for (int64_t j = 0; j < len; ++j) {
+    const float p = scores[j] / total;
+    const float* v = vals + j * stride;
+    for (int64_t e = 0; e < d; ++e) out[e] += p * v[e];
+  }
+}
+
 void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
               " must be a contiguous float32 CPU tensor");
@@ -118,24 +140,8 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
       const float* vals = cvp + rp[i] * cap * n_kv * d;
       for (int64_t h = 0; h < n_q; ++h) {
         const int64_t kvh = h / group;
-        const float* qv = qp + (i * n_q + h) * d;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < len; ++j) {
-          scores[j] = realhf::sum_products(qv, keys + (j * n_kv + kvh) * d, d) * scale;
-          mx = std::max(mx, scores[j]);
-        }
-        float total = 0.f;
-        for (int64_t j = 0; j < len; ++j) {
-          scores[j] = std::exp(scores[j] - mx);
-          total += scores[j];
-        }
-        float* out = ap + (i * n_q + h) * d;
-        std::fill(out, out + d, 0.f);
-        for (int64_t j = 0; j < len; ++j) {
-          const float p = scores[j] / total;
-          const float* vv = vals + (j * n_kv + kvh) * d;
-          for (int64_t e = 0; e < d; ++e) out[e] += p * vv[e];
-        }
+        attend_head(qp + (i * n_q + h) * d, keys + kvh * d, vals + kvh * d, len, n_kv * d, d, scale, scores.data(),
+                    ap + (i * n_q + h) * d);
       }
     }
     x = x + linear(attn, w[3], w[4]);
