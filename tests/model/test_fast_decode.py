@@ -202,3 +202,17 @@ def test_native_loop_refuses_rows_outside_the_cache():
         ext.decode_blocks(torch.zeros(1, h), block, [1e-6, 1e-6], [1.0], [cache], [cache.clone()],
                           torch.tensor([5]), torch.tensor([0]), torch.ones(1, d // 2), torch.zeros(1, d // 2),
                           1, 1, d, 4, False)
+
+
+def test_back_to_back_weights_are_viewed_not_copied():
+    from realhf.impl.model.nn.fast_decode import _rows_back_to_back
+
+    flat = torch.randn(5 * 4 + 3 * 4 + 7)
+    a, b = flat[:20].view(5, 4), flat[20:32].view(3, 4)
+    view = _rows_back_to_back([a, b])
+    assert view is not None and view.data_ptr() == a.data_ptr()
+    assert torch.equal(view, torch.cat([a, b]))
+    assert _rows_back_to_back([b, a]) is None  # out of order
+    assert _rows_back_to_back([a, flat[21:33].view(3, 4)]) is None  # a gap
+    assert _rows_back_to_back([a, b.clone()]) is None  # another storage
+    assert _rows_back_to_back([a, flat[20:35].view(3, 5)]) is None  # another width

@@ -74,15 +74,33 @@ def use_fast_decode(model: torch.nn.Module, device: torch.device) -> bool:
     return fast_decode_unsupported(model) is None
 
 
+def _rows_back_to_back(ws: List[torch.Tensor]) -> Optional[torch.Tensor]:
+    """One [sum(out), in] view of row-major matrices stored one after another
+    (as a flat parameter buffer holds q/k/v or gate/up), or None."""
+    first = ws[0]
+    ptr, off = first.untyped_storage().data_ptr(), first.storage_offset()
+    for w in ws:
+        if (w.dim() != 2 or not w.is_contiguous() or w.shape[1] != first.shape[1] or w.dtype != first.dtype
+                or w.untyped_storage().data_ptr() != ptr or w.storage_offset() != off):
+            return None
+        off += w.numel()
+    return first.as_strided((sum(w.shape[0] for w in ws), first.shape[1]), (first.shape[1], 1))
+
+
 def _cat_linear(mods: List[torch.nn.Linear]):
     """Weights of ``mods`` side by side as one [in, sum(out)] matrix (and bias).
 
-    Stored transposed and contiguous: for a few rows, ``x @ w`` over this
-    layout runs 30-40% faster on the CPU than ``F.linear`` over [out, in].
+    Weights stored back to back (ReaLModel's flat buffer) give a transposed
+    view, built for free; products with it run within a few percent of a
+    contiguous transposed copy. Others are copied (tiled, when native).
     """
     ws = [m.weight.detach() for m in mods]
+    view = _rows_back_to_back(ws)
     ext = native.load(_EXT)
-    if ext is not None and all(w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous() for w in ws):
+    if view is not None:
+        weight = view.t()
+    elif ext is not None and all(w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
+                                 for w in ws):
         weight = ext.transpose_cat(ws)  # tiled: 2-3x faster than the strided copy below
     else:
         weight = torch.cat(ws).t().contiguous()
@@ -120,8 +138,8 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 class FastDecoder:
     """One decoding step at a time for the rows of ``cache`` (see module docstring).
 
-    Built once per generation; the weights it fuses are copies, so the model
-    must not change while it is in use.
+    Built once per generation; the fused weights are views of the model's
+    (or copies), so the model must not change while it is in use.
     """
 
     def __init__(self, model: torch.nn.Module, cache: KVCache):
@@ -167,7 +185,7 @@ class FastDecoder:
         if any(b.act is not F.silu for b in self.blocks):
             return None
         none = self.wte.new_empty(0)
-        weights = [t.contiguous() if t is not None else none for b in self.blocks
+        weights = [t if t is not None else none for b in self.blocks
                    for t in (b.ln1, b.qkv_w, b.qkv_b, b.o_w, b.o_b, b.ln2, b.gu_w, b.gu_b, b.d_w, b.d_b)]
         eps = [float(e) for b in self.blocks for e in (b.eps1, b.eps2)]
         return weights, eps, [float(b.scale) for b in self.blocks]
