@@ -55,7 +55,12 @@ def _run(model: ReaLModel, share: bool, ids, cu, w):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mistral", "qwen3"])
 @pytest.mark.parametrize("critic", [False, True])
-def test_tree_forward_and_backward_equal_flat(family, critic):
+@pytest.mark.parametrize("kernel", ["math", "sdpa"])
+def test_tree_forward_and_backward_equal_flat(family, critic, kernel, monkeypatch):
+    from realhf.impl.model.modules import attention
+
+    if kernel == "sdpa":
+        monkeypatch.setattr(attention, "MATH_MAX_SCORES", 0)
     model = _model(family, critic)
     vocab = model.config.vocab_size
     # Three groups of 4 with prompts of 9, 5 and 12 tokens (mistral's window is 8: some answers pass it).
@@ -67,9 +72,12 @@ def test_tree_forward_and_backward_equal_flat(family, critic):
     out_flat, grads_flat = _run(model, False, ids, cu, w)
     out_tree, grads_tree = _run(model, True, ids, cu, w)
     torch.testing.assert_close(out_tree, out_flat, **CLOSE)
-    for k in grads_flat:  # summation order differs: errors relative to each gradient's scale
-        scale = float(grads_flat[k].abs().max())
-        assert float((grads_tree[k] - grads_flat[k]).abs().max()) <= 1e-5 * max(scale, 1.0), k
+    # Summation order differs: errors relative to each gradient's scale, or to the model's for a
+    # gradient that is zero in exact arithmetic (a key bias under softmax).
+    model_scale = max(float(g.abs().max()) for g in grads_flat.values())
+    for k in grads_flat:
+        scale = max(float(grads_flat[k].abs().max()), 1e-2 * model_scale)
+        assert float((grads_tree[k] - grads_flat[k]).abs().max()) <= 1e-5 * scale, k
 
 
 def test_tree_layout_matches_its_definition():
@@ -87,18 +95,16 @@ def test_tree_layout_matches_its_definition():
     assert torch.equal(tree.input_ids[tree.expand], ids)
     assert torch.equal(tree.positions[tree.expand], flat_pos)
     assert tree.n_tokens == int(cu[-1]) - tree.saved == int(cu[-1]) - 2 * 6 - 2 * 3
-    assert [m is None for m in tree.masks] == [False, True, False, True]
     # Visibility: tree row a sees row b iff flat token "a" of some sequence sees flat token "b" of the same one.
-    for gi, mask in enumerate(tree.masks):
-        lo, hi = int(tree.cu_seqlens[gi]), int(tree.cu_seqlens[gi + 1])
-        want = torch.zeros(hi - lo, hi - lo, dtype=torch.bool)
-        for s in range(len(lens)):
-            rows = tree.expand[int(cu[s]): int(cu[s + 1])]
-            if lo <= int(rows[0]) < hi:
-                r = rows - lo
-                want[r[:, None], r[None, :]] |= torch.ones(len(r), len(r), dtype=torch.bool).tril()
-        got = torch.ones(hi - lo, hi - lo, dtype=torch.bool).tril() if mask is None else mask
-        assert torch.equal(got, want), gi
+    want = torch.zeros(tree.n_tokens, tree.n_tokens, dtype=torch.bool)
+    for s in range(len(lens)):
+        r = tree.expand[int(cu[s]): int(cu[s + 1])]
+        want[r[:, None], r[None, :]] |= torch.ones(len(r), len(r), dtype=torch.bool).tril()
+    assert torch.equal(tree.visibility(), want)
+    # Segments: 2 prefixes + 6 branches + 2 plain sequences; every tree row is one query.
+    att = tree.attention
+    assert att.q_index.shape[0] == 10
+    assert sorted(att.out_index.tolist()) == att.out_index.tolist() or len(set(att.out_index.tolist())) == tree.n_tokens
 
 
 def test_no_tree_without_enough_sharing():

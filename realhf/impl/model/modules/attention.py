@@ -21,14 +21,15 @@ Kernels:
   the new queries are scattered into a [bs, max_new, ...] grid and one SDPA
   call runs against the cache rows with a per-row length mask, which is what
   decoding (one token per row) needs.
-* Prefix-tree rows (``ctx.tree_masks``, see ``realhf.impl.model.nn.prefix_tree``):
-  one SDPA call per row with its tree visibility mask, on every device.
+* Prefix-tree batches (``ctx.tree``, see ``realhf.impl.model.nn.prefix_tree``):
+  one SDPA call over padded query segments (a prefix, or a branch whose keys
+  are its prefix and itself) with their visibility mask, on every device.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -69,9 +70,8 @@ class PackedContext:
     # first block and reused by the others.
     cache_grids: Dict[Optional[int], Tuple[torch.Tensor, torch.Tensor, int, int]] = dataclasses.field(
         default_factory=dict)
-    # Prefix-tree layout (``prefix_tree.PrefixTree``): per packed row, the [L, L]
-    # visibility of its tokens, or None for a plain causal sequence.
-    tree_masks: Optional[List[Optional[torch.Tensor]]] = None
+    # Prefix-tree layout: the batch's ``prefix_tree.TreeAttention`` (query segments and visibility).
+    tree: Optional[Any] = None
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
@@ -118,22 +118,42 @@ def _attn_loop(q, k, v, ctx: PackedContext, scale: float, window: Optional[int],
     return torch.cat(outs) if outs else torch.empty_like(q)
 
 
+# Largest score tensor (elements) that the CPU tree kernel materializes; above it, SDPA.
+MATH_MAX_SCORES = 1 << 24
+
+
 def _attn_tree(q, k, v, ctx: PackedContext, scale: float, window: Optional[int], dropout_p: float = 0.0):
-    """Prefix-tree rows: one SDPA call per row with its tree visibility (and the
-    sliding window over original positions); plain rows as in :func:`_attn_loop`."""
-    lens = (ctx.cu_seqlens[1:] - ctx.cu_seqlens[:-1]).tolist()
-    outs = []
-    for qi, ki, vi, pos, mask in zip(q.split(lens), k.split(lens), v.split(lens), ctx.positions.split(lens),
-                                     ctx.tree_masks):
-        qi, ki, vi = (x.transpose(0, 1)[None] for x in (qi, ki, vi))
-        if mask is None and (window is None or qi.shape[2] <= window):
-            o = _sdpa(qi, ki, vi, is_causal=True, scale=scale, dropout_p=dropout_p)
-        else:
-            seen = _window_mask(pos[:, None], pos[None, :], window) if window is not None else None
-            full = mask if seen is None else (seen if mask is None else mask & seen)
-            o = _sdpa(qi, ki, vi, attn_mask=full, scale=scale, dropout_p=dropout_p)
-        outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs)
+    """Prefix-tree batch: attention over its padded query segments (see ``prefix_tree.TreeAttention``).
+
+    On the CPU the segments are small and many, where SDPA's fused kernel runs
+    at a fraction of the matmul rate: there the scores are two batched products
+    with the query heads of a KV head stacked (GQA served without copying
+    keys), 1.7x faster forward + backward at GRPO's shapes. Elsewhere, SDPA.
+    """
+    seg = ctx.tree
+    n_seg, max_q = seg.q_index.shape
+    max_k = seg.k_index.shape[1]
+    n_q, n_kv, d = q.shape[1], k.shape[1], q.shape[2]
+    rep = n_q // n_kv
+    qg = q.index_select(0, seg.q_index.view(-1))
+    kg = k.index_select(0, seg.k_index.view(-1))
+    vg = v.index_select(0, seg.k_index.view(-1))
+    if q.device.type == "cpu" and n_seg * n_q * max_q * max_k <= MATH_MAX_SCORES:
+        # [S * kv heads, rep * max_q, d]: query heads j * rep .. (j + 1) * rep - 1 share KV head j.
+        qf = qg.view(n_seg, max_q, n_kv, rep, d).permute(0, 2, 3, 1, 4).reshape(n_seg * n_kv, rep * max_q, d)
+        kf = kg.view(n_seg, max_k, n_kv, d).transpose(1, 2).reshape(n_seg * n_kv, max_k, d)
+        vf = vg.view(n_seg, max_k, n_kv, d).transpose(1, 2).reshape(n_seg * n_kv, max_k, d)
+        bias = seg.score_bias(window, n_kv, rep, q.dtype)
+        probs = torch.baddbmm(bias, qf, kf.transpose(1, 2), alpha=scale).softmax(dim=-1)
+        if dropout_p > 0:
+            probs = F.dropout(probs, dropout_p)
+        o = torch.bmm(probs, vf).view(n_seg, n_kv, rep, max_q, d).permute(0, 3, 1, 2, 4)
+    else:
+        qg = qg.view(n_seg, max_q, n_q, d).transpose(1, 2)
+        kg = kg.view(n_seg, max_k, n_kv, d).transpose(1, 2)
+        vg = vg.view(n_seg, max_k, n_kv, d).transpose(1, 2)
+        o = _sdpa(qg, kg, vg, attn_mask=seg.mask(window)[:, None], scale=scale, dropout_p=dropout_p).transpose(1, 2)
+    return o.reshape(n_seg * max_q, n_q, d).index_select(0, seg.out_index)
 
 
 def _attn_block_diag(q, k, v, ctx: PackedContext, scale: float, window: Optional[int]) -> torch.Tensor:
@@ -219,7 +239,7 @@ def packed_attention(
     attention probabilities (training without a cache only)."""
     if q.shape[0] == 0:
         return torch.empty_like(q)
-    if ctx.tree_masks is not None:
+    if ctx.tree is not None:
         return _attn_tree(q, k, v, ctx, scale, window, dropout_p)
     if HAS_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_attention(q, k, v, ctx, scale, window, kv_cache, dropout_p)

@@ -21,7 +21,7 @@ falling, and the tree is used only when it saves at least
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -31,19 +31,77 @@ MIN_SAVED_FRACTION = 0.05
 
 
 @dataclasses.dataclass
+class TreeAttention:
+    """The attention of a tree batch as one padded batch of query *segments*.
+
+    A segment is a group's prefix (keys: the prefix, causal), one branch (keys:
+    its group's prefix, then the branch, causal within it) or a plain sequence.
+    Row s of the grids holds segment s: the tree rows of its queries and keys
+    (padding points at row 0), which keys each query sees, and where each tree
+    row's output sits in the flattened [segments * max_queries] grid. Branches
+    see their prefix through their own key rows, so no query attends to
+    another branch's tokens and the work is that of the flat layout.
+    """
+
+    q_index: torch.Tensor  # int64 [S, max_q]
+    k_index: torch.Tensor  # int64 [S, max_k]
+    visible: torch.Tensor  # bool [S, max_q, max_k]; padding queries see key 0 (their output is dropped)
+    out_index: torch.Tensor  # int64 [T_tree]
+    q_pos: torch.Tensor  # int64 [S, max_q] original positions, for sliding windows
+    k_pos: torch.Tensor  # int64 [S, max_k]
+    _windowed: Dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    _biases: Dict[tuple, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def mask(self, window: Optional[int]) -> torch.Tensor:
+        """Visibility, also limited to the last ``window`` positions when given (built once per window)."""
+        if window is None:
+            return self.visible
+        if window not in self._windowed:
+            mask = self.visible & (self.k_pos[:, None, :] > self.q_pos[:, :, None] - window)
+            mask[:, :, 0] |= ~mask.any(dim=2)  # only padding queries lose every key: let them see key 0
+            self._windowed[window] = mask
+        return self._windowed[window]
+
+    def score_bias(self, window: Optional[int], n_kv: int, rep: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask (0 / -inf) [S * n_kv, rep * max_q, max_k] for scores whose rows are the
+        ``rep`` query heads of each KV head stacked (built once per window, heads and dtype)."""
+        key = (window, n_kv, rep, dtype)
+        if key not in self._biases:
+            mask = self.mask(window)
+            n_seg, max_q, max_k = mask.shape
+            bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            bias = bias[:, None, None].expand(n_seg, n_kv, rep, max_q, max_k)
+            self._biases[key] = bias.reshape(n_seg * n_kv, rep * max_q, max_k)
+        return self._biases[key]
+
+
+@dataclasses.dataclass
 class PrefixTree:
     """Tree layout of a packed batch (see the module docstring)."""
 
     input_ids: torch.Tensor  # [T_tree] tokens in tree order
     positions: torch.Tensor  # [T_tree] original position of each tree token
     cu_seqlens: torch.Tensor  # int64 [G + 1] group boundaries in tree order
-    masks: List[Optional[torch.Tensor]]  # per group: [L, L] bool visibility; None: one plain causal sequence
+    attention: TreeAttention
     expand: torch.Tensor  # int64 [T]: tree row of each token of the flat layout
     saved: int  # flat tokens minus tree tokens
 
     @property
     def n_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def visibility(self) -> torch.Tensor:
+        """Dense [T_tree, T_tree] bool: which tree rows each tree row attends to (for checks)."""
+        att, n = self.attention, self.n_tokens
+        dense = torch.zeros(n, n, dtype=torch.bool)
+        q_of = torch.full((att.q_index.numel(),), -1, dtype=torch.int64)
+        q_of[att.out_index.cpu()] = torch.arange(n)
+        rows = q_of.view(att.q_index.shape)
+        for s in range(rows.shape[0]):
+            for j in range(rows.shape[1]):
+                if rows[s, j] >= 0:
+                    dense[rows[s, j], att.k_index[s].cpu()[att.visible[s, j].cpu()]] = True
+        return dense
 
 
 def _padded(input_ids: torch.Tensor, cu: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
@@ -93,13 +151,41 @@ def plan_groups(prefixes: List[int], min_prefix: int = MIN_PREFIX) -> List[Tuple
     return groups
 
 
-def _group_mask(prefix: int, branch_lens: List[int], device: torch.device) -> torch.Tensor:
-    """Visibility inside a group: causal in tree order, across branches only to the prefix."""
-    branch = torch.repeat_interleave(torch.arange(len(branch_lens) + 1),
-                                     torch.tensor([prefix] + branch_lens)).to(device)
-    n = branch.shape[0]
-    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril_()
-    return causal & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None]))
+def _segments(groups: List[Tuple[int, List[int]]], positions: torch.Tensor, device: torch.device) -> TreeAttention:
+    """Query segments of tree groups given as (prefix, branch lengths), laid out one after another."""
+    segs: List[Tuple[int, int, int, int]] = []  # (first query row, queries, first key row of the prefix, prefix)
+    row = 0
+    for prefix, branches in groups:
+        if len(branches) == 1:  # a plain sequence (its "prefix" is part of its one branch)
+            segs.append((row, prefix + branches[0], row, 0))
+        else:
+            if prefix > 0:
+                segs.append((row, prefix, row, 0))
+            start = row + prefix
+            for n in branches:
+                segs.append((start, n, row, prefix))
+                start += n
+        row += prefix + sum(branches)
+    max_q = max(n for _, n, _, _ in segs)
+    max_k = max(p + n for _, n, _, p in segs)
+    n_seg = len(segs)
+    q_index = torch.zeros(n_seg, max_q, dtype=torch.int64)
+    k_index = torch.zeros(n_seg, max_k, dtype=torch.int64)
+    visible = torch.zeros(n_seg, max_q, max_k, dtype=torch.bool)
+    out_index = torch.empty(row, dtype=torch.int64)
+    causal = torch.ones(max_q, max_q, dtype=torch.bool).tril_()
+    for s, (q0, n, k0, p) in enumerate(segs):
+        own = torch.arange(q0, q0 + n)
+        q_index[s, :n] = own
+        k_index[s, :p] = torch.arange(k0, k0 + p)
+        k_index[s, p:p + n] = own
+        visible[s, :n, :p] = True
+        visible[s, :n, p:p + n] = causal[:n, :n]
+        visible[s, n:, 0] = True
+        out_index[q0:q0 + n] = torch.arange(s * max_q, s * max_q + n)
+    pos = positions.cpu()
+    return TreeAttention(q_index=q_index.to(device), k_index=k_index.to(device), visible=visible.to(device),
+                         out_index=out_index.to(device), q_pos=pos[q_index].to(device), k_pos=pos[k_index].to(device))
 
 
 def build_prefix_tree(input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -118,7 +204,7 @@ def build_prefix_tree(input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
     device = input_ids.device
     src: List[torch.Tensor] = []  # flat token index of each tree row, in tree order
     expand: List[torch.Tensor] = []  # tree row of each flat token, in flat order
-    group_lens, masks = [], []
+    group_lens, shapes = [], []
     row = 0
     for first, end, prefix in groups:
         branch_lens = [lens[i] - prefix for i in range(first, end)]
@@ -130,7 +216,7 @@ def build_prefix_tree(input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
             expand.append(torch.arange(offset, offset + n))
             offset += n
         group_lens.append(offset - row)
-        masks.append(_group_mask(prefix, branch_lens, device) if end - first > 1 else None)
+        shapes.append((prefix, branch_lens) if end - first > 1 else (0, branch_lens))
         row = offset
     src_t = torch.cat(src)
     seq_of = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
@@ -139,7 +225,7 @@ def build_prefix_tree(input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
         input_ids=input_ids[src_t.to(device)],
         positions=positions.to(device),
         cu_seqlens=torch.tensor([0] + group_lens, dtype=torch.int64).cumsum(0).to(device),
-        masks=masks,
+        attention=_segments(shapes, positions, device),
         expand=torch.cat(expand).to(device),
         saved=saved,
     )

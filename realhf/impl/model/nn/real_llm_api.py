@@ -323,7 +323,7 @@ class ReaLModel(nn.Module):
                 raise ValueError(f"KV cache capacity {kv_cache.capacity} exceeded.")
             positions = positions + past[seq_ids]
         ctx = PackedContext(cu, int(max_seqlen), seqlens, positions, seq_ids, past=past,
-                            tree_masks=None if tree is None else tree.masks)
+                            tree=None if tree is None else tree.attention)
         cfg = self.config
         if cfg.apply_rotary and self.n_blocks > 0:
             if self._inv_freq is None:
