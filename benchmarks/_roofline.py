@@ -5,7 +5,11 @@ multiplications: the transformer layers on every token of every sequence it
 generates, scores or trains on, plus the output head where its output is used
 (next-token logits of the answer positions, values of the answer positions, the
 reward at the last position). :func:`step_flops` counts them per call from the
-shape and the actual token counts; attention scores are counted causally.
+shape and the actual token counts; attention scores are counted causally. When
+samples come in groups that share their prompt (GRPO's ``group_size``), a
+prompt is counted once per group: its activations are the same for every
+sample of the group, so a system need compute them only once (ours does, see
+``realhf.impl.model.nn.prefix_tree``).
 
 :func:`measure_rates` measures this machine's matmul rate at the shapes those
 calls run, one single-threaded process per core, all cores at once (so the
@@ -55,12 +59,32 @@ def forward_flops(shape: Dict[str, int], lengths: Sequence[int], head_tokens: in
     return total + 2.0 * shape["hidden_size"] * head_out * head_tokens
 
 
-def generate_flops(shape: Dict[str, int], prompt_lengths: Sequence[int], new_tokens: int) -> Tuple[float, float]:
+def grouped_forward_flops(shape: Dict[str, int], prompt_lengths: Sequence[int], new_tokens: int, group_size: int,
+                          head_out: int, head_per_answer: bool) -> float:
+    """Matmul FLOPs of one forward pass over ``group_size`` answers of ``new_tokens`` per prompt, the
+    prompt computed once per group (each answer attends to it and to its own earlier tokens); the
+    head at every answer-predicting position (the prompt's last one shared) or, without
+    ``head_per_answer``, once per sequence."""
+    prompts = list(prompt_lengths[::group_size])
+    n_seqs = len(prompts) * group_size
+    h, n = shape["hidden_size"], new_tokens
+    total = _layers_flops(shape, sum(prompts) + n_seqs * n)
+    for p in prompts:
+        cells = p * (p + 1) / 2 + group_size * (n * p + n * (n + 1) / 2)
+        total += shape["num_hidden_layers"] * 4.0 * h * cells
+    head_rows = len(prompts) + n_seqs * (n - 1) if head_per_answer else n_seqs
+    return total + 2.0 * h * head_out * head_rows
+
+
+def generate_flops(shape: Dict[str, int], prompt_lengths: Sequence[int], new_tokens: int,
+                   group_size: int = 1) -> Tuple[float, float]:
     """(prefill, decode) FLOPs of generating ``new_tokens`` after each prompt with a key/value cache:
-    the prompt once with logits at its last position, then one token per step for the other
-    ``new_tokens - 1`` tokens, attending over the cache."""
+    the prompt once (once per group of ``group_size`` consecutive equal prompts) with logits at its
+    last position, then one token per step for the other ``new_tokens - 1`` tokens, attending over
+    the cache."""
     vocab, h = shape["vocab_size"], shape["hidden_size"]
-    prefill = forward_flops(shape, prompt_lengths, len(prompt_lengths), vocab)
+    unique = list(prompt_lengths[::group_size])
+    prefill = forward_flops(shape, unique, len(unique), vocab)
     decode = 0.0
     for p in prompt_lengths:
         for t in range(1, new_tokens):
@@ -70,27 +94,34 @@ def generate_flops(shape: Dict[str, int], prompt_lengths: Sequence[int], new_tok
 
 
 def step_flops(shape: Dict[str, int], prompt_lengths: Sequence[int], new_tokens: int,
-               calls: Dict[str, str]) -> Dict[str, Dict[str, float]]:
+               calls: Dict[str, str], group_size: int = 1) -> Dict[str, Dict[str, float]]:
     """FLOPs per call, by kind of work (``prefill``/``decode``/``forward``/``train``).
 
     ``calls`` maps a call name to what it computes: ``generate``, ``logprobs`` (next-token
     log-probabilities of the answers), ``values`` (a scalar per answer position), ``reward``
     (a scalar at the last position), ``train_logprobs`` / ``train_values`` (forward and backward,
-    the backward costing twice the forward)."""
+    the backward costing twice the forward). ``group_size`` > 1: consecutive runs of that many
+    samples share their prompt, which is counted once per run (see the module docstring)."""
     lengths = [p + new_tokens for p in prompt_lengths]
     answers = len(prompt_lengths) * new_tokens
     vocab = shape["vocab_size"]
     heads = {"logprobs": (answers, vocab), "values": (answers, 1), "reward": (len(lengths), 1)}
     out: Dict[str, Dict[str, float]] = {}
+
+    def forward(head: str) -> float:
+        if group_size == 1:
+            return forward_flops(shape, lengths, *heads[head])
+        return grouped_forward_flops(shape, prompt_lengths, new_tokens, group_size, heads[head][1],
+                                     head_per_answer=head != "reward")
+
     for name, kind in calls.items():
         if kind == "generate":
-            prefill, decode = generate_flops(shape, prompt_lengths, new_tokens)
+            prefill, decode = generate_flops(shape, prompt_lengths, new_tokens, group_size)
             out[name] = {"prefill": prefill, "decode": decode}
         elif kind in heads:
-            out[name] = {"forward": forward_flops(shape, lengths, *heads[kind])}
+            out[name] = {"forward": forward(kind)}
         elif kind.startswith("train_"):
-            fwd = forward_flops(shape, lengths, *heads[kind[len("train_"):]])
-            out[name] = {"train": 3 * fwd}
+            out[name] = {"train": 3 * forward(kind[len("train_"):])}
         else:
             raise ValueError(f"unknown call kind {kind!r} for {name!r}")
     return out
@@ -167,13 +198,13 @@ def floor_seconds(flops: Dict[str, Dict[str, float]], rate_of: Dict[str, float],
 
 
 def roofline(shape: Dict[str, int], prompt_lengths: Sequence[int], new_tokens: int, calls: Dict[str, str],
-             train_rows: int, decode_rows: int, cores: int = 0) -> Dict[str, Any]:
+             train_rows: int, decode_rows: int, cores: int = 0, group_size: int = 1) -> Dict[str, Any]:
     """Measure the rates at this step's shapes and return FLOPs, rates and the floor.
 
     ``train_rows``: tokens per micro-batch of a training or scoring pass on one core;
     ``decode_rows``: sequences one core decodes at a time."""
     cores = cores or os.cpu_count() or 1
-    flops = step_flops(shape, prompt_lengths, new_tokens, calls)
+    flops = step_flops(shape, prompt_lengths, new_tokens, calls, group_size)
     rates = measure_rates(shape, {"forward": (train_rows, "forward"), "backward": (train_rows, "backward"),
                                   "decode": (decode_rows, "forward")}, cores)
     rate_of = {"forward": rates["forward"], "prefill": rates["forward"], "backward": rates["backward"],

@@ -67,7 +67,11 @@ vLLM.
   untimed run of the child under ``cProfile`` and prints its top functions.
 
 After both sides, the machine's limit (``_roofline.py``): the matmul FLOPs
-of generation and training at this step's token counts, this machine's
+of generation and training at this step's token counts (each prompt counted
+once per group of 4: its activations are the same for every sample of the
+group; ours computes them once, in generation by prefilling a run of equal
+prompts once and in training by packing a group as a prefix tree, TRL once
+per sample), this machine's
 matmul rate at those shapes with both cores busy, the floor (matmul
 core-seconds over 2 cores) and each system's step as a multiple of it; TRL's
 step over the floor is the highest ratio any system could reach over TRL here.
@@ -98,8 +102,9 @@ Differences that remain between the two setups:
   other processes hold the cores a 2-thread TRL step slows down far more
   than single-threaded processes do; compare the ``trl (2 threads)`` and
   ``trl (1 threads)`` rows and the load averages before reading a ratio.
-* Padding: ours packs sequences without padding; TRL left-pads the prompts of
-  the batch to the longest one (28 tokens) and runs generation and the
+* Padding and shared prompts: ours packs sequences without padding and
+  computes each prompt once per group (see above); TRL left-pads the prompts
+  of the batch to the longest one (28 tokens) and runs generation and the
   training forward/backward over 64 padded rows of 28 + 32 positions.
 * Generation: ours uses its own KV-cache decoding split over the generation
   layout; TRL calls ``transformers``' ``generate`` on all 64 rows at once.
@@ -452,10 +457,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             run_trl_subprocess(trl_dir, steps, n_prompts, new_tokens, trl_threads[0], files, str(prof_path))
             profile_text = prof_path.read_text()
         lengths = [n for n in prompt_lengths(files, MAX_PROMPT_LEN) for _ in range(GROUP_SIZE)]
-    # The machine's limit at this step's shapes: half the samples' tokens per core in training (one
-    # minibatch, data parallel over both cores), half the samples decoded per core.
-    limit = roofline(_shape.SHAPE, lengths, new_tokens, CALL_KINDS,
-                     train_rows=(sum(lengths) + n_samples * new_tokens) // 2, decode_rows=max(1, n_samples // 2))
+    # The machine's limit at this step's shapes, each prompt computed once per group: half the
+    # tokens per core in training (one minibatch, data parallel over both cores), half the samples
+    # decoded per core.
+    tree_tokens = sum(lengths[::GROUP_SIZE]) + n_samples * new_tokens
+    limit = roofline(_shape.SHAPE, lengths, new_tokens, CALL_KINDS, train_rows=tree_tokens // 2,
+                     decode_rows=max(1, n_samples // 2), group_size=GROUP_SIZE)
     load["after_roofline"] = loadavg()
     ratio_cols = [f"ratio_{t}t" for t in trl_threads]
     ratio = {col: {} for col in ratio_cols}

@@ -60,3 +60,21 @@ def test_generation_counts_one_token_per_decoding_step():
     attention = sum(layers * 4 * (p + t) * h for p in (4, 6) for t in (1, 2))
     assert decode == 4 * per_token + attention
     assert prefill == _roofline.forward_flops(SHAPE, [4, 6], 2, vocab)
+
+
+def test_shared_prompts_are_counted_once_per_group():
+    h, vocab, layers, n = SHAPE["hidden_size"], SHAPE["vocab_size"], SHAPE["num_hidden_layers"], 3
+    prompts = [4, 4, 6, 6]  # two groups of two samples
+    flat = _roofline.step_flops(SHAPE, prompts, n, {"g": "generate", "t": "train_logprobs"})
+    shared = _roofline.step_flops(SHAPE, prompts, n, {"g": "generate", "t": "train_logprobs"}, group_size=2)
+    # Generation: the prompts are prefilled once per group; decoding is the same.
+    assert shared["g"]["decode"] == flat["g"]["decode"]
+    assert shared["g"]["prefill"] == _roofline.forward_flops(SHAPE, [4, 6], 2, vocab)
+    # Training: layers over each prompt once and every answer, attention of each answer over its
+    # prompt and itself, the head at each answer-predicting position (the prompt's last one shared).
+    layers_part = _roofline._layers_flops(SHAPE, 4 + 6 + 4 * n)
+    cells = sum(p * (p + 1) / 2 + 2 * (n * p + n * (n + 1) / 2) for p in (4, 6))
+    head = 2 * h * vocab * (2 + 4 * (n - 1))
+    assert shared["t"]["train"] == 3 * (layers_part + layers * 4 * h * cells + head)
+    # Groups of one are the flat count.
+    assert _roofline.step_flops(SHAPE, prompts, n, {"t": "train_logprobs"}, group_size=1) == {"t": flat["t"]}
