@@ -147,3 +147,19 @@ def test_moe_and_cached_forwards_stay_flat():
     llama = _model("llama")
     assert llama._prefix_tree(ids, cu, None, None) is not None
     assert llama._prefix_tree(ids, cu, llama.allocate_kv_cache(4, 16), None) is None
+
+
+def test_no_tree_when_its_padded_attention_would_cost_more(monkeypatch):
+    # A shared 20-token prefix, then answers of 2 and 300 tokens: the tree saves 20 of 342 tokens but
+    # its grid pads the short answer to 300 queries over 320 keys, more than twice the flat attention.
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 100, (20,), generator=g)
+    seqs = [torch.cat([prompt, torch.randint(0, 100, (n,), generator=g)]) for n in (2, 300)]
+    ids, cu = torch.cat(seqs), torch.tensor([0, 22, 342])
+    assert prefix_tree.build_prefix_tree(ids, cu) is None
+    # Equal answers: the same saving with a grid of no padding.
+    seqs = [torch.cat([prompt, torch.randint(0, 100, (150,), generator=g)]) for _ in range(2)]
+    ids, cu = torch.cat(seqs), torch.tensor([0, 170, 340])
+    assert prefix_tree.build_prefix_tree(ids, cu) is not None
+    monkeypatch.setattr(prefix_tree, "MAX_GRID", 1000)  # and a bound on the grid's size
+    assert prefix_tree.build_prefix_tree(ids, cu) is None

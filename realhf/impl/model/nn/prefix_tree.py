@@ -28,6 +28,8 @@ import torch
 # Shortest prefix worth sharing, and the least fraction of tokens the tree must save.
 MIN_PREFIX = 2
 MIN_SAVED_FRACTION = 0.05
+# Most cells (segments x queries x keys) of the padded attention grid of a tree batch.
+MAX_GRID = 1 << 26
 
 
 @dataclasses.dataclass
@@ -151,9 +153,12 @@ def plan_groups(prefixes: List[int], min_prefix: int = MIN_PREFIX) -> List[Tuple
     return groups
 
 
-def _segments(groups: List[Tuple[int, List[int]]], positions: torch.Tensor, device: torch.device) -> TreeAttention:
+Segment = Tuple[int, int, int, int]  # (first query row, queries, first key row of the prefix, prefix)
+
+
+def _segment_list(groups: List[Tuple[int, List[int]]]) -> List[Segment]:
     """Query segments of tree groups given as (prefix, branch lengths), laid out one after another."""
-    segs: List[Tuple[int, int, int, int]] = []  # (first query row, queries, first key row of the prefix, prefix)
+    segs: List[Segment] = []
     row = 0
     for prefix, branches in groups:
         if len(branches) == 1:  # a plain sequence (its "prefix" is part of its one branch)
@@ -166,6 +171,12 @@ def _segments(groups: List[Tuple[int, List[int]]], positions: torch.Tensor, devi
                 segs.append((start, n, row, prefix))
                 start += n
         row += prefix + sum(branches)
+    return segs
+
+
+def _segments(segs: List[Segment], positions: torch.Tensor, device: torch.device) -> TreeAttention:
+    """The padded grids of :class:`TreeAttention` for ``segs``."""
+    row = sum(n for _, n, _, _ in segs)
     max_q = max(n for _, n, _, _ in segs)
     max_k = max(p + n for _, n, _, p in segs)
     n_seg = len(segs)
@@ -191,7 +202,10 @@ def _segments(groups: List[Tuple[int, List[int]]], positions: torch.Tensor, devi
 def build_prefix_tree(input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                       min_saved_fraction: float = MIN_SAVED_FRACTION) -> Optional[PrefixTree]:
     """The tree layout of a packed batch, or None when it would save less than
-    ``min_saved_fraction`` of the tokens (or nothing)."""
+    ``min_saved_fraction`` of the tokens (or nothing), or when its padded
+    attention grid would cost more than twice the flat layout's attention or
+    hold more than ``MAX_GRID`` cells (long sequences of very unequal
+    lengths: the flat kernels serve those better)."""
     cu = cu_seqlens.detach().to("cpu", torch.int64)
     total = int(cu[-1]) if cu.numel() else 0
     if total == 0:
@@ -201,10 +215,15 @@ def build_prefix_tree(input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
     if saved <= 0 or saved < min_saved_fraction * total:
         return None
     starts, lens = cu[:-1].tolist(), (cu[1:] - cu[:-1]).tolist()
+    segs = _segment_list([(p, [lens[i] - p for i in range(first, end)]) if end - first > 1
+                          else (0, [lens[first]]) for first, end, p in groups])
+    cells = len(segs) * max(n for _, n, _, _ in segs) * max(p + n for _, n, _, p in segs)
+    if cells > MAX_GRID or cells > 2 * sum(n * n for n in lens):
+        return None
     device = input_ids.device
     src: List[torch.Tensor] = []  # flat token index of each tree row, in tree order
     expand: List[torch.Tensor] = []  # tree row of each flat token, in flat order
-    group_lens, shapes = [], []
+    group_lens = []
     row = 0
     for first, end, prefix in groups:
         branch_lens = [lens[i] - prefix for i in range(first, end)]
@@ -216,7 +235,6 @@ def build_prefix_tree(input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
             expand.append(torch.arange(offset, offset + n))
             offset += n
         group_lens.append(offset - row)
-        shapes.append((prefix, branch_lens) if end - first > 1 else (0, branch_lens))
         row = offset
     src_t = torch.cat(src)
     seq_of = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
@@ -225,7 +243,7 @@ def build_prefix_tree(input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
         input_ids=input_ids[src_t.to(device)],
         positions=positions.to(device),
         cu_seqlens=torch.tensor([0] + group_lens, dtype=torch.int64).cumsum(0).to(device),
-        attention=_segments(shapes, positions, device),
+        attention=_segments(segs, positions, device),
         expand=torch.cat(expand).to(device),
         saved=saved,
     )
