@@ -20,11 +20,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "few_rows.h"
 #include "row_ops.h"
 
 namespace {
 
-constexpr int64_t kWeightsPerBlock = 10;  // ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, gu_b, d_w, d_b
+constexpr int64_t kWeightsPerBlock = 10;
+// Row-major [out, in] weights per block for steps of few rows: q, k, v, o, gate, up, down.
+constexpr int64_t kRowWeightsPerBlock = 7;  // ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, gu_b, d_w, d_b
 
 // Softmax attention of one query head over ``len`` cached positions whose
 // keys / values are ``stride`` floats apart: out = softmax(q . k_j * scale) @ v.
@@ -68,12 +71,35 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
   return b.numel() == 0 ? at::mm(x, w) : at::addmm(b, x, w);
 }
 
+// x [n, K] times row-major weights parts[i] [N_i, K] placed side by side: [n, sum N_i], plus
+// ``b`` (the parts' biases side by side, or empty). For few rows (see few_rows.h).
+at::Tensor linear_parts(const at::Tensor& x, const at::Tensor* parts, int64_t n_parts, const at::Tensor& b) {
+  const int64_t n = x.size(0), K = x.size(1);
+  int64_t total = 0;
+  for (int64_t i = 0; i < n_parts; ++i) {
+    TORCH_CHECK(parts[i].dim() == 2 && parts[i].size(1) == K, "decode_blocks: a row weight's width is not ", K);
+    total += parts[i].size(0);
+  }
+  TORCH_CHECK(b.numel() == 0 || b.numel() == total, "decode_blocks: bias of ", b.numel(), " for ", total, " outputs");
+  auto y = at::empty({n, total}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  int64_t col = 0;
+  for (int64_t i = 0; i < n_parts; ++i) {
+    realhf::few_rows_times(xp, parts[i].data_ptr<float>(), b.numel() ? b.data_ptr<float>() + col : nullptr, yp + col,
+                           total, n, parts[i].size(0), K);
+    col += parts[i].size(0);
+  }
+  return y;
+}
+
 }  // namespace
 
 // x [n, hidden] -> x after every block; keys/values of the fed tokens are
 // written at positions pos[i] of cache rows rows[i]. See fast_decode.py.
 at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, const std::vector<double>& eps,
-                         const std::vector<double>& scales, const std::vector<at::Tensor>& cache_k,
+                         const std::vector<double>& scales, const std::vector<at::Tensor>& row_weights,
+                         const std::vector<at::Tensor>& cache_k,
                          const std::vector<at::Tensor>& cache_v, const at::Tensor& rows, const at::Tensor& pos,
                          const at::Tensor& cos, const at::Tensor& sin, int64_t n_q, int64_t n_kv, int64_t head_dim,
                          int64_t inter, bool interleaved) {
@@ -81,6 +107,7 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == kWeightsPerBlock * n_blocks &&
                   static_cast<int64_t>(eps.size()) == 2 * n_blocks &&
                   static_cast<int64_t>(scales.size()) == n_blocks &&
+                  (row_weights.empty() || static_cast<int64_t>(row_weights.size()) == kRowWeightsPerBlock * n_blocks) &&
                   static_cast<int64_t>(cache_v.size()) == n_blocks,
               "decode_blocks: per-block argument counts disagree");
   check_f32(x, "x");
@@ -101,9 +128,13 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
   int64_t max_len = 0;
   for (int64_t i = 0; i < n; ++i) max_len = std::max(max_len, pp[i] + 1);
   std::vector<float> scores(static_cast<size_t>(max_len));
+  const bool few = !row_weights.empty() && n <= realhf::kFewRows && realhf::few_rows_supported();
+  if (few)
+    for (const auto& t : row_weights) check_f32(t, "row weight");
 
   for (int64_t b = 0; b < n_blocks; ++b) {
     const at::Tensor* w = weights.data() + kWeightsPerBlock * b;
+    const at::Tensor* rw = few ? row_weights.data() + kRowWeightsPerBlock * b : nullptr;
     const at::Tensor &ck = cache_k[b], &cv = cache_v[b];
     check_f32(ck, "cache_k");
     check_f32(cv, "cache_v");
@@ -117,7 +148,8 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
     float* cvp = cv.data_ptr<float>();
 
     // Attention: norm, q/k/v in one product, rotary, cache write, softmax over the prefix.
-    auto qkv = linear(rms(x, w[0], eps[2 * b]), w[1], w[2]);
+    const auto h1 = rms(x, w[0], eps[2 * b]);
+    auto qkv = few ? linear_parts(h1, rw, 3, w[2]) : linear(h1, w[1], w[2]);
     const float* qkvp = qkv.data_ptr<float>();
     const int64_t width = (n_q + 2 * n_kv) * d;
     float* qp = q.data_ptr<float>();
@@ -144,15 +176,26 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
                     ap + (i * n_q + h) * d);
       }
     }
-    x = x + linear(attn, w[3], w[4]);
+    x = x + (few ? linear_parts(attn, rw + 3, 1, w[4]) : linear(attn, w[3], w[4]));
 
     // Gated MLP: norm, gate and up in one product, silu(gate) * up, down.
-    auto gu = linear(rms(x, w[5], eps[2 * b + 1]), w[6], w[7]);
+    const auto h2 = rms(x, w[5], eps[2 * b + 1]);
+    auto gu = few ? linear_parts(h2, rw + 4, 2, w[7]) : linear(h2, w[6], w[7]);
     // torch's vectorized silu (libm's scalar exp would cost more than the products).
     at::mul_out(act, at::silu(gu.narrow(1, 0, inter)), gu.narrow(1, inter, inter));
-    x = x + linear(act, w[8], w[9]);
+    x = x + (few ? linear_parts(act, rw + 6, 1, w[9]) : linear(act, w[8], w[9]));
   }
   return x;
+}
+
+// x @ w.T + b through the few-row kernel, or an undefined tensor (None in Python) when it
+// does not apply (more than kFewRows rows, or no AVX2 + FMA on this CPU).
+at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  check_f32(x, "x");
+  check_f32(w, "w");
+  if (x.size(0) > realhf::kFewRows || !realhf::few_rows_supported()) return at::Tensor();
+  if (b.numel()) check_f32(b, "b");
+  return linear_parts(x, &w, 1, b);
 }
 
 // Matrices [out_i, in] side by side and transposed: [in, sum(out_i)], the
@@ -189,10 +232,14 @@ at::Tensor transpose_cat(const std::vector<at::Tensor>& mats) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "One decoding step through all llama blocks (float32 CPU)";
   m.def("decode_blocks", &decode_blocks, py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("scales"),
+        py::arg("row_weights"),
         py::arg("cache_k"), py::arg("cache_v"), py::arg("rows"), py::arg("pos"), py::arg("cos"), py::arg("sin"),
         py::arg("n_q"), py::arg("n_kv"), py::arg("head_dim"), py::arg("inter"), py::arg("interleaved"),
         py::call_guard<py::gil_scoped_release>(),
         "x after every block of one decoding step; writes the new keys/values into the caches.");
+  m.def("few_rows_linear", &few_rows_linear, py::arg("x"), py::arg("w"), py::arg("b"),
+        py::call_guard<py::gil_scoped_release>(),
+        "x @ w.T + b for x [n <= 16, in] and row-major w [out, in] (AVX2 + FMA; None where unsupported).");
   m.def("transpose_cat", &transpose_cat, py::arg("mats"), py::call_guard<py::gil_scoped_release>(),
         "[in, sum(out_i)]: the [out_i, in] matrices concatenated and transposed.");
 }

@@ -199,7 +199,7 @@ def test_native_loop_refuses_rows_outside_the_cache():
              torch.ones(h), torch.zeros(h, 8), torch.empty(0), torch.zeros(4, h), torch.empty(0)]
     cache = torch.zeros(2, 4, 1, d)
     with pytest.raises(RuntimeError, match="outside a cache of 2 rows"):
-        ext.decode_blocks(torch.zeros(1, h), block, [1e-6, 1e-6], [1.0], [cache], [cache.clone()],
+        ext.decode_blocks(torch.zeros(1, h), block, [1e-6, 1e-6], [1.0], [], [cache], [cache.clone()],
                           torch.tensor([5]), torch.tensor([0]), torch.ones(1, d // 2), torch.zeros(1, d // 2),
                           1, 1, d, 4, False)
 
@@ -216,3 +216,32 @@ def test_back_to_back_weights_are_viewed_not_copied():
     assert _rows_back_to_back([a, flat[21:33].view(3, 4)]) is None  # a gap
     assert _rows_back_to_back([a, b.clone()]) is None  # another storage
     assert _rows_back_to_back([a, flat[20:35].view(3, 5)]) is None  # another width
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 13, 16])
+@pytest.mark.parametrize("n_out, width", [(6, 32), (7, 20), (128, 256)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_linear_equals_torch(rows, n_out, width, bias):
+    """The few-row product of decoding steps: odd output counts, widths not a multiple of 8, bias."""
+    from realhf.impl.ops import native
+
+    ext = native.load("decode_step")
+    if ext is None:
+        pytest.skip(native.import_error("decode_step"))
+    g = torch.Generator().manual_seed(rows * 1000 + n_out)
+    x, w = torch.randn(rows, width, generator=g), torch.randn(n_out, width, generator=g)
+    b = torch.randn(n_out, generator=g) if bias else torch.empty(0)
+    got = ext.few_rows_linear(x, w, b)
+    if got is None:
+        pytest.skip("no AVX2 + FMA on this CPU: decoding steps use at::mm")
+    # Sums of `width` products in another order: rounding grows with the width.
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b if bias else None), atol=1e-6 * width, rtol=1e-5)
+
+
+def test_few_rows_linear_declines_many_rows():
+    from realhf.impl.ops import native
+
+    ext = native.load("decode_step")
+    if ext is None:
+        pytest.skip(native.import_error("decode_step"))
+    assert ext.few_rows_linear(torch.randn(17, 8), torch.randn(4, 8), torch.empty(0)) is None

@@ -129,6 +129,9 @@ class _Block:
         self.gu_w, self.gu_b = _cat_linear([mlp.gate_proj, mlp.up_proj])
         self.d_w, self.d_b = _cat_linear([mlp.down_proj])
         self.act = mlp.act
+        # The model's own [out, in] weights, for steps of few rows (``decode_step``'s few-row kernel).
+        self.row_weights = [m.weight.detach() for m in (attn.c_attn.q_attn, attn.c_attn.k_attn, attn.c_attn.v_attn,
+                                                       attn.c_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
         self.ln_f = (block.ln_f.weight.detach(), block.ln_f.eps) if block.is_last else None
 
 
@@ -155,6 +158,7 @@ class FastDecoder:
         self.interleaved = cfg.rotary_interleaved
         self.wte = model.layers[0].wte.weight.detach()
         self.head, _ = _cat_linear([model.layers[-1]])
+        self.head_rows = model.layers[-1].weight.detach()  # [vocab, hidden], for few rows
         self.blocks = [_Block(b) for b in model.layers[1:-1]]
         self.f = cfg.intermediate_dim
         inv = model._inv_freq if model._inv_freq is not None else rotary_inv_freq(
@@ -190,7 +194,10 @@ class FastDecoder:
         weights = [t if t is not None else none for b in self.blocks
                    for t in (b.ln1, b.qkv_w, b.qkv_b, b.o_w, b.o_b, b.ln2, b.gu_w, b.gu_b, b.d_w, b.d_b)]
         eps = [float(e) for b in self.blocks for e in (b.eps1, b.eps2)]
-        return weights, eps, [float(b.scale) for b in self.blocks]
+        rows = [t for b in self.blocks for t in b.row_weights]
+        if not all(t.dtype == torch.float32 and t.is_contiguous() for t in rows):
+            rows = []
+        return weights, eps, [float(b.scale) for b in self.blocks], rows
 
     def blocks_python(self, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, whole: bool) -> torch.Tensor:
@@ -222,10 +229,11 @@ class FastDecoder:
         """All blocks of the step in one call of realhf._C.decode_step (float32 CPU, silu)."""
         if self._native is None:
             return self.blocks_python(x, rows, pos, cos, sin, whole)
-        weights, eps, scales = self._native
+        weights, eps, scales, row_weights = self._native
         return native.load(_EXT).decode_blocks(
-            x.contiguous(), weights, eps, scales, self.cache.k, self.cache.v, rows.contiguous(), pos.contiguous(),
-            cos.contiguous(), sin.contiguous(), self.n_q, self.n_kv, self.head_dim, self.f, self.interleaved)
+            x.contiguous(), weights, eps, scales, row_weights, self.cache.k, self.cache.v, rows.contiguous(),
+            pos.contiguous(), cos.contiguous(), sin.contiguous(), self.n_q, self.n_kv, self.head_dim, self.f,
+            self.interleaved)
 
     @property
     def native(self) -> bool:
@@ -274,6 +282,10 @@ class FastDecoder:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks[-1].ln_f is not None:
             x = _rms(x, *self.blocks[-1].ln_f)
+        if self._native is not None and self._native[3]:
+            out = native.load(_EXT).few_rows_linear(x.contiguous(), self.head_rows, self.wte.new_empty(0))
+            if out is not None:  # few rows on an AVX2 + FMA CPU
+                return out
         return x @ self.head
 
 
