@@ -245,3 +245,20 @@ def test_few_rows_linear_declines_many_rows():
     if ext is None:
         pytest.skip(native.import_error("decode_step"))
     assert ext.few_rows_linear(torch.randn(17, 8), torch.randn(4, 8), torch.empty(0)) is None
+
+
+def test_decoder_is_freed_without_the_cyclic_collector():
+    """A decoder holds weight copies and views of the model's parameters: it must go away when
+    generation ends, not when the (frozen, rarely run) cyclic collector gets to it."""
+    import gc
+    import weakref
+
+    model = _model(VARIANTS["llama-gqa"])
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        ref = weakref.ref(FastDecoder(model, model.allocate_kv_cache(2, 8)))
+        assert ref() is None
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -168,7 +168,10 @@ class FastDecoder:
         # The block loop of a step: one native call when the extension serves this model.
         impl = dispatch.select("decode_blocks", self.wte.device)
         self._native = self._native_args() if impl.backend == "cpp" else None
-        self._blocks = impl.fn.__get__(self)
+        # The plain function, not a bound method: a bound method stored on self is a reference
+        # cycle, which would keep the decoder (its weight copies and views of the model's
+        # parameters) alive until the cyclic collector runs, long after generation.
+        self._blocks_fn = impl.fn
 
     def use_cache(self, cache: KVCache) -> None:
         """Decode into ``cache`` from now on (same layers, dtype and device; any number of rows)."""
@@ -277,7 +280,7 @@ class FastDecoder:
         if bool((pos >= self.cache.capacity).any()):
             raise ValueError(f"KV cache capacity {self.cache.capacity} exceeded.")
         freqs = pos.float()[:, None] * self.inv_freq[None, :]
-        return self._blocks(F.embedding(tokens, self.wte), rows, pos, freqs.cos(), freqs.sin(), whole)
+        return self._blocks_fn(self, F.embedding(tokens, self.wte), rows, pos, freqs.cos(), freqs.sin(), whole)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks[-1].ln_f is not None:
