@@ -25,9 +25,9 @@
 
 namespace {
 
-constexpr int64_t kWeightsPerBlock = 10;
+constexpr int64_t kWeightsPerBlock = 10;  // ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, gu_b, d_w, d_b
 // Row-major [out, in] weights per block for steps of few rows: q, k, v, o, gate, up, down.
-constexpr int64_t kRowWeightsPerBlock = 7;  // ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, gu_b, d_w, d_b
+constexpr int64_t kRowWeightsPerBlock = 7;
 
 // Softmax attention of one query head over ``len`` cached positions whose
 // keys / values are ``stride`` floats apart: out = softmax(q . k_j * scale) @ v.

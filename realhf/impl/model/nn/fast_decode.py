@@ -75,8 +75,8 @@ def use_fast_decode(model: torch.nn.Module, device: torch.device) -> bool:
 
 
 def _rows_back_to_back(ws: List[torch.Tensor]) -> Optional[torch.Tensor]:
-    """One [sum(out), in] view of row-major matrices stored one after another
-    (as a flat parameter buffer holds q/k/v or gate/up), or None."""
+    """One [sum(out), in] view of row-major matrices stored one after another, in
+    this order, in one storage (a single matrix always is), or None."""
     first = ws[0]
     ptr, off = first.untyped_storage().data_ptr(), first.storage_offset()
     for w in ws:
@@ -164,10 +164,11 @@ class FastDecoder:
         inv = model._inv_freq if model._inv_freq is not None else rotary_inv_freq(
             cfg.head_dim, cfg.rotary_base, cfg.rotary_scaling, cfg.rotary_scaling_type, cfg.rotary_scaling_extra)
         self.inv_freq = inv.to(self.wte.device)
-        self.all_rows = torch.arange(cache.bs, device=self.wte.device)
         # The block loop of a step: one native call when the extension serves this model.
         impl = dispatch.select("decode_blocks", self.wte.device)
         self._native = self._native_args() if impl.backend == "cpp" else None
+        # The head through the few-row kernel too when the block loop has the row weights.
+        self._few_rows_head = self._native is not None and bool(self._native[3])
         # The plain function, not a bound method: a bound method stored on self is a reference
         # cycle, which would keep the decoder (its weight copies and views of the model's
         # parameters) alive until the cyclic collector runs, long after generation.
@@ -178,7 +179,6 @@ class FastDecoder:
         if len(cache.k) != len(self.cache.k) or (cache.k and cache.k[0].shape[1:] != self.cache.k[0].shape[1:]):
             raise ValueError("FastDecoder.use_cache: the new cache's layers or row shape differ.")
         self.cache = cache
-        self.all_rows = torch.arange(cache.bs, device=self.wte.device)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotary on x [n, heads, head_dim] with cos/sin [n, head_dim / 2] (fp32 math, as ``apply_rotary``)."""
@@ -285,7 +285,7 @@ class FastDecoder:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks[-1].ln_f is not None:
             x = _rms(x, *self.blocks[-1].ln_f)
-        if self._native is not None and self._native[3]:
+        if self._few_rows_head:
             out = native.load(_EXT).few_rows_linear(x.contiguous(), self.head_rows, self.wte.new_empty(0))
             if out is not None:  # few rows on an AVX2 + FMA CPU
                 return out

@@ -157,28 +157,31 @@ Segment = Tuple[int, int, int, int]  # (first query row, queries, first key row 
 
 
 def _segment_list(groups: List[Tuple[int, List[int]]]) -> List[Segment]:
-    """Query segments of tree groups given as (prefix, branch lengths), laid out one after another."""
+    """Query segments of tree groups given as (prefix, branch lengths), laid out one after
+    another: the prefix (when there is one), then each branch keyed by the prefix and itself.
+    A plain sequence is a group of one branch with prefix 0."""
     segs: List[Segment] = []
     row = 0
     for prefix, branches in groups:
-        if len(branches) == 1:  # a plain sequence (its "prefix" is part of its one branch)
-            segs.append((row, prefix + branches[0], row, 0))
-        else:
-            if prefix > 0:
-                segs.append((row, prefix, row, 0))
-            start = row + prefix
-            for n in branches:
-                segs.append((start, n, row, prefix))
-                start += n
-        row += prefix + sum(branches)
+        if prefix > 0:
+            segs.append((row, prefix, row, 0))
+        start = row + prefix
+        for n in branches:
+            segs.append((start, n, row, prefix))
+            start += n
+        row = start
     return segs
+
+
+def _grid_dims(segs: List[Segment]) -> Tuple[int, int]:
+    """(max queries, max keys) of a segment: the padded grid's width in each."""
+    return max(n for _, n, _, _ in segs), max(p + n for _, n, _, p in segs)
 
 
 def _segments(segs: List[Segment], positions: torch.Tensor, device: torch.device) -> TreeAttention:
     """The padded grids of :class:`TreeAttention` for ``segs``."""
     row = sum(n for _, n, _, _ in segs)
-    max_q = max(n for _, n, _, _ in segs)
-    max_k = max(p + n for _, n, _, p in segs)
+    max_q, max_k = _grid_dims(segs)
     n_seg = len(segs)
     q_index = torch.zeros(n_seg, max_q, dtype=torch.int64)
     k_index = torch.zeros(n_seg, max_k, dtype=torch.int64)
@@ -200,12 +203,13 @@ def _segments(segs: List[Segment], positions: torch.Tensor, device: torch.device
 
 
 def build_prefix_tree(input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                      min_saved_fraction: float = MIN_SAVED_FRACTION) -> Optional[PrefixTree]:
-    """The tree layout of a packed batch, or None when it would save less than
-    ``min_saved_fraction`` of the tokens (or nothing), or when its padded
-    attention grid would cost more than twice the flat layout's attention or
-    hold more than ``MAX_GRID`` cells (long sequences of very unequal
-    lengths: the flat kernels serve those better)."""
+                      min_saved_fraction: float = MIN_SAVED_FRACTION,
+                      device: Optional[torch.device] = None) -> Optional[PrefixTree]:
+    """The tree layout of a packed batch on ``device`` (default: the ids'), or None when it
+    would save less than ``min_saved_fraction`` of the tokens (or nothing), or when its
+    padded attention grid would cost more than twice the flat layout's attention or hold
+    more than ``MAX_GRID`` cells (long sequences of very unequal lengths: the flat kernels
+    serve those better)."""
     cu = cu_seqlens.detach().to("cpu", torch.int64)
     total = int(cu[-1]) if cu.numel() else 0
     if total == 0:
@@ -215,21 +219,21 @@ def build_prefix_tree(input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
     if saved <= 0 or saved < min_saved_fraction * total:
         return None
     starts, lens = cu[:-1].tolist(), (cu[1:] - cu[:-1]).tolist()
-    segs = _segment_list([(p, [lens[i] - p for i in range(first, end)]) if end - first > 1
-                          else (0, [lens[first]]) for first, end, p in groups])
-    cells = len(segs) * max(n for _, n, _, _ in segs) * max(p + n for _, n, _, p in segs)
+    shapes = [(prefix, [lens[i] - prefix for i in range(first, end)]) for first, end, prefix in groups]
+    segs = _segment_list(shapes)
+    max_q, max_k = _grid_dims(segs)
+    cells = len(segs) * max_q * max_k
     if cells > MAX_GRID or cells > 2 * sum(n * n for n in lens):
         return None
-    device = input_ids.device
+    device = input_ids.device if device is None else device
     src: List[torch.Tensor] = []  # flat token index of each tree row, in tree order
     expand: List[torch.Tensor] = []  # tree row of each flat token, in flat order
     group_lens = []
     row = 0
-    for first, end, prefix in groups:
-        branch_lens = [lens[i] - prefix for i in range(first, end)]
+    for (first, _, _), (prefix, branch_lens) in zip(groups, shapes):
         src.append(torch.arange(starts[first], starts[first] + prefix))
         offset = row + prefix
-        for i, n in zip(range(first, end), branch_lens):
+        for i, n in enumerate(branch_lens, start=first):
             src.append(torch.arange(starts[i] + prefix, starts[i] + lens[i]))
             expand.append(torch.arange(row, row + prefix))
             expand.append(torch.arange(offset, offset + n))
@@ -240,7 +244,7 @@ def build_prefix_tree(input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
     seq_of = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
     positions = src_t - cu[seq_of[src_t]]
     return PrefixTree(
-        input_ids=input_ids[src_t.to(device)],
+        input_ids=input_ids[src_t.to(input_ids.device)].to(device),
         positions=positions.to(device),
         cu_seqlens=torch.tensor([0] + group_lens, dtype=torch.int64).cumsum(0).to(device),
         attention=_segments(segs, positions, device),

@@ -391,7 +391,7 @@ class ReaLModel(nn.Module):
                 or not (self.has_embedding and self.has_head) or self.tp_size > 1
                 or self.config.mlp_type == "moe"):  # the router's balance loss counts tokens
             return None
-        return prefix_tree.build_prefix_tree(input_ids.to(self.device), cu_seqlens)
+        return prefix_tree.build_prefix_tree(input_ids, cu_seqlens, device=self.device)
 
     def _tp_forward(
         self,
