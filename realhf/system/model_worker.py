@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import gc
-import io
 import os
 import pickle
 import time
@@ -54,7 +53,7 @@ from realhf.api.core.data_api import PackedDataLoader, SequenceSample, make_data
 from realhf.api.core.dfg import MFCDef
 from realhf.api.core.model_api import MicroBatchSpec
 from realhf.api.core.system_api import ExperimentConfig
-from realhf.base import constants, logging, seeding
+from realhf.base import constants, logging, seeding, tensor_codec
 from realhf.impl.model.comm import global_comm
 from realhf.impl.model.comm.realloc_hooks import Replica, run_hook
 from realhf.impl.model.parallelism.pipeline_parallel import p2p
@@ -85,15 +84,13 @@ def source_rpc(cfg: ExperimentConfig) -> MFCDef:
 
 
 def _to_bytes(obj: Any) -> torch.Tensor:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    return tensor_codec.encode(obj)
 
 
 def _from_bytes(t: torch.Tensor) -> Any:
     """Decode a :func:`_to_bytes` tensor; received buffers live on the NCCL device,
-    and ``.numpy()`` only works on CPU, so copy to host first."""
-    return torch.load(io.BytesIO(t.detach().cpu().numpy().tobytes()), weights_only=False)
+    and are read on the host."""
+    return tensor_codec.decode(t)
 
 
 def cuda_device_index(worker_index: int, device: str) -> Optional[int]:

@@ -46,6 +46,31 @@ def test_gather_packed_shifted_log_probs_gradient_flows():
     assert logits.grad[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens", [[5], [1, 4, 3], [3, 0, 4]])
+def test_gather_packed_shifted_log_probs_gradient_matches_plain_torch(lens, dtype):
+    """Values and logit gradients equal log_softmax + indexing through autograd (float32 math)."""
+    g = torch.Generator().manual_seed(7 + sum(lens))
+    total, vocab = sum(lens), 13
+    base = (torch.randn(total, vocab, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (total,), generator=g)
+    cu = _cu(lens)
+    pred = [t for i in range(len(lens)) for t in range(int(cu[i]), int(cu[i + 1]) - 1)]
+    weights = torch.randn(len(pred), generator=g)
+
+    x = base.clone().requires_grad_()
+    got = F.gather_packed_shifted_log_probs(x, cu, labels)
+    (got * weights).sum().backward()
+
+    y = base.clone().requires_grad_()
+    idx = torch.tensor(pred, dtype=torch.long)
+    expected = torch.log_softmax(y.float()[idx], -1).gather(-1, labels[idx + 1].unsqueeze(-1)).squeeze(-1)
+    (expected * weights).sum().backward()
+    assert got.dtype == torch.float32 and x.grad.dtype == dtype
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(x.grad, y.grad)
+
+
 def test_gather_rejects_bad_boundaries():
     with pytest.raises(ValueError):
         F.gather_packed_shifted_log_probs(torch.randn(4, 3), torch.tensor([0, 2, 5]), torch.zeros(4, dtype=torch.long))

@@ -52,6 +52,8 @@ def test_bind_sets_current_device(fake_cuda):
 class _DeviceTensor:
     """Acts like a CUDA tensor: ``.numpy()`` fails until copied to the host."""
 
+    device = torch.device("cuda", 0)
+
     def __init__(self, t: torch.Tensor):
         self._t = t
 

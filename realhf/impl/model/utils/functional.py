@@ -67,6 +67,36 @@ def shifted_label_indices(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch
     return pred, pred + 1
 
 
+class _ShiftedLogProbs(torch.autograd.Function):
+    """``logits[pred, labels] - logsumexp(logits[pred])`` in few passes over the logits.
+
+    The plain composition (select rows, logsumexp, gather) copies the selected
+    rows forward and, backward, allocates a zero [T, V] tensor for each of
+    the row selection and the gather. Here the forward reads the logits in
+    place; the backward writes the gradient once:
+    ``-g * softmax(logits)`` on the predicted rows plus ``g`` at the labels.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        lf = logits.float()
+        lse = torch.logsumexp(lf, dim=-1)
+        ctx.save_for_backward(lf, lse, pred, labels)
+        ctx.in_dtype = logits.dtype
+        return lf[pred, labels] - lse[pred]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        lf, lse, pred, labels = ctx.saved_tensors
+        g = g.float()
+        row_scale = torch.zeros_like(lse)
+        row_scale[pred] = -g
+        grad = torch.exp(lf - lse.unsqueeze(1))
+        grad.mul_(row_scale.unsqueeze(1))
+        grad.index_put_((pred, labels), g, accumulate=True)
+        return grad.to(ctx.in_dtype), None, None
+
+
 def gather_packed_shifted_log_probs(
     logits: torch.Tensor, cu_seqlens: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
@@ -78,9 +108,9 @@ def gather_packed_shifted_log_probs(
     :return: float [sum(L_i - 1)], entry t of sequence i is
         ``log p(labels[t + 1] | logits[t])``.
 
-    Only the selected rows are normalised, and via ``logsumexp`` rather than a
-    full ``log_softmax`` copy: for a large vocabulary the [T, V] intermediate
-    is the dominant memory cost.
+    Normalised via ``logsumexp`` rather than a full ``log_softmax`` copy (for
+    a large vocabulary the [T, V] intermediates are the dominant memory
+    cost), in float32 whatever the logits' dtype; see :class:`_ShiftedLogProbs`.
     """
     if logits.dim() != 2 or labels.dim() != 1 or logits.shape[0] != labels.shape[0]:
         raise ValueError(
@@ -88,9 +118,7 @@ def gather_packed_shifted_log_probs(
         )
     _check_cu_seqlens(cu_seqlens, logits.shape[0])
     pred, lab = shifted_label_indices(cu_seqlens)
-    sel = logits[pred].float()
-    chosen = sel.gather(-1, labels[lab].long().unsqueeze(-1)).squeeze(-1)
-    return chosen - torch.logsumexp(sel, dim=-1)
+    return _ShiftedLogProbs.apply(logits, pred, labels[lab].long())
 
 
 def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor] = None, dim=None) -> torch.Tensor:
