@@ -50,7 +50,7 @@ import realhf.impl.model.real_model_factory  # noqa: F401  (registers "real_mode
 from realhf.api.core import model_api
 from realhf.api.core.config import ModelInterfaceType, ModelName
 from realhf.api.core.data_api import PackedDataLoader, SequenceSample, make_dataset
-from realhf.api.core.dfg import MFCDef
+from realhf.api.core.dfg import MFCDef, ParamReallocHook
 from realhf.api.core.model_api import MicroBatchSpec
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.base import constants, logging, seeding, tensor_codec
@@ -351,7 +351,19 @@ class ModelWorkerCore:
         return None
 
     def _hook(self, data: Dict[str, Any]) -> Dict[str, Any]:
-        return run_hook(data["hook"], data["call"], self._replicas())
+        hook, call = data["hook"], data["call"]
+        share = isinstance(hook, ParamReallocHook) and hook.source is not None and self._lent(call, hook.source)
+        return run_hook(hook, call, self._replicas(), share=share)
+
+    def _lent(self, call: ModelName, source: ModelName) -> bool:
+        """Whether every call on replica ``call`` takes ``source``'s weights first and hands
+        them back after (the layout of a generation or inference call): then the replica
+        never outlives the weights it was given, and may share the source's buffer."""
+        rpcs = [r for r in self.cfg.model_rpcs if r.model_name == call]
+        return bool(rpcs) and all(
+            any(isinstance(h, ParamReallocHook) and h.source == source for h in r.pre_hooks)
+            and any(isinstance(h, ParamReallocHook) and h.target == source and h.eta == 1.0 for h in r.post_hooks)
+            for r in rpcs)
 
     def _evaluate(self, data: Dict[str, Any]) -> Optional[Dict[str, float]]:
         name = data["model_name"]

@@ -137,3 +137,85 @@ def test_hooks_pull_drop_train_pull_ema_offload():
         for k, v in r["ref_after"].items():
             torch.testing.assert_close(v, 0.1 * trained[k] + 0.9 * full1[k], rtol=0, atol=1e-7)
         assert r["ref_offloaded"] and r["ref_reload_equal"]
+
+
+# --------------------------------------------------------------------------- #
+# A replica lent the train buffer: the rank holding the same stage in both
+# layouts shares the buffer (no copy), the others still receive their copy.
+# --------------------------------------------------------------------------- #
+def _lend_worker(rank, world):
+    constants.reset()
+    global_comm.clear_group_cache()
+    layouts = {ACTOR_TRAIN: ModelParallelLayout(PipeDataModelParallelTopology(1, 1, 1), [0]),
+               ACTOR_GEN: ModelParallelLayout(PipeDataModelParallelTopology(1, 2, 1), [0, 1]),
+               REF: ModelParallelLayout(PipeDataModelParallelTopology(1, 1, 1), [0])}
+    global_comm.setup_global_comm(layouts)
+    config = _config()
+    reps = {n: Replica(n, config, l, empty_stage(config, l, rank), trainable=(n == ACTOR_TRAIN))
+            for n, l in layouts.items()}
+    if rank == 0:
+        _load(reps[ACTOR_TRAIN], _full(0))
+        _load(reps[REF], _full(1))
+    out = {}
+    gen = reps[ACTOR_GEN].model
+    for share in (True, False):
+        stats = run_hook(ParamReallocHook(source=ACTOR_TRAIN), ACTOR_GEN, reps, share=share)
+        out[share] = {"gen": gen.flat_param.clone(), "bytes_shared": stats["bytes_shared"],
+                      "bytes_local": stats["bytes_local"], "bytes_sent": stats["bytes_sent"],
+                      "same_buffer": rank == 0 and gen.flat_param.data_ptr() == reps[ACTOR_TRAIN].model.flat_param.data_ptr()}
+        run_hook(ParamReallocHook(target=ACTOR_TRAIN), ACTOR_GEN, reps)
+        out[share]["gen_dropped"] = not gen.instantiated
+        if rank == 0:
+            out[share]["train"] = reps[ACTOR_TRAIN].model.flat_param.clone()
+    # A frozen source lent and freed: the destination keeps the weights.
+    if rank == 0:
+        ref_before = reps[REF].model.flat_param.clone()
+    from realhf.impl.model.comm.param_realloc import reallocate
+    stats = reallocate(config, layouts[REF], layouts[ACTOR_GEN], reps[REF].model, gen, free_source=True, share=True)
+    out["frozen"] = {"gen": gen.flat_param.clone(), "ref_freed": rank != 0 or not reps[REF].model.instantiated,
+                     "shared": stats["bytes_shared"] > 0,
+                     "equal": rank != 0 or torch.equal(gen.flat_param, ref_before)}
+    return out
+
+
+def test_lent_replica_shares_the_train_buffer_on_the_same_stage():
+    res = run_distributed(_lend_worker, 2, timeout=120)
+    flat0 = ReaLModel(_config()).instantiate(init=False)
+    flat0.load_state_dict(_full(0))
+    flat1 = ReaLModel(_config()).instantiate(init=False)
+    flat1.load_state_dict(_full(1))
+    n_bytes = flat0.flat_param.numel() * 4
+    for rank, r in enumerate(res):
+        for share in (True, False):
+            assert torch.equal(r[share]["gen"], flat0.flat_param) and r[share]["gen_dropped"]
+        assert torch.equal(r["frozen"]["gen"], flat1.flat_param) and r["frozen"]["ref_freed"]
+    r0, r1 = res
+    # Rank 0 holds the stage in both layouts: shared when allowed, copied otherwise; it sends rank 1 a copy.
+    assert r0[True]["same_buffer"] and r0[True]["bytes_shared"] == n_bytes and r0[True]["bytes_local"] == 0
+    assert not r0[False]["same_buffer"] and r0[False]["bytes_shared"] == 0 and r0[False]["bytes_local"] == n_bytes
+    assert r0[True]["bytes_sent"] == r0[False]["bytes_sent"] == n_bytes
+    assert r1[True]["bytes_shared"] == 0
+    # Handing the lent buffer back leaves the train replica untouched.
+    assert torch.equal(r0[True]["train"], flat0.flat_param) and torch.equal(r0[False]["train"], flat0.flat_param)
+    assert r0["frozen"]["shared"] and r0["frozen"]["equal"] and not r1["frozen"]["shared"]
+
+
+def test_worker_lends_only_replicas_handed_back_after_every_call():
+    from types import SimpleNamespace
+
+    from realhf.system.model_worker import ModelWorkerCore
+
+    def rpc(model, pre=(), post=()):
+        return SimpleNamespace(model_name=model, pre_hooks=list(pre), post_hooks=list(post))
+
+    pull, give_back = ParamReallocHook(source=ACTOR_TRAIN), ParamReallocHook(target=ACTOR_TRAIN)
+    ema = ParamReallocHook(target=ACTOR_TRAIN, eta=0.5)
+
+    def lent(*rpcs):
+        return ModelWorkerCore._lent(SimpleNamespace(cfg=SimpleNamespace(model_rpcs=list(rpcs))), ACTOR_GEN, ACTOR_TRAIN)
+
+    assert lent(rpc(ACTOR_GEN, [pull], [give_back]), rpc(ACTOR_TRAIN))
+    assert not lent(rpc(ACTOR_GEN, [pull]))  # kept after the call: a snapshot, must be a copy
+    assert not lent(rpc(ACTOR_GEN, [pull], [ema]))
+    assert not lent(rpc(ACTOR_GEN, [pull], [give_back]), rpc(ACTOR_GEN))  # another call uses it without a pull
+    assert not lent(rpc(ACTOR_TRAIN))

@@ -119,6 +119,19 @@ def _direct_dst(flat: torch.Tensor, t: Transfer, eta: float) -> Optional[torch.T
     return None if r is None else flat[r[0]:r[1]]
 
 
+def _whole_local_copy(plan: ReallocPlan, rank: int, src_flat: torch.Tensor) -> bool:
+    """Whether ``rank`` receives nothing from others and its one local piece is its whole
+    source buffer, in the same order: its destination buffer would be an exact copy."""
+    if plan.recvs_of(rank) or plan.dst_flat_size[rank] != src_flat.numel():
+        return False
+    local = plan.locals_of(rank)
+    if len(local) != 1 or len(local[0].segments) != 1:
+        return False
+    seg = local[0].segments[0]
+    n = src_flat.numel()
+    return _single_range(seg.src_intervals) == (0, n) and _single_range(seg.dst_intervals) == (0, n)
+
+
 def _gather(flat: torch.Tensor, t: Transfer) -> torch.Tensor:
     direct = _direct_src(flat, t)
     if direct is not None:
@@ -180,6 +193,7 @@ def reallocate(
     eta: float = 1.0,
     free_source: bool = False,
     group: Any = None,
+    share: bool = False,
 ) -> Dict[str, Any]:
     """Copy (or EMA-mix) the weights of ``src_model`` (source layout) into ``dst_model`` (destination layout).
 
@@ -190,9 +204,12 @@ def reallocate(
     ``dst = eta * src + (1 - eta) * dst``), which needs its current weights.
     ``free_source`` releases the source buffer afterwards (frozen sources).
     ``group`` is the process group spanning the global ranks (default world);
-    plan ranks are global ranks.
+    plan ranks are global ranks. With ``share``, a rank whose destination
+    stage would be an exact copy of its source stage gets the source's buffer
+    itself (no copy); pass it only when the destination is released before the
+    source next changes (a call's replica handed back by its post-hook).
 
-    Returns ``{"bytes_sent", "bytes_received", "bytes_local", "n_sends",
+    Returns ``{"bytes_sent", "bytes_received", "bytes_local", "bytes_shared", "n_sends",
     "n_recvs", "time_s"}`` for this rank.
     """
     t0 = time.perf_counter()
@@ -202,11 +219,12 @@ def reallocate(
     me = dist.get_rank() if dist.is_initialized() else 0
     plan = make_realloc_plan(config, src_layout, dst_layout, world_size=world)
     in_src, in_dst = me in src_layout, me in dst_layout
-    stats = dict(bytes_sent=0, bytes_received=0, bytes_local=0, n_sends=0, n_recvs=0, time_s=0.0)
+    stats = dict(bytes_sent=0, bytes_received=0, bytes_local=0, bytes_shared=0, n_sends=0, n_recvs=0, time_s=0.0)
     if not (in_src or in_dst):
         return stats
 
     src_flat = dst_flat = None
+    shared = False
     if in_src:
         if src_model is None or not src_model.instantiated:
             raise ReallocError(f"Rank {me} is in the source layout but has no instantiated source model.")
@@ -229,7 +247,13 @@ def reallocate(
         if not dst_model.instantiated:
             if eta != 1.0:
                 raise ReallocError(f"Rank {me}: EMA reallocation (eta={eta}) needs an instantiated destination.")
-            dst_model.instantiate(init=False)
+            if share and src_flat is not None and _whole_local_copy(plan, me, src_flat):
+                # The same stage on both sides: share the source's buffer instead of copying it.
+                dst_model.bind_flat_param(src_flat)
+                shared = True
+                stats["bytes_shared"] = src_flat.numel() * src_flat.element_size()
+            else:
+                dst_model.instantiate(init=False)
         dst_flat = dst_model.flat_param
         if src_flat is not None and src_flat.dtype != dst_flat.dtype:
             raise ReallocError(f"Source dtype {src_flat.dtype} differs from destination dtype {dst_flat.dtype}.")
@@ -251,7 +275,7 @@ def reallocate(
     works = dist.batch_isend_irecv(ops) if ops else []
 
     # Local copies overlap with communication.
-    for t in plan.locals_of(me) if in_dst else []:
+    for t in plan.locals_of(me) if in_dst and not shared else []:
         direct = _direct_dst(dst_flat, t, eta)
         if direct is not None:
             direct.copy_(_gather(src_flat, t))
