@@ -57,6 +57,7 @@ from realhf.base import constants, logging, seeding, tensor_codec
 from realhf.impl.model.comm import global_comm
 from realhf.impl.model.comm.realloc_hooks import Replica, run_hook
 from realhf.impl.model.parallelism.pipeline_parallel import p2p
+from realhf.impl.model.comm.local_links import LocalLinks
 from realhf.system.worker_base import FatalError
 
 logger = logging.getLogger("model_worker")
@@ -140,6 +141,7 @@ class ModelWorkerCore:
         self.loader: Optional[PackedDataLoader] = None
         self.head_index, self.n_heads = 0, 1
         self.eval_loaders: Dict[ModelName, Any] = {}
+        self.links: Optional[LocalLinks] = None
         self._handlers: Dict[str, Callable[[Any], Any]] = {
             "spec": self._spec, "initialize": self._initialize, "fetch": self._fetch, "transfer": self._transfer,
             "mfc": self._mfc, "hook": self._hook, "evaluate": self._evaluate, "save": self._save,
@@ -153,6 +155,9 @@ class ModelWorkerCore:
         cfg = self.cfg
         constants.set_experiment_trial_names(self.experiment_name, self.trial_name)
         global_comm.setup_global_comm(cfg.model_layouts)
+        if os.environ.get("REAL_LOCAL_LINKS", "1") != "0":
+            self.links = LocalLinks.connect()
+            global_comm.set_local_links(self.links)
         seeding.set_random_seed(cfg.seed, f"model_worker{self.rank}")
         for shard in self.spec.shards:
             name = shard.id.model_name
@@ -272,7 +277,11 @@ class ModelWorkerCore:
         if not outgoing and not srcs:
             return None
         sends = [(_to_bytes(parts), d) for d, parts in sorted(outgoing.items())]
-        for t in p2p.batch_send_recv(sends, sorted(srcs)):
+        if self.links is not None and self.links.reaches([d for _, d in sends] + sorted(srcs)):
+            received = self.links.exchange(sends, [(src, None) for src in sorted(srcs)])
+        else:
+            received = p2p.batch_send_recv(sends, sorted(srcs))
+        for t in received:
             for part in _from_bytes(t):
                 for it in part.unpack():
                     self._put(it)
@@ -353,7 +362,7 @@ class ModelWorkerCore:
     def _hook(self, data: Dict[str, Any]) -> Dict[str, Any]:
         hook, call = data["hook"], data["call"]
         share = isinstance(hook, ParamReallocHook) and hook.source is not None and self._lent(call, hook.source)
-        return run_hook(hook, call, self._replicas(), share=share)
+        return run_hook(hook, call, self._replicas(), share=share, links=self.links)
 
     def _lent(self, call: ModelName, source: ModelName) -> bool:
         """Whether every call on replica ``call`` takes ``source``'s weights first and hands

@@ -156,10 +156,15 @@ def _lend_worker(rank, world):
     if rank == 0:
         _load(reps[ACTOR_TRAIN], _full(0))
         _load(reps[REF], _full(1))
-    out = {}
+    from realhf.impl.model.comm.local_links import LocalLinks
+
+    links = LocalLinks.connect()
+    out = {"linked": links is not None}
     gen = reps[ACTOR_GEN].model
-    for share in (True, False):
-        stats = run_hook(ParamReallocHook(source=ACTOR_TRAIN), ACTOR_GEN, reps, share=share)
+    for share, use_links in ((True, False), (False, False), (True, True), (False, True)):
+        stats = run_hook(ParamReallocHook(source=ACTOR_TRAIN), ACTOR_GEN, reps, share=share,
+                         links=links if use_links else None)
+        share = (share, use_links)
         out[share] = {"gen": gen.flat_param.clone(), "bytes_shared": stats["bytes_shared"],
                       "bytes_local": stats["bytes_local"], "bytes_sent": stats["bytes_sent"],
                       "same_buffer": rank == 0 and gen.flat_param.data_ptr() == reps[ACTOR_TRAIN].model.flat_param.data_ptr()}
@@ -185,18 +190,22 @@ def test_lent_replica_shares_the_train_buffer_on_the_same_stage():
     flat1 = ReaLModel(_config()).instantiate(init=False)
     flat1.load_state_dict(_full(1))
     n_bytes = flat0.flat_param.numel() * 4
+    cases = [(share, use_links) for share in (True, False) for use_links in (True, False)]
     for rank, r in enumerate(res):
-        for share in (True, False):
-            assert torch.equal(r[share]["gen"], flat0.flat_param) and r[share]["gen_dropped"]
+        assert r["linked"]  # the copies to rank 1 went over the local socket in half the cases
+        for case in cases:
+            assert torch.equal(r[case]["gen"], flat0.flat_param) and r[case]["gen_dropped"]
         assert torch.equal(r["frozen"]["gen"], flat1.flat_param) and r["frozen"]["ref_freed"]
     r0, r1 = res
     # Rank 0 holds the stage in both layouts: shared when allowed, copied otherwise; it sends rank 1 a copy.
-    assert r0[True]["same_buffer"] and r0[True]["bytes_shared"] == n_bytes and r0[True]["bytes_local"] == 0
-    assert not r0[False]["same_buffer"] and r0[False]["bytes_shared"] == 0 and r0[False]["bytes_local"] == n_bytes
-    assert r0[True]["bytes_sent"] == r0[False]["bytes_sent"] == n_bytes
-    assert r1[True]["bytes_shared"] == 0
-    # Handing the lent buffer back leaves the train replica untouched.
-    assert torch.equal(r0[True]["train"], flat0.flat_param) and torch.equal(r0[False]["train"], flat0.flat_param)
+    for use_links in (True, False):
+        shared, copied = r0[True, use_links], r0[False, use_links]
+        assert shared["same_buffer"] and shared["bytes_shared"] == n_bytes and shared["bytes_local"] == 0
+        assert not copied["same_buffer"] and copied["bytes_shared"] == 0 and copied["bytes_local"] == n_bytes
+        assert shared["bytes_sent"] == copied["bytes_sent"] == n_bytes
+        assert r1[True, use_links]["bytes_shared"] == 0
+        # Handing the lent buffer back leaves the train replica untouched.
+        assert torch.equal(shared["train"], flat0.flat_param) and torch.equal(copied["train"], flat0.flat_param)
     assert r0["frozen"]["shared"] and r0["frozen"]["equal"] and not r1["frozen"]["shared"]
 
 

@@ -132,6 +132,42 @@ def test_dp_and_zero_match_single_process():
     assert not torch.equal(results[0][2], _model(seed=3).flat_param)
 
 
+def _dp_links_worker(rank: int, world_size: int):
+    from realhf.impl.model.comm import global_comm
+    from realhf.impl.model.comm.local_links import LocalLinks
+
+    links = LocalLinks.connect()
+    flats, big_all_reduces = {}, {}
+    plain_all_reduce = torch.distributed.all_reduce
+
+    def counting_all_reduce(t, *args, **kw):
+        big_all_reduces[use_links] += int(t.numel() > 1000)  # gradient buckets, not statistics
+        return plain_all_reduce(t, *args, **kw)
+
+    torch.distributed.all_reduce = counting_all_reduce
+    for use_links in (False, True):
+        big_all_reduces[use_links] = 0
+        global_comm.set_local_links(links if use_links else None)
+        e = _engine(_model(seed=3))
+        for step in range(3):
+            e.module.train_batch(_halves(_sample(seed=10 + step))[rank], MicroBatchSpec(n_mbs=1), _lm_loss,
+                                 _predicted_tokens)
+        flats[use_links] = e.module.module.flat_param.clone()
+    torch.distributed.all_reduce = plain_all_reduce
+    global_comm.set_local_links(None)
+    return links is not None, flats, big_all_reduces
+
+
+def test_dp_gradient_sum_over_local_links_equals_torch_distributed():
+    """Workers of one host average gradients over their sockets: bit for bit the gloo result."""
+    results = run_distributed(_dp_links_worker, 2, timeout=60)
+    for linked, flats, big_all_reduces in results:
+        assert linked and torch.equal(flats[True], flats[False])
+        assert big_all_reduces[False] >= 3 and big_all_reduces[True] == 0
+    assert torch.equal(results[0][1][True], results[1][1][True])
+    assert not torch.equal(results[0][1][True], _model(seed=3).flat_param)
+
+
 def test_grad_accumulation_matches_one_micro_batch():
     flats = []
     for n_mbs in (1, 3):

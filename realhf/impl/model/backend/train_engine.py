@@ -21,6 +21,7 @@ from realhf.impl.model.backend.grad_sync import GradNormRanges, global_grad_norm
 from realhf.impl.model.backend.inference import INPUT_KEY, EngineModule, packed_inputs
 from realhf.impl.model.backend.loss_scaler import DynamicLossScaler
 from realhf.impl.model.backend.optim import FlatAdamW, OptimizerConfig, make_lr_lambda
+from realhf.impl.model.comm import global_comm
 from realhf.impl.model.parallelism.micro_batch import MicroBatchSplit, split_packed_batch
 
 LossFn = Callable[[torch.Tensor, SequenceSample], Tuple[torch.Tensor, Dict[str, Any]]]
@@ -153,9 +154,17 @@ class TrainModule(EngineModule):
         return t
 
     def _all_reduce_grads(self) -> None:
-        """Average the flat grad over dp, bucket by bucket to bound message size."""
+        """Average the flat grad over dp, bucket by bucket to bound message size (or, between
+        the workers of one host, in one sum over their local links)."""
         if not self.distributed or self.dp_size == 1:
             return
+        links = global_comm.local_links()
+        if links is not None and self.flat_grad.device.type == "cpu":
+            ranks = dist.get_process_group_ranks(self.group)
+            if links.reaches(ranks):
+                links.all_reduce_sum(self.flat_grad, ranks)
+                self.flat_grad.div_(self.dp_size)
+                return
         for s in range(0, self.numel, self.bucket_size):
             bucket = self.flat_grad[s:s + self.bucket_size]
             dist.all_reduce(bucket, group=self.group)

@@ -38,6 +38,19 @@ def _key(ranks: Iterable[int]) -> RankKey:
     return key
 
 
+_local_links: Any = None  # this process's LocalLinks (sockets to the ranks of its host), if any
+
+
+def set_local_links(links: Any) -> None:
+    """Register the worker's ``LocalLinks`` for collectives that can use them (dp gradient sums)."""
+    global _local_links
+    _local_links = links
+
+
+def local_links() -> Any:
+    return _local_links
+
+
 def new_or_get_group(ranks: Sequence[int], backend: Optional[str] = None) -> Any:
     """Return the cached group over ``ranks``, creating it collectively if new.
 

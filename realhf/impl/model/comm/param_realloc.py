@@ -194,6 +194,7 @@ def reallocate(
     free_source: bool = False,
     group: Any = None,
     share: bool = False,
+    links: Any = None,
 ) -> Dict[str, Any]:
     """Copy (or EMA-mix) the weights of ``src_model`` (source layout) into ``dst_model`` (destination layout).
 
@@ -208,6 +209,8 @@ def reallocate(
     stage would be an exact copy of its source stage gets the source's buffer
     itself (no copy); pass it only when the destination is released before the
     source next changes (a call's replica handed back by its post-hook).
+    ``links`` (a worker's ``realhf.impl.model.comm.local_links.LocalLinks``) carries the
+    messages between ranks of one host instead of ``torch.distributed``.
 
     Returns ``{"bytes_sent", "bytes_received", "bytes_local", "bytes_shared", "n_sends",
     "n_recvs", "time_s"}`` for this rank.
@@ -260,21 +263,26 @@ def reallocate(
 
     sends = plan.sends_of(me) if in_src else []
     recvs = plan.recvs_of(me) if in_dst else []
-    ops, recv_bufs = [], []
+    flats = [f for f in (src_flat, dst_flat) if f is not None]
+    by_links = (links is not None and group is None and all(f.device.type == "cpu" for f in flats)
+                and links.reaches([t.receiver for t in sends] + [t.sender for t in recvs]))
     send_bufs = [_gather(src_flat, t) for t in sends]
-    for t, buf in zip(sends, send_bufs):
-        ops.append(dist.P2POp(dist.isend, buf, t.receiver, group))
-        stats["bytes_sent"] += buf.numel() * buf.element_size()
+    stats["bytes_sent"] = sum(b.numel() * b.element_size() for b in send_bufs)
+    recv_into, recv_bufs = [], []
     for t in recvs:
         in_place = _direct_dst(dst_flat, t, eta)
         buf = in_place if in_place is not None else torch.empty(t.numel, dtype=dst_flat.dtype, device=dst_flat.device)
+        recv_into.append(buf)
         recv_bufs.append(None if in_place is not None else buf)  # None: nothing to scatter
-        ops.append(dist.P2POp(dist.irecv, buf, t.sender, group))
         stats["bytes_received"] += buf.numel() * buf.element_size()
     stats["n_sends"], stats["n_recvs"] = len(sends), len(recvs)
-    works = dist.batch_isend_irecv(ops) if ops else []
+    works = []
+    if not by_links:
+        ops = [dist.P2POp(dist.isend, buf, t.receiver, group) for t, buf in zip(sends, send_bufs)]
+        ops += [dist.P2POp(dist.irecv, buf, t.sender, group) for t, buf in zip(recvs, recv_into)]
+        works = dist.batch_isend_irecv(ops) if ops else []
 
-    # Local copies overlap with communication.
+    # Local copies overlap with communication (on torch.distributed).
     for t in plan.locals_of(me) if in_dst and not shared else []:
         direct = _direct_dst(dst_flat, t, eta)
         if direct is not None:
@@ -282,6 +290,9 @@ def reallocate(
         else:
             _scatter(_gather(src_flat, t), dst_flat, t, eta)
         stats["bytes_local"] += t.numel * dst_flat.element_size()
+    if by_links and (sends or recvs):
+        links.exchange([(b, t.receiver) for t, b in zip(sends, send_bufs)],
+                       [(t.sender, b) for t, b in zip(recvs, recv_into)])
     for w in works:
         w.wait()
     for t, buf in zip(recvs, recv_bufs):

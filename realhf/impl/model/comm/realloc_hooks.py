@@ -67,18 +67,19 @@ def empty_stage(config: ReaLModelConfig, layout: ModelParallelLayout, rank: int,
 
 
 def _realloc(src: Replica, dst: Replica, eta: float, free_source: bool, group: Any,
-             share: bool = False) -> Dict[str, Any]:
+             share: bool = False, links: Any = None) -> Dict[str, Any]:
     return reallocate(src.config, src.layout, dst.layout, src.model, dst.model, eta=eta,
-                      free_source=free_source, group=group, share=share)
+                      free_source=free_source, group=group, share=share, links=links)
 
 
 def run_hook(hook: RPCHook, call: ModelName, replicas: Dict[ModelName, Replica], group: Any = None,
-             share: bool = False) -> Dict[str, Any]:
+             share: bool = False, links: Any = None) -> Dict[str, Any]:
     """Run ``hook`` attached to a call on replica ``call``; returns this rank's transfer stats.
 
     ``share``: ``call``'s replica is handed back (released) after every use, so a
     ``source=`` reallocation may lend it the source's own buffer where this rank
-    holds the same stage in both layouts (see ``reallocate``)."""
+    holds the same stage in both layouts (see ``reallocate``). ``links``: the
+    worker's ``LocalLinks``, which carry weights between ranks of one host."""
     me = dist.get_rank() if dist.is_initialized() else 0
     if call not in replicas:
         raise KeyError(f"Hook on unknown model {call}; known: {sorted(map(str, replicas))}.")
@@ -99,10 +100,11 @@ def run_hook(hook: RPCHook, call: ModelName, replicas: Dict[ModelName, Replica],
         if hook.eta != 1.0 and this.model is not None and not this.model.instantiated:
             raise ValueError(f"EMA into {call} needs its current weights, but it holds none.")
         return _realloc(other, this, hook.eta, free_source=not other.trainable, group=group,
-                        share=share and hook.eta == 1.0)
+                        share=share and hook.eta == 1.0, links=links)
     if other.trainable and hook.eta == 1.0:
         # The train replica already holds exactly these weights; drop the copy.
         if this.model is not None and not this.trainable:
             release_params(this.model)
         return {}
-    return _realloc(this, other, hook.eta, free_source=not this.trainable and hook.eta == 1.0, group=group)
+    return _realloc(this, other, hook.eta, free_source=not this.trainable and hook.eta == 1.0, group=group,
+                    links=links)

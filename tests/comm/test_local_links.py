@@ -1,0 +1,118 @@
+"""Sockets between the workers of one host: every pairing of sends and receives
+arrives intact (both directions at once, large and empty messages, into given
+buffers), and a broken or mismatched link raises instead of hanging."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from realhf.base.testing import run_distributed
+from realhf.impl.model.comm.local_links import LocalLinks
+
+pytestmark = pytest.mark.distributed
+
+
+def _payload(src: int, dst: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 * src + dst)
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+
+
+def _exchange_worker(rank, world):
+    links = LocalLinks.connect()
+    out = {"peers": links.peers}
+    # Everyone sends everyone a message of a different size, all at once; 6 MB ones
+    # exceed the socket buffers in both directions.
+    sizes = {(s, d): (6 << 20) if (s + d) % 2 else 1000 + 10 * s + d for s in range(world) for d in range(world)}
+    sends = [(_payload(rank, d, sizes[rank, d]), d) for d in range(world) if d != rank]
+    got = links.exchange(sends, [(s, None) for s in range(world) if s != rank])
+    out["all_to_all"] = all(torch.equal(t, _payload(s, rank, sizes[s, rank]))
+                            for t, s in zip(got, [s for s in range(world) if s != rank]))
+    # Typed tensors into given buffers, an empty message, and a one-way transfer.
+    if rank == 0:
+        floats = torch.linspace(0, 1, 3000)
+        links.exchange([(floats, 1), (torch.empty(0), 2)], [])
+    elif rank == 1:
+        buf = torch.empty(3000)
+        (filled,) = links.exchange([], [(0, buf)])
+        out["into_buffer"] = filled is buf and torch.equal(buf, torch.linspace(0, 1, 3000))
+    else:
+        (empty,) = links.exchange([], [(0, None)])
+        out["empty"] = empty.numel() == 0
+    # A buffer of the wrong size is refused with both sizes named.
+    if rank == 0:
+        links.exchange([(torch.zeros(8, dtype=torch.uint8), 1)], [])
+    elif rank == 1:
+        try:
+            links.exchange([], [(0, torch.empty(4, dtype=torch.uint8))])
+        except ValueError as e:
+            out["size_error"] = str(e)
+    dist.barrier()
+    links.close()
+    return out
+
+
+def test_exchange_between_three_ranks():
+    res = run_distributed(_exchange_worker, 3, timeout=120)
+    assert [r["peers"] for r in res] == [[1, 2], [0, 2], [0, 1]]
+    assert all(r["all_to_all"] for r in res)
+    assert res[1]["into_buffer"] and res[2]["empty"]
+    assert "sent 8 bytes into a buffer of 4" in res[1]["size_error"]
+
+
+def _broken_worker(rank, world):
+    links = LocalLinks.connect(timeout=60)
+    if rank == 1:
+        links.close()  # as if the process had died
+        dist.barrier()
+        return None
+    dist.barrier()
+    try:
+        links.exchange([], [(1, None)])
+    except ConnectionError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_closed_link_raises_instead_of_hanging():
+    res = run_distributed(_broken_worker, 2, timeout=120)
+    assert "rank 1 closed its link" in res[0]
+
+
+def _single_worker(rank, world):
+    return LocalLinks.connect()
+
+
+def test_nothing_to_link_alone():
+    assert run_distributed(_single_worker, 1, timeout=60) == [None]
+
+
+def _all_reduce_worker(rank, world):
+    links = LocalLinks.connect()
+    out = {}
+    for n in (1, 7, 1000, 3_000_001):
+        g = torch.Generator().manual_seed(1000 * rank + n)
+        x = torch.randn(n, generator=g, dtype=torch.float32)
+        via_links = x.clone()
+        links.all_reduce_sum(via_links, list(range(world)))
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x)
+        out[n] = (via_links, parts)
+    # A sub-group of two ranks, the others idle.
+    if rank in (0, 2):
+        y = torch.full((5,), float(rank + 1))
+        links.all_reduce_sum(y, [0, 2])
+        out["pair"] = y
+    dist.barrier()
+    return out
+
+
+def test_all_reduce_sum_equals_the_rank_ordered_sum_on_every_rank():
+    res = run_distributed(_all_reduce_worker, 3, timeout=120)
+    for n in (1, 7, 1000, 3_000_001):
+        parts = res[0][n][1]
+        expected = parts[0].clone()
+        for p in parts[1:]:
+            expected += p
+        for r in res:
+            assert torch.equal(r[n][0], expected), n
+    assert torch.equal(res[0]["pair"], torch.full((5,), 4.0)) and torch.equal(res[2]["pair"], torch.full((5,), 4.0))
