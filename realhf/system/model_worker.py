@@ -53,7 +53,7 @@ from realhf.api.core.data_api import PackedDataLoader, SequenceSample, make_data
 from realhf.api.core.dfg import MFCDef, ParamReallocHook
 from realhf.api.core.model_api import MicroBatchSpec
 from realhf.api.core.system_api import ExperimentConfig
-from realhf.base import constants, logging, seeding, tensor_codec
+from realhf.base import constants, host_memory, logging, seeding, tensor_codec
 from realhf.impl.model.comm import global_comm
 from realhf.impl.model.comm.realloc_hooks import Replica, run_hook
 from realhf.impl.model.parallelism.pipeline_parallel import p2p
@@ -153,6 +153,7 @@ class ModelWorkerCore:
     def setup(self) -> None:
         """Create groups and models; torch.distributed must already span all model workers."""
         cfg = self.cfg
+        host_memory.keep_freed_memory()
         constants.set_experiment_trial_names(self.experiment_name, self.trial_name)
         global_comm.setup_global_comm(cfg.model_layouts)
         if os.environ.get("REAL_LOCAL_LINKS", "1") != "0":
