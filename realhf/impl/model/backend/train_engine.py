@@ -220,12 +220,23 @@ class TrainModule(EngineModule):
         scale = self.dp_size / total_w
         if self.scaler is not None:
             scale *= self.scaler.scale
+        rows_fn = getattr(loss_fn, "output_rows", None)
         if self.runner is not None:
+            if rows_fn is not None:
+                full_loss_fn = loss_fn
+
+                def loss_fn(out: torch.Tensor, mb: SequenceSample):
+                    return full_loss_fn(out.index_select(0, rows_fn(mb).to(out.device)), mb)
+
             return self.runner.run_train_schedule(sample, split, loss_fn, weights, scale)
         sums: Dict[str, float] = {"loss": 0.0}
         for mb, w in zip(split.micro_batches, weights):
             ids, cu, max_seqlen = packed_inputs(mb)
-            loss, stats = loss_fn(self.module(ids, cu, max_seqlen), mb)
+            if rows_fn is None:
+                out = self.module(ids, cu, max_seqlen)
+            else:
+                out = self.module(ids, cu, max_seqlen, output_rows=rows_fn(mb))
+            loss, stats = loss_fn(out, mb)
             (loss * (w * scale)).backward()
             self._collect_stray_grads()
             sums["loss"] += float(loss.detach()) * w

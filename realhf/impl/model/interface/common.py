@@ -54,6 +54,23 @@ def packed_shifted_log_probs(
     return gather_packed_shifted_log_probs(logits, cu_seqlens, input_ids)
 
 
+def loss_rows(mb: SequenceSample, mask_key: str) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """The packed rows a shifted, masked loss reads: ``(rows, index, n)`` where ``rows``
+    are the token rows whose outputs predict a position of ``mb.data[mask_key]`` that is
+    True (e.g. an answer token), ``index`` those positions among the ``n`` shifted ones."""
+    _, cu, _ = packed_inputs(mb)
+    pred, _ = shifted_label_indices(cu)
+    mask = mb.data[mask_key].to(pred.device).bool()
+    index = torch.nonzero(mask).flatten()
+    return pred.index_select(0, index), index, int(pred.numel())
+
+
+def scatter_rows(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """``values`` placed at ``index`` of a length-``n`` vector of zeros (differentiable):
+    per-row results back in the shifted layout a masked loss expects."""
+    return values.new_zeros(n).index_put((index.to(values.device),), values)
+
+
 def shifted_answer_mask(prompt_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Which shifted positions are trained on: the label (next token) is not a prompt token.
 

@@ -73,6 +73,7 @@ from realhf.impl.model.interface.ppo_interface import (
     _temperature,
     _vocab_size,
     _without_dropout,
+    masked_logprobs_loss,
     sample_answers,
 )
 from realhf.impl.model.interface.rw_interface import save_model
@@ -591,10 +592,8 @@ class GRPOActorInterface(ModelInterface):
     def _loss_fn(self, module):
         vocab, temp, tp_rank = _vocab_size(module.module), _temperature(self.generation_config), module.par.tp_rank
 
-        def loss_fn(logits: torch.Tensor, mb: SequenceSample):
-            ids, cu, _ = packed_inputs(mb)
-            lg = _policy_logits(logits, mb, temp, tp_rank)
-            logp = packed_shifted_log_probs(lg, cu.to(lg.device), ids.to(lg.device), vocab)
+        def loss_of_logp(logp: torch.Tensor, mb: SequenceSample):
+            _, cu, _ = packed_inputs(mb)
             d = logp.device
             short1 = short1_cu_seqlens(cu.to(d).long())
             mask = mb.data["ppo_loss_mask"].to(d)
@@ -614,7 +613,7 @@ class GRPOActorInterface(ModelInterface):
                 stats["kl_loss"], stats["kl"] = float(kl_loss.detach()), float(kst["kl"])
             return loss, stats
 
-        return loss_fn
+        return masked_logprobs_loss(loss_of_logp, "ppo_loss_mask", vocab, temp, tp_rank, module.par.tp_size)
 
     def save(self, model: Model, save_dir: str) -> None:
         if self.enable_save:

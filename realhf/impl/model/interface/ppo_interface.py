@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,9 +39,9 @@ from realhf.api.core.model_api import (
     register_interface,
 )
 from realhf.impl.model.backend.inference import EngineModule, packed_inputs
-from realhf.impl.model.interface.common import packed_shifted_log_probs, shifted_answer_mask
+from realhf.impl.model.interface.common import loss_rows, packed_shifted_log_probs, scatter_rows, shifted_answer_mask
 from realhf.impl.model.utils import ppo_functional as F
-from realhf.impl.model.utils.functional import cu_seqlens_from_lengths, shifted_label_indices
+from realhf.impl.model.utils.functional import cu_seqlens_from_lengths, log_probs_at, shifted_label_indices
 
 LOGITS_MASK = "packed_logits_mask"
 
@@ -78,12 +78,43 @@ def _mask_logits(logits: torch.Tensor, mask: Optional[torch.Tensor], tp_rank: in
     return logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
 
 
-def _policy_logits(logits: torch.Tensor, mb: SequenceSample, temperature: float, tp_rank: int) -> torch.Tensor:
+def _policy_logits(logits: torch.Tensor, mb: SequenceSample, temperature: float, tp_rank: int,
+                   rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Logits as the sampler drew from them; ``rows``: ``logits`` hold these token rows only."""
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     mask = mb.data.get(LOGITS_MASK) if LOGITS_MASK in mb.keys else None
+    if mask is not None and rows is not None:
+        mask = mask.index_select(0, rows.to(mask.device))
     return _mask_logits(logits, mask, tp_rank)
+
+
+def masked_logprobs_loss(loss_of_logp: Callable[[torch.Tensor, SequenceSample], Any], mask_key: str, vocab: int,
+                         temperature: float, tp_rank: int, tp_size: int) -> Callable:
+    """A training loss over shifted log-probs that reads only positions where ``mask_key`` is True.
+
+    ``loss_of_logp(logp, mb)`` gets the log-probs in the shifted layout (``L - 1`` per
+    sequence). Without tensor parallelism the loss asks the engine for the logits of the
+    rows it reads only (``output_rows``): the last block and the head skip prompt rows,
+    and positions outside the mask hold 0 (every loss masks them)."""
+    if tp_size > 1:
+        def full_loss(logits: torch.Tensor, mb: SequenceSample):
+            ids, cu, _ = packed_inputs(mb)
+            lg = _policy_logits(logits, mb, temperature, tp_rank)
+            return loss_of_logp(packed_shifted_log_probs(lg, cu.to(lg.device), ids.to(lg.device), vocab), mb)
+
+        return full_loss
+
+    def loss_fn(logits: torch.Tensor, mb: SequenceSample):
+        ids, _, _ = packed_inputs(mb)
+        rows, index, n = loss_rows(mb, mask_key)
+        lg = _policy_logits(logits, mb, temperature, tp_rank, rows)
+        labels = ids.to(lg.device).index_select(0, rows.to(lg.device) + 1)
+        return loss_of_logp(scatter_rows(log_probs_at(lg, labels), index, n), mb)
+
+    loss_fn.output_rows = lambda mb: loss_rows(mb, mask_key)[0]
+    return loss_fn
 
 
 @contextlib.contextmanager
@@ -351,14 +382,12 @@ class PPOActorInterface(_PPOBase):
 
         vocab, temp, tp_rank = _vocab_size(module.module), _temperature(self.generation_config), par.tp_rank
 
-        def loss_fn(logits: torch.Tensor, mb: SequenceSample):
-            ids, cu, _ = packed_inputs(mb)
-            lg = _policy_logits(logits, mb, temp, tp_rank)
-            logp = packed_shifted_log_probs(lg, cu.to(lg.device), ids.to(lg.device), vocab)
+        def loss_of_logp(logp: torch.Tensor, mb: SequenceSample):
             dev = logp.device
             return F.actor_loss(logp, mb.data["old_logp"].to(dev), mb.data["advantages"].to(dev), self.eps_clip,
                                 mb.data["ppo_loss_mask"].to(dev), self.early_stop_imp_ratio, self.early_stop_kl)
 
+        loss_fn = masked_logprobs_loss(loss_of_logp, "ppo_loss_mask", vocab, temp, tp_rank, par.tp_size)
         train = self._train_minibatches(model, sample, mb_spec, loss_fn, "ppo_loss_mask")
         stats["actor_loss"] = train.pop("loss")
         stats["actor_clip_ratio"] = train.pop("clip_ratio")
@@ -403,13 +432,16 @@ class PPOCriticInterface(_PPOBase):
         sample = SequenceSample.from_default(prep["lens"], list(input_.ids), data)
 
         def loss_fn(out: torch.Tensor, mb: SequenceSample):
-            _, cu, _ = packed_inputs(mb)
-            pred, _ = shifted_label_indices(cu.to(out.device))
-            v = out.float().reshape(-1)
+            # Values of the rows the loss reads only (see ``output_rows``); 0 at masked positions.
+            rows, index, n = loss_rows(mb, "ppo_loss_mask")
+            v = scatter_rows(out.float().reshape(-1), index, n)
             dev = v.device
-            old = mb.data["values"].to(dev)[pred]
-            return F.critic_loss(v[pred], old, mb.data["returns"].to(dev), self.value_eps_clip,
+            old = mb.data["values"].to(dev)[rows.to(dev)]
+            old = scatter_rows(old, index, n)
+            return F.critic_loss(v, old, mb.data["returns"].to(dev), self.value_eps_clip,
                                  mb.data["ppo_loss_mask"].to(dev), self.value_loss_type, self.huber_delta)
+
+        loss_fn.output_rows = lambda mb: loss_rows(mb, "ppo_loss_mask")[0]
 
         train = self._train_minibatches(model, sample, mb_spec, loss_fn, "ppo_loss_mask")
         stats = dict(prep["stats"])

@@ -302,7 +302,9 @@ class Attention(nn.Module):
         # Some families (Qwen) apply the window to a subset of the blocks only.
         self.window = config.sliding_window if layers is None or layer_index in layers else None
 
-    def forward(self, x: torch.Tensor, ctx: PackedContext, kv_cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: PackedContext, kv_cache=None,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention output of every row, or of ``rows`` only (all rows still attend)."""
         cfg = self.config
         q, k, v = self.c_attn(x)
         q = q.view(-1, cfg.n_q_heads, cfg.head_dim)
@@ -315,4 +317,7 @@ class Attention(nn.Module):
             k = apply_rotary(k, ctx.cos, ctx.sin, cfg.rotary_interleaved)
         drop = self.attn_drop if self.training else 0.0
         o = packed_attention(q, k, v, ctx, self.scale, self.window, kv_cache, dropout_p=drop)
-        return self.c_proj(o.reshape(o.shape[0], -1))
+        o = o.reshape(o.shape[0], -1)
+        if rows is not None:
+            o = o.index_select(0, rows)
+        return self.c_proj(o)

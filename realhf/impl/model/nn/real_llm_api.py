@@ -341,11 +341,17 @@ class ReaLModel(nn.Module):
         kv_cache: Optional[KVCache] = None,
         hidden_states: Optional[torch.Tensor] = None,
         gather_logits: bool = False,
+        output_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Packed forward; see the module docstring and ``KVCache`` for the cache rule.
 
         ``gather_logits`` all-gathers a tensor-parallel actor's vocab-sharded
-        logits (no effect without tensor parallelism).
+        logits (no effect without tensor parallelism). ``output_rows`` (indices
+        into the packed tokens) returns the outputs of those rows only, in that
+        order: where this stage ends with the last block and the head, the last
+        block's attention output projection and MLP and the head then skip the
+        other rows (a loss that reads answer tokens, a score read at the last
+        token); elsewhere the full output is indexed.
         """
         if not self.instantiated:
             if offload.is_offloaded(self):
@@ -362,7 +368,13 @@ class ReaLModel(nn.Module):
         if kv_cache is not None and len(kv_cache.k) != self.n_blocks:
             raise ValueError(f"Cache has {len(kv_cache.k)} layers, this model has {self.n_blocks} blocks.")
         if self.tp_size > 1:
-            return self._tp_forward(input_ids, ctx, kv_cache, hidden_states, gather_logits)
+            out = self._tp_forward(input_ids, ctx, kv_cache, hidden_states, gather_logits)
+            return out if output_rows is None else out.index_select(0, output_rows.to(out.device))
+        rows = None  # output rows in this forward's layout, when the last block computes only them
+        if output_rows is not None:
+            output_rows = output_rows.to(self.device)
+            if self._rows_in_last_block(kv_cache):
+                rows = output_rows if tree is None else tree.expand.index_select(0, output_rows)
         x = hidden_states
         block = 0
         for idx, layer in zip(self.layer_indices, self.layers):
@@ -371,10 +383,11 @@ class ReaLModel(nn.Module):
                 x = layer(input_ids.to(self.device), ctx)
             elif isinstance(layer, TransformerBlock):
                 cache = None if kv_cache is None else (kv_cache.k[block], kv_cache.v[block])
+                r = rows if layer.is_last else None
                 if self._checkpoint_blocks(kv_cache):
-                    x = checkpoint(layer, x, ctx, None, use_reentrant=False)
+                    x = checkpoint(layer, x, ctx, None, r, use_reentrant=False)
                 else:
-                    x = layer(x, ctx, cache)
+                    x = layer(x, ctx, cache, r)
                 block += 1
             else:
                 x = layer(x)
@@ -382,7 +395,16 @@ class ReaLModel(nn.Module):
                     x = x.squeeze(-1)
         if kv_cache is not None:
             kv_cache.seqlens += ctx.seqlens.to(kv_cache.seqlens.device)
-        return x if tree is None else x.index_select(0, tree.expand)
+        if rows is not None:
+            return x
+        x = x if tree is None else x.index_select(0, tree.expand)
+        return x if output_rows is None else x.index_select(0, output_rows)
+
+    def _rows_in_last_block(self, kv_cache: Optional[KVCache]) -> bool:
+        """Whether ``output_rows`` can be applied inside the last block: it and the head are
+        on this stage, no cache is written, and no MoE router counts the tokens."""
+        return (kv_cache is None and self.has_head and self.config.mlp_type != "moe"
+                and any(isinstance(layer, TransformerBlock) and layer.is_last for layer in self.layers))
 
     def _prefix_tree(self, input_ids: Optional[torch.Tensor], cu_seqlens: torch.Tensor, kv_cache: Optional[KVCache],
                      hidden_states: Optional[torch.Tensor]) -> Optional[prefix_tree.PrefixTree]:

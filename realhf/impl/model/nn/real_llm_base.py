@@ -10,7 +10,7 @@ same tensor in every parallel layout.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -62,8 +62,14 @@ class TransformerBlock(nn.Module):
         if self.is_last:
             self.ln_f = make_norm(config.layer_norm_type, config.hidden_dim, config.layer_norm_epsilon)
 
-    def forward(self, x: torch.Tensor, ctx: PackedContext, kv_cache=None) -> torch.Tensor:
-        x = x + self.drop(self.attn(x, ctx, kv_cache))
+    def forward(self, x: torch.Tensor, ctx: PackedContext, kv_cache=None,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``rows``: compute the output of these rows only. Keys and values still come
+        from every row; the output projection, the residual and the MLP skip the others."""
+        a = self.attn(x, ctx, kv_cache, rows=rows)
+        if rows is not None:
+            x = x.index_select(0, rows)
+        x = x + self.drop(a)
         x = x + self.drop(self.mlp(x))
         if self.is_last:
             x = self.ln_f(x)

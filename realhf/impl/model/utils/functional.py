@@ -121,6 +121,15 @@ def gather_packed_shifted_log_probs(
     return _ShiftedLogProbs.apply(logits, pred, labels[lab].long())
 
 
+def log_probs_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits[i])[labels[i]]`` for every row of ``logits`` [R, V] (float32):
+    log-probabilities when only the rows a loss reads were computed."""
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"Expected logits [R, V] and labels [R], got {tuple(logits.shape)} and {tuple(labels.shape)}.")
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return _ShiftedLogProbs.apply(logits, rows, labels.to(logits.device).long())
+
+
 def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor] = None, dim=None) -> torch.Tensor:
     """Mean over the entries where ``mask`` is true (all entries when None).
 
