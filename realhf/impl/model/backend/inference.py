@@ -57,11 +57,28 @@ def micro_batched_forward(
     """
     split = split_packed_batch(sample, mb_spec, key=key)
     outputs: List[Any] = []
+    rows_fn = getattr(post_hook, "output_rows", None)
     for mb in split.micro_batches:
         ids, cu, max_seqlen = packed_inputs(mb, key)
-        out = module(ids, cu, max_seqlen)
+        if rows_fn is None:
+            out = module(ids, cu, max_seqlen)
+        else:
+            out = module(ids, cu, max_seqlen, output_rows=rows_fn(mb))
         outputs.append(post_hook(out, mb) if post_hook is not None else out)
     return assemble_outputs(outputs, split, sample, key)
+
+
+def rows_applied(fn: Optional[Callable]) -> Optional[Callable]:
+    """``fn(out, mb)`` of a post-hook or loss declaring ``output_rows(mb)``, for callers that
+    produce every row's output (pipeline stages): the rows are taken here."""
+    rows_fn = getattr(fn, "output_rows", None)
+    if rows_fn is None:
+        return fn
+
+    def on_rows(out: torch.Tensor, mb: SequenceSample):
+        return fn(out.index_select(0, rows_fn(mb).to(out.device)), mb)
+
+    return on_rows
 
 
 class EngineModule:
@@ -94,7 +111,7 @@ class EngineModule:
         """Outputs (or ``post_hook(output, mb)`` results) in the input item order."""
         self.module.eval()
         if self.runner is not None:
-            return self.runner.forward(sample, mb_spec, post_hook)
+            return self.runner.forward(sample, mb_spec, rows_applied(post_hook))
         return micro_batched_forward(self.module, sample, mb_spec or MicroBatchSpec(), post_hook)
 
     __call__ = forward

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from realhf.api.core.data_api import SequenceSample
 from realhf.api.core.model_api import FinetuneSpec, MicroBatchSpec, Model, ModelBackend, register_backend
 from realhf.impl.model.backend.grad_sync import GradNormRanges, global_grad_norm, sync_tied_embedding_grads
-from realhf.impl.model.backend.inference import INPUT_KEY, EngineModule, packed_inputs
+from realhf.impl.model.backend.inference import INPUT_KEY, EngineModule, packed_inputs, rows_applied
 from realhf.impl.model.backend.loss_scaler import DynamicLossScaler
 from realhf.impl.model.backend.optim import FlatAdamW, OptimizerConfig, make_lr_lambda
 from realhf.impl.model.comm import global_comm
@@ -222,13 +222,7 @@ class TrainModule(EngineModule):
             scale *= self.scaler.scale
         rows_fn = getattr(loss_fn, "output_rows", None)
         if self.runner is not None:
-            if rows_fn is not None:
-                full_loss_fn = loss_fn
-
-                def loss_fn(out: torch.Tensor, mb: SequenceSample):
-                    return full_loss_fn(out.index_select(0, rows_fn(mb).to(out.device)), mb)
-
-            return self.runner.run_train_schedule(sample, split, loss_fn, weights, scale)
+            return self.runner.run_train_schedule(sample, split, rows_applied(loss_fn), weights, scale)
         sums: Dict[str, float] = {"loss": 0.0}
         for mb, w in zip(split.micro_batches, weights):
             ids, cu, max_seqlen = packed_inputs(mb)

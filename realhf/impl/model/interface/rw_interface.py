@@ -54,6 +54,12 @@ def pair_item_weights(mb: SequenceSample, device: Any = None) -> torch.Tensor:
     return (1.0 / k).repeat_interleave(k.long())
 
 
+def last_token_rows(mb: SequenceSample) -> torch.Tensor:
+    """Packed row of the last token of every sequence of ``mb``."""
+    _, cu, _ = packed_inputs(mb)
+    return cu.long()[1:] - 1
+
+
 def last_token_scores(values: torch.Tensor, mb: SequenceSample) -> torch.Tensor:
     """Critic value at the last token of every sequence, float32 [n_seqs]."""
     _, cu, _ = packed_inputs(mb)
@@ -197,8 +203,10 @@ class PairedRewardInterface(TrainedModelInterface):
             input_ = input_.to(model.device)
 
         def hook(values: torch.Tensor, mb: SequenceSample) -> SequenceSample:
-            scores = last_token_scores(values, mb)
+            scores = values.reshape(-1).float()  # the last token of every sequence (output_rows)
             return per_sequence_output(mb, "rewards", (scores - self.output_bias) * self.output_scaling)
+
+        hook.output_rows = last_token_rows
 
         return engine.forward(input_, mb_spec or MicroBatchSpec(), post_hook=hook)
 
