@@ -17,6 +17,7 @@ Install with ``pip install --no-build-isolation -e .`` after installing
 
 import os
 import sys
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
@@ -110,7 +111,9 @@ def _extensions():
                  and torch.backends.openmp.is_available() else [])
     def cpu_extension(name: str, source: str, openmp: bool = True) -> CppExtension:
         flags = omp_flags if openmp else []
-        return CppExtension(name=f"realhf._C.{name}", sources=[source],
+        # Headers next to the source: editing one rebuilds the extension.
+        headers = sorted(str(p) for p in Path(source).parent.glob("*.h"))
+        return CppExtension(name=f"realhf._C.{name}", sources=[source], depends=headers,
                             extra_compile_args={"cxx": cxx_flags + flags}, extra_link_args=flags)
 
     exts = [

@@ -367,3 +367,38 @@ def test_repeated_prompts_prefilled_once(hf_model, backend, prompts, greedy, mon
     assert [s.tolist() for s in got.sequences] == [s.tolist() for s in want.sequences]
     torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=1e-5)
     assert torch.equal(got.no_eos, want.no_eos)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("min_new", [0, 3])
+def test_native_sampler_draws_what_the_torch_sampler_draws(temperature, min_new, monkeypatch):
+    """Plain sampling runs in one native pass per row: the same tokens as softmax + inverse-CDF
+    draw from the same uniforms (EOS banned before min_new_tokens), log-probs to float rounding."""
+    from realhf.impl.model.nn import real_llm_generate as G
+    from realhf.impl.ops import native
+
+    if native.load("decode_step") is None:
+        pytest.skip(native.import_error("decode_step"))
+    g = torch.Generator().manual_seed(11)
+    steps = [torch.randn(6, 300, generator=g) * 4 for _ in range(5)]
+    steps[0][:, 7] = 50.0  # EOS would win every draw unless banned
+    gconfig = GenerationHyperparameters(max_new_tokens=5, min_new_tokens=min_new, temperature=temperature,
+                                        top_k=10**6, top_p=1.0)
+    runs = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(G.DecodeState, "_fused_sampler", lambda self, lg: None)
+        state = G.DecodeState(6, gconfig, [7], torch.device("cpu"), generator=torch.Generator().manual_seed(3))
+        for lg in steps:
+            if state.step(lg[state.active]) is None:
+                break
+        assert (getattr(state, "_native", None) is not None) == fused  # the native pass ran
+        runs[fused] = state.output()
+    a, b = runs[True], runs[False]
+    assert torch.equal(a.gen_tokens, b.gen_tokens) and torch.equal(a.gen_lengths, b.gen_lengths)
+    assert torch.equal(a.no_eos, b.no_eos)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+    if min_new:
+        assert not bool((a.gen_tokens.view(6, -1)[:, 0] == 7).any())
+    else:
+        assert bool((a.gen_lengths == 1).all())  # EOS drawn at once everywhere

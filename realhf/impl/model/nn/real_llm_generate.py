@@ -19,7 +19,7 @@ those of the raw (EOS-masked) softmax.
 """
 
 import dataclasses
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -274,7 +274,15 @@ class DecodeState:
         if self.vocab is None:
             self._setup(last_logits.shape[-1])
         lg = last_logits.float()
-        if step < self.gconfig.min_new_tokens and self.eos_ids:
+        eos_banned = step < self.gconfig.min_new_tokens and bool(self.eos_ids)
+        fused = self._fused_sampler(lg)
+        if fused is not None:
+            # Temperature, EOS ban, the draw and its log-probability in one native pass per row.
+            u = torch.rand(lg.shape[0], 1, generator=self.generator, device=lg.device, dtype=lg.dtype).reshape(-1)
+            banned = self.eos_tensor if eos_banned else self._no_ids
+            next_tok, chosen_logp = fused.sample_rows(lg.contiguous(), u, banned, float(self.gconfig.temperature))
+            return self._advance(step, next_tok, chosen_logp, eos_banned)
+        if eos_banned:
             lg = mask_tokens(lg, self.eos_tensor)
         if self.warper is None:
             next_tok = lg.argmax(dim=-1)
@@ -290,26 +298,50 @@ class DecodeState:
             logp_all = torch.log_softmax(warped, dim=-1)
             if self.record_mask:
                 self.step_masks.append((step, self.active, keep))
+        return self._advance(step, next_tok, logp_all.gather(-1, next_tok[:, None]).squeeze(-1), eos_banned)
+
+    def _fused_sampler(self, lg: torch.Tensor) -> Any:
+        """The native sampler when this step needs nothing it does not do (float32 CPU
+        logits, plain sampling without top-k/top-p, no tensor-parallel token sync)."""
+        if self.warper is None or self.record_mask or self.sync_tokens is not None or lg.device.type != "cpu":
+            return None
+        if self.warper.truncates(lg.shape[-1]) or lg.dtype != torch.float32 or lg.dim() != 2:
+            return None
+        if not hasattr(self, "_native"):
+            from realhf.impl.ops import native
+
+            self._native = native.load("decode_step")
+            self._no_ids = torch.zeros(0, dtype=torch.long)
+            if self._native is not None and not hasattr(self._native, "sample_rows"):
+                self._native = None  # an extension built before it had the sampler
+        return self._native
+
+    def _advance(self, step: int, next_tok: torch.Tensor, chosen_logp: torch.Tensor,
+                 eos_banned: bool) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Record the sampled tokens of the active rows; what to feed next, or None when done."""
         active = self.active
         self.tokens[active, step] = next_tok
-        self.logprobs[active, step] = logp_all.gather(-1, next_tok[:, None]).squeeze(-1)
+        self.logprobs[active, step] = chosen_logp
         self.gen_lengths[active] += 1
         self.n_steps += 1
 
-        if self.eos_ids:
+        if self.eos_ids and not eos_banned:
             hit_eos = torch.isin(next_tok, self.eos_tensor)
-        else:
-            hit_eos = torch.zeros_like(next_tok, dtype=torch.bool)
-        self.ended_by_eos[active[hit_eos]] = True
-        still = ~hit_eos
-        if step == self.max_new - 1 or not bool(still.any()):
+            self.ended_by_eos[active[hit_eos]] = True
+            still = ~hit_eos
+            any_left = bool(still.any())
+        else:  # no EOS could be drawn: every row goes on
+            still, any_left = None, True
+        if step == self.max_new - 1 or not any_left:
             self.finished = True
             return None
         # Feed one token per unfinished row; finished rows pass length 0.
+        if still is not None:
+            active, next_tok = active[still], next_tok[still]
         feed_lengths = torch.zeros(self.bs, dtype=torch.long, device=self.device)
-        feed_lengths[active[still]] = 1
-        self.active = active[still]
-        return next_tok[still], feed_lengths
+        feed_lengths[active] = 1
+        self.active = active
+        return next_tok, feed_lengths
 
     def output(self) -> GenerationOutput:
         max_new = self.max_new
