@@ -112,27 +112,61 @@ def _cat_linear(mods: List[torch.nn.Linear]):
     return weight, bias
 
 
+def _cat_bias(mods: List[torch.nn.Linear]) -> Optional[torch.Tensor]:
+    if all(m.bias is None for m in mods):
+        return None
+    return torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
+
+
+def few_rows_supported() -> bool:
+    """Whether the native few-row kernel runs on this CPU (AVX2 + FMA)."""
+    global _FEW_ROWS_OK
+    if _FEW_ROWS_OK is None:
+        ext = native.load(_EXT)
+        probe = None if ext is None else ext.few_rows_linear(torch.zeros(1, 8), torch.zeros(8, 8), torch.zeros(0))
+        _FEW_ROWS_OK = probe is not None
+    return _FEW_ROWS_OK
+
+
+_FEW_ROWS_OK: Optional[bool] = None
+FEW_ROWS = 16  # decode_step's kFewRows: steps of at most this many rows read the model's own weights
+
+
 def _matmul(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
     return x @ w if b is None else torch.addmm(b, x, w)
 
 
 class _Block:
-    """Weights of one transformer block in the fused layout."""
+    """Weights of one transformer block in the fused layout.
+
+    The q/k/v and gate/up products of many rows need copies of their weights
+    (:func:`_cat_linear`); they are made by :meth:`fuse`, on first need, since
+    steps of few rows read the model's own weights instead.
+    """
 
     def __init__(self, block: torch.nn.Module):
         attn, mlp = block.attn, block.mlp
         self.ln1, self.eps1 = attn.c_attn.ln.weight.detach(), attn.c_attn.ln.eps
-        self.qkv_w, self.qkv_b = _cat_linear([attn.c_attn.q_attn, attn.c_attn.k_attn, attn.c_attn.v_attn])
+        self._qkv = [attn.c_attn.q_attn, attn.c_attn.k_attn, attn.c_attn.v_attn]
+        self._gu = [mlp.gate_proj, mlp.up_proj]
+        self.qkv_w: Optional[torch.Tensor] = None
+        self.gu_w: Optional[torch.Tensor] = None
+        self.qkv_b, self.gu_b = _cat_bias(self._qkv), _cat_bias(self._gu)
         self.o_w, self.o_b = _cat_linear([attn.c_proj])
         self.scale = attn.scale
         self.ln2, self.eps2 = mlp.ln.weight.detach(), mlp.ln.eps
-        self.gu_w, self.gu_b = _cat_linear([mlp.gate_proj, mlp.up_proj])
         self.d_w, self.d_b = _cat_linear([mlp.down_proj])
         self.act = mlp.act
         # The model's own [out, in] weights, for steps of few rows (``decode_step``'s few-row kernel).
         self.row_weights = [m.weight.detach() for m in (attn.c_attn.q_attn, attn.c_attn.k_attn, attn.c_attn.v_attn,
                                                        attn.c_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
         self.ln_f = (block.ln_f.weight.detach(), block.ln_f.eps) if block.is_last else None
+
+    def fuse(self) -> "_Block":
+        if self.qkv_w is None:
+            self.qkv_w, _ = _cat_linear(self._qkv)
+            self.gu_w, _ = _cat_linear(self._gu)
+        return self
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -147,7 +181,10 @@ class FastDecoder:
     (or copies), so the model must not change while it is in use.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: KVCache):
+    def __init__(self, model: torch.nn.Module, cache: KVCache, max_rows: Optional[int] = None):
+        """``max_rows``: no call feeds more rows than this (None: unknown). At most
+        :data:`FEW_ROWS` on a CPU with the few-row kernel, no weight copies are made
+        (:attr:`few_rows_only`); prefill the cache with the model's own forward then."""
         reason = fast_decode_unsupported(model)
         if reason is not None:
             raise ValueError(f"FastDecoder cannot run this model: {reason}.")
@@ -166,7 +203,12 @@ class FastDecoder:
         self.inv_freq = inv.to(self.wte.device)
         # The block loop of a step: one native call when the extension serves this model.
         impl = dispatch.select("decode_blocks", self.wte.device)
+        self.few_rows_only = (impl.backend == "cpp" and max_rows is not None and max_rows <= FEW_ROWS
+                              and few_rows_supported())
         self._native = self._native_args() if impl.backend == "cpp" else None
+        if self._native is not None and not self._native[3]:
+            self.few_rows_only = False  # no row weights: the copies are needed after all
+            self._native = self._native_args()
         # The head through the few-row kernel too when the block loop has the row weights.
         self._few_rows_head = self._native is not None and bool(self._native[3])
         # The plain function, not a bound method: a bound method stored on self is a reference
@@ -187,13 +229,17 @@ class FastDecoder:
     def _native_args(self) -> Optional[tuple]:
         """Weights, epsilons and scales for the ``cpp`` block loop, or None when it cannot run
         this model (it serves float32 CPU weights and caches and the silu activation)."""
-        tensors = [self.wte] + [t for b in self.blocks for t in (b.ln1, b.qkv_w, b.o_w, b.ln2, b.gu_w, b.d_w)]
+        if not self.few_rows_only:
+            for b in self.blocks:
+                b.fuse()
+        tensors = [self.wte] + [t for b in self.blocks for t in (b.ln1, b.o_w, b.ln2, b.d_w)]
+        tensors += [t for b in self.blocks for t in (b.qkv_w, b.gu_w) if t is not None]
         tensors += [t for b in self.blocks for t in (b.qkv_b, b.o_b, b.gu_b, b.d_b) if t is not None]
         if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors + self.cache.k + self.cache.v):
             return None
         if any(b.act is not F.silu for b in self.blocks):
             return None
-        none = self.wte.new_empty(0)
+        none = self.wte.new_empty(0)  # also the q/k/v and gate/up copies never read by few-row steps
         weights = [t if t is not None else none for b in self.blocks
                    for t in (b.ln1, b.qkv_w, b.qkv_b, b.o_w, b.o_b, b.ln2, b.gu_w, b.gu_b, b.d_w, b.d_b)]
         eps = [float(e) for b in self.blocks for e in (b.eps1, b.eps2)]
@@ -206,6 +252,8 @@ class FastDecoder:
                       sin: torch.Tensor, whole: bool) -> torch.Tensor:
         """All blocks of the step in torch operations (the reference for the native loop)."""
         cache, n = self.cache, x.shape[0]
+        for blk in self.blocks:
+            blk.fuse()
         max_k = int(pos.max()) + 1
         mask = (torch.arange(max_k, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
         nq, nkv, d = self.n_q, self.n_kv, self.head_dim
@@ -232,6 +280,9 @@ class FastDecoder:
         """All blocks of the step in one call of realhf._C.decode_step (float32 CPU, silu)."""
         if self._native is None:
             return self.blocks_python(x, rows, pos, cos, sin, whole)
+        if self.few_rows_only and x.shape[0] > FEW_ROWS:  # more rows than announced: make the copies
+            self.few_rows_only = False
+            self._native = self._native_args()
         weights, eps, scales, row_weights = self._native
         return native.load(_EXT).decode_blocks(
             x.contiguous(), weights, eps, scales, row_weights, self.cache.k, self.cache.v, rows.contiguous(),

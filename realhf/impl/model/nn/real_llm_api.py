@@ -402,8 +402,9 @@ class ReaLModel(nn.Module):
 
     def _rows_in_last_block(self, kv_cache: Optional[KVCache]) -> bool:
         """Whether ``output_rows`` can be applied inside the last block: it and the head are
-        on this stage, no cache is written, and no MoE router counts the tokens."""
-        return (kv_cache is None and self.has_head and self.config.mlp_type != "moe"
+        on this stage and no MoE router counts the tokens (a cache still gets every row's
+        keys and values: the rows are taken after attention)."""
+        return (self.has_head and self.config.mlp_type != "moe"
                 and any(isinstance(layer, TransformerBlock) and layer.is_last for layer in self.layers))
 
     def _prefix_tree(self, input_ids: Optional[torch.Tensor], cu_seqlens: torch.Tensor, kv_cache: Optional[KVCache],

@@ -411,6 +411,16 @@ def tensor_parallel_token_sync(model: torch.nn.Module) -> Optional[TokenSync]:
     return sync
 
 
+def _takes_output_rows(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s forward accepts ``output_rows`` (ReaLModel does; test doubles may not)."""
+    import inspect
+
+    try:
+        return "output_rows" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def logits_kwargs(model: torch.nn.Module) -> dict:
     """Forward kwargs that make a tensor-parallel actor return full-vocabulary logits."""
     return {"gather_logits": True} if getattr(model, "tp_size", 1) > 1 else {}
@@ -474,12 +484,18 @@ def generate(
             first = None
     if first is None:
         cache = _allocate_cache(model, bs, capacity, dtype, device)
-    fast = FastDecoder(model, cache) if use_fast_decode(model, device) else None
-    if fast is not None and fast.native:
+    fast = FastDecoder(model, cache, max_rows=bs) if use_fast_decode(model, device) else None
+    if fast is not None and fast.native and not fast.few_rows_only:
         last_logits = fast.prefill(input_ids, cu_seqlens)  # [bs, V]: the native block loop, heads of last tokens only
     else:
-        logits = model(input_ids, cu_seqlens, max_prompt, kv_cache=cache, **kw)
-        last_logits = logits[cu_seqlens[1:].long() - 1]  # [n_active, V], active rows in order
+        # The model's own forward (no weight copies); the last block and head on last tokens only
+        # where the model offers it.
+        last = cu_seqlens[1:].long() - 1
+        if _takes_output_rows(model):
+            last_logits = model(input_ids, cu_seqlens, max_prompt, kv_cache=cache, output_rows=last, **kw)
+        else:
+            last_logits = model(input_ids, cu_seqlens, max_prompt, kv_cache=cache, **kw)[last]
+        # [n_active, V], active rows in order
     if first is not None:
         cache, last_logits = cache.gather_rows(slot), last_logits.index_select(0, slot)
         if fast is not None:
