@@ -116,3 +116,29 @@ def test_all_reduce_sum_equals_the_rank_ordered_sum_on_every_rank():
         for r in res:
             assert torch.equal(r[n][0], expected), n
     assert torch.equal(res[0]["pair"], torch.full((5,), 4.0)) and torch.equal(res[2]["pair"], torch.full((5,), 4.0))
+
+
+def _region_worker(rank, world):
+    links = LocalLinks.connect()
+    peer = 1 - rank
+    ok = []
+    # Large messages go through a reused shared region: same size, larger (a new region), smaller,
+    # in both directions at once, with a small socket message from the other rank in between.
+    for step, mb in enumerate([2, 2, 5, 1.5, 5]):
+        n = int(mb * (1 << 20))
+        mine = _payload(rank + 10 * step, peer, n)
+        (got,) = links.exchange([(mine, peer)], [(peer, None)])
+        ok.append(torch.equal(got, _payload(peer + 10 * step, rank, n)))
+        small = links.exchange([(torch.full((5,), step, dtype=torch.uint8), peer)], [(peer, None)])[0]
+        ok.append(small.tolist() == [step] * 5)
+    out = {"ok": ok, "regions": sorted(links._tx), "capacity": links._tx[peer].capacity}
+    dist.barrier()
+    links.close()
+    return out
+
+
+def test_large_messages_reuse_a_shared_region():
+    res = run_distributed(_region_worker, 2, timeout=120)
+    for r, peer in zip(res, (1, 0)):
+        assert all(r["ok"]) and r["regions"] == [peer]
+        assert r["capacity"] >= 5 << 20
