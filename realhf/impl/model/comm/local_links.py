@@ -39,7 +39,8 @@ SHM_MIN_BYTES = int(os.environ.get("REAL_LINK_SHM_MIN_BYTES", str(1 << 20)))
 _FLAG_SHM, _FLAG_FD = 1 << 63, 1 << 62  # header flags: payload in the region / region fd attached
 _SIZE_MASK = (1 << 62) - 1
 _REGION_HEAD = 64  # u64 messages posted, u64 messages consumed; payload after it
-SPIN_S = float(os.environ.get("REAL_LINK_SPIN_MS", "50")) / 1e3  # poll this long before sleeping in an exchange
+# Poll this long (yielding the core between polls) before sleeping in an exchange.
+SPIN_S = float(os.environ.get("REAL_LINK_SPIN_MS", "5")) / 1e3
 
 
 def host_id() -> str:
@@ -256,11 +257,11 @@ class LocalLinks:
             while writing or reading:
                 now = time.monotonic()
                 left = deadline - now
-                # Poll without sleeping at first: a large message crosses the socket buffer
-                # in many rounds, and each sleep/wake-up of a blocked peer can cost a
-                # millisecond on a busy machine.
+                # Poll without sleeping at first: the peer is usually a moment away, and a
+                # sleep/wake-up can cost a millisecond on a busy machine.
                 ready = sel.select(timeout=0 if now < spin_until else max(0.0, left))
                 if not ready and now < spin_until:
+                    os.sched_yield()
                     continue
                 if not ready and left <= 0:
                     waiting = sorted(set(writing) | set(reading))
