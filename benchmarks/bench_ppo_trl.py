@@ -45,7 +45,7 @@ those shapes with both cores busy, the floor (all calls' matmul core-seconds
 over 2 cores) and each system's step time as a multiple of it; TRL's step
 over the floor is the highest ratio any system could reach over TRL here.
 
-Each side runs ``--steps`` steps (6; ``--quick``: 3 steps of 8 prompts x 8
+Each side runs ``--steps`` steps (10; ``--quick``: 3 steps of 8 prompts x 8
 tokens) and the table gives the median step time over steps 2.. (the first
 includes start-up work), samples/s = prompts per step / median step, and
 ``ratio`` = ours samples/s / samples/s of the TRL row named in the header.
@@ -310,7 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if why is not None:
         print(f"bench_ppo_trl: skipped, {why}. To compare with TRL: {INSTALL_HINT}", file=sys.stderr)
         return {}
-    steps, n_prompts, new_tokens = (3, 8, 8) if args.quick else (6, 16, 32)
+    steps, n_prompts, new_tokens = (3, 8, 8) if args.quick else (10, 16, 32)
     steps, n_prompts, new_tokens = args.steps or steps, args.prompts or n_prompts, args.new_tokens or new_tokens
     layouts = [x for x in args.layouts.split(",") if x]
     unknown = sorted(set(layouts) - set(LAYOUTS))
