@@ -132,6 +132,13 @@ def _region_worker(rank, world):
         small = links.exchange([(torch.full((5,), step, dtype=torch.uint8), peer)], [(peer, None)])[0]
         ok.append(small.tolist() == [step] * 5)
     out = {"ok": ok, "regions": sorted(links._tx), "capacity": links._tx[peer].capacity}
+    # Above the size cap a message takes the socket and leaves the region as it was.
+    import realhf.impl.model.comm.local_links as ll
+
+    ll.SHM_MAX_BYTES = 3 << 20
+    n, posted = 4 << 20, links._tx[peer].counter(0)
+    (got,) = links.exchange([(_payload(rank, peer, n), peer)], [(peer, None)])
+    ok.append(torch.equal(got, _payload(peer, rank, n)) and links._tx[peer].counter(0) == posted)
     dist.barrier()
     links.close()
     return out

@@ -36,6 +36,8 @@ _LEN = struct.Struct("<Q")
 _BUF_BYTES = 4 << 20  # socket buffers (the kernel may cap them lower: wmem_max / rmem_max)
 # Messages from this size go through a shared-memory region instead of the socket.
 SHM_MIN_BYTES = int(os.environ.get("REAL_LINK_SHM_MIN_BYTES", str(1 << 20)))
+# ... up to this size: a region stays allocated, so larger ones (big models' weights) use the socket.
+SHM_MAX_BYTES = int(os.environ.get("REAL_LINK_SHM_MAX_BYTES", str(256 << 20)))
 _FLAG_SHM, _FLAG_FD = 1 << 63, 1 << 62  # header flags: payload in the region / region fd attached
 _SIZE_MASK = (1 << 62) - 1
 _REGION_HEAD = 64  # u64 messages posted, u64 messages consumed; payload after it
@@ -211,7 +213,7 @@ class LocalLinks:
     def _outgoing(self, t: torch.Tensor, dst: int, deadline: float) -> List[Union[memoryview, _FdHeader]]:
         view = _bytes_view(t)
         n = view.nbytes
-        if n >= SHM_MIN_BYTES and self._shm_ok:
+        if SHM_MIN_BYTES <= n <= SHM_MAX_BYTES and self._shm_ok:
             try:
                 region, new = self._region_for(dst, n, deadline)
             except OSError:
