@@ -55,9 +55,9 @@ from realhf.api.core.model_api import MicroBatchSpec
 from realhf.api.core.system_api import ExperimentConfig
 from realhf.base import constants, host_memory, logging, seeding, tensor_codec
 from realhf.impl.model.comm import global_comm
+from realhf.impl.model.comm.local_links import LocalLinks
 from realhf.impl.model.comm.realloc_hooks import Replica, run_hook
 from realhf.impl.model.parallelism.pipeline_parallel import p2p
-from realhf.impl.model.comm.local_links import LocalLinks
 from realhf.system.worker_base import FatalError
 
 logger = logging.getLogger("model_worker")

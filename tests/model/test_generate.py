@@ -387,12 +387,12 @@ def test_native_sampler_draws_what_the_torch_sampler_draws(temperature, min_new,
     runs = {}
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(G.DecodeState, "_fused_sampler", lambda self, lg: None)
+            monkeypatch.setattr(G.DecodeState, "_native_sampler", lambda self: None)
         state = G.DecodeState(6, gconfig, [7], torch.device("cpu"), generator=torch.Generator().manual_seed(3))
         for lg in steps:
             if state.step(lg[state.active]) is None:
                 break
-        assert (getattr(state, "_native", None) is not None) == fused  # the native pass ran
+        assert (state._sampler is not None) == fused  # the native pass ran
         runs[fused] = state.output()
     a, b = runs[True], runs[False]
     assert torch.equal(a.gen_tokens, b.gen_tokens) and torch.equal(a.gen_lengths, b.gen_lengths)

@@ -62,9 +62,7 @@ def last_token_rows(mb: SequenceSample) -> torch.Tensor:
 
 def last_token_scores(values: torch.Tensor, mb: SequenceSample) -> torch.Tensor:
     """Critic value at the last token of every sequence, float32 [n_seqs]."""
-    _, cu, _ = packed_inputs(mb)
-    cu = cu.to(values.device).long()
-    return values.reshape(-1)[cu[1:] - 1].float()
+    return values.reshape(-1)[last_token_rows(mb).to(values.device)].float()
 
 
 

@@ -106,10 +106,7 @@ def _cat_linear(mods: List[torch.nn.Linear]):
         weight = ext.transpose_cat(ws)  # tiled: 2-3x faster than the strided copy below
     else:
         weight = torch.cat(ws).t().contiguous()
-    if all(m.bias is None for m in mods):
-        return weight, None
-    bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
-    return weight, bias
+    return weight, _cat_bias(mods)
 
 
 def _cat_bias(mods: List[torch.nn.Linear]) -> Optional[torch.Tensor]:

@@ -252,6 +252,7 @@ class DecodeState:
         self.warper: Optional[LogitsWarper] = None
         self.record_mask = False
         self.step_masks: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._sampler: Any = None  # the native sampler, chosen with the warper on the first step
 
     def _setup(self, vocab: int) -> None:
         g = self.gconfig
@@ -260,6 +261,7 @@ class DecodeState:
             top_k = g.top_k if g.top_k < vocab else None
             self.warper = LogitsWarper(temperature=g.temperature, top_k=top_k, top_p=g.top_p)
         self.record_mask = self.warper is not None and not g.force_no_logits_mask and self.warper.truncates(vocab)
+        self._sampler = self._native_sampler()
 
     def step(self, last_logits: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """Sample from ``last_logits`` [n_active, V] (active rows in order).
@@ -275,12 +277,12 @@ class DecodeState:
             self._setup(last_logits.shape[-1])
         lg = last_logits.float()
         eos_banned = step < self.gconfig.min_new_tokens and bool(self.eos_ids)
-        fused = self._fused_sampler(lg)
-        if fused is not None:
+        if self._sampler is not None:
             # Temperature, EOS ban, the draw and its log-probability in one native pass per row.
             u = torch.rand(lg.shape[0], 1, generator=self.generator, device=lg.device, dtype=lg.dtype).reshape(-1)
-            banned = self.eos_tensor if eos_banned else self._no_ids
-            next_tok, chosen_logp = fused.sample_rows(lg.contiguous(), u, banned, float(self.gconfig.temperature))
+            banned = self.eos_tensor if eos_banned else self.eos_tensor[:0]
+            next_tok, chosen_logp = self._sampler.sample_rows(lg.contiguous(), u, banned,
+                                                              float(self.gconfig.temperature))
             return self._advance(step, next_tok, chosen_logp, eos_banned)
         if eos_banned:
             lg = mask_tokens(lg, self.eos_tensor)
@@ -300,21 +302,16 @@ class DecodeState:
                 self.step_masks.append((step, self.active, keep))
         return self._advance(step, next_tok, logp_all.gather(-1, next_tok[:, None]).squeeze(-1), eos_banned)
 
-    def _fused_sampler(self, lg: torch.Tensor) -> Any:
-        """The native sampler when this step needs nothing it does not do (float32 CPU
-        logits, plain sampling without top-k/top-p, no tensor-parallel token sync)."""
-        if self.warper is None or self.record_mask or self.sync_tokens is not None or lg.device.type != "cpu":
+    def _native_sampler(self) -> Any:
+        """The native sampler when the steps need nothing it does not do (CPU logits, plain
+        sampling without top-k/top-p, no tensor-parallel token sync), else None."""
+        if (self.warper is None or self.warper.truncates(self.vocab) or self.record_mask
+                or self.sync_tokens is not None or torch.device(self.device).type != "cpu"):
             return None
-        if self.warper.truncates(lg.shape[-1]) or lg.dtype != torch.float32 or lg.dim() != 2:
-            return None
-        if not hasattr(self, "_native"):
-            from realhf.impl.ops import native
+        from realhf.impl.ops import native
 
-            self._native = native.load("decode_step")
-            self._no_ids = torch.zeros(0, dtype=torch.long)
-            if self._native is not None and not hasattr(self._native, "sample_rows"):
-                self._native = None  # an extension built before it had the sampler
-        return self._native
+        ext = native.load("decode_step")
+        return ext if ext is not None and hasattr(ext, "sample_rows") else None  # older builds lack it
 
     def _advance(self, step: int, next_tok: torch.Tensor, chosen_logp: torch.Tensor,
                  eos_banned: bool) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
