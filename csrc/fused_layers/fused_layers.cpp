@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "row_ops.h"
+#include "varlen_attention.h"
 
 namespace {
 
@@ -178,10 +179,80 @@ std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
   return {dgate, dup};
 }
 
+// ------------------------------------------------------- causal attention
+// Packed sequences (cu_seqlens [B + 1], int64); q [T, Hq, D], k/v [T, Hkv, D].
+realhf::VarlenShape check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& cu) {
+  TORCH_CHECK(realhf::varlen_attention_supported(), "varlen attention needs a CPU with AVX2 and FMA");
+  check_f32(q, "q");
+  check_f32(k, "k");
+  check_f32(v, "v");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && q.size(0) == k.size(0) &&
+                  q.size(2) == k.size(2),
+              "varlen attention expects q [T, Hq, D] and k, v [T, Hkv, D]");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(q.size(2) % 8 == 0, "head_dim must be a multiple of 8, got ", q.size(2));
+  TORCH_CHECK(cu.device().is_cpu() && cu.scalar_type() == at::kLong && cu.dim() == 1 && cu.size(0) >= 1,
+              "cu_seqlens must be a 1-D int64 CPU tensor");
+  const int64_t* c = cu.data_ptr<int64_t>();
+  TORCH_CHECK(c[0] == 0 && c[cu.size(0) - 1] == q.size(0), "cu_seqlens must run from 0 to the token count");
+  for (int64_t b = 0; b + 1 < cu.size(0); ++b) TORCH_CHECK(c[b + 1] >= c[b], "cu_seqlens must not decrease");
+  return {q.size(1), k.size(1), q.size(2)};
+}
+
+std::vector<at::Tensor> varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& cu_seqlens, double scale) {
+  const at::Tensor cu = cu_seqlens.contiguous();
+  const realhf::VarlenShape sh = check_attention(q, k, v, cu);
+  const int64_t total = q.size(0), n_seq = cu.size(0) - 1;
+  auto out = at::empty_like(q);
+  auto lse = at::empty({sh.n_q_heads, total}, q.options());
+  const int64_t* c = cu.data_ptr<int64_t>();
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  at::parallel_for(0, n_seq * sh.n_kv_heads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t s = t / sh.n_kv_heads, g = t % sh.n_kv_heads;
+      if (c[s + 1] > c[s])
+        realhf::varlen_attention_fwd_task(qp, kp, vp, op, lp, total, c[s], c[s + 1] - c[s], g, sh,
+                                          static_cast<float>(scale));
+    }
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                             const at::Tensor& cu_seqlens, double scale) {
+  const at::Tensor cu = cu_seqlens.contiguous();
+  const realhf::VarlenShape sh = check_attention(q, k, v, cu);
+  check_f32(dout, "grad");
+  check_f32(out, "out");
+  check_f32(lse, "lse");
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad and out must have q's shape");
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == sh.n_q_heads && lse.size(1) == q.size(0), "lse must be [Hq, T]");
+  const int64_t total = q.size(0), n_seq = cu.size(0) - 1;
+  auto dq = at::empty_like(q);
+  auto dk = at::zeros_like(k);
+  auto dv = at::zeros_like(v);
+  const int64_t* c = cu.data_ptr<int64_t>();
+  at::parallel_for(0, n_seq * sh.n_kv_heads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t s = t / sh.n_kv_heads, g = t % sh.n_kv_heads;
+      if (c[s + 1] > c[s])
+        realhf::varlen_attention_bwd_task(dout.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(),
+                                          v.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(),
+                                          dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), total,
+                                          c[s], c[s + 1] - c[s], g, sh, static_cast<float>(scale));
+    }
+  });
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused float32 CPU kernels: RMS norm, rotary embedding, gated MLP product";
+  m.doc() = "Fused float32 CPU kernels: RMS norm, rotary embedding, gated MLP product, packed causal attention";
   m.def("rms_norm_fwd", &rms_norm_fwd, py::arg("x"), py::arg("weight"), py::arg("eps"),
         py::call_guard<py::gil_scoped_release>(), "(y, rstd) of an RMS norm over the last dim of x [N, D].");
   m.def("rms_norm_bwd", &rms_norm_bwd, py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
@@ -193,4 +264,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(), "gate * sig * up with sig = sigmoid(gate).");
   m.def("swiglu_bwd", &swiglu_bwd, py::arg("grad"), py::arg("gate"), py::arg("sig"), py::arg("up"),
         py::call_guard<py::gil_scoped_release>(), "(dgate, dup) of swiglu_fwd.");
+  m.def("varlen_attention_supported", &realhf::varlen_attention_supported,
+        "Whether this CPU runs the packed causal attention kernels (AVX2 + FMA).");
+  m.def("varlen_attention_fwd", &varlen_attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("cu_seqlens"), py::arg("scale"), py::call_guard<py::gil_scoped_release>(),
+        "(out, lse [Hq, T]) of causal attention over packed sequences, q [T, Hq, D], k/v [T, Hkv, D].");
+  m.def("varlen_attention_bwd", &varlen_attention_bwd, py::arg("grad"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("cu_seqlens"), py::arg("scale"),
+        py::call_guard<py::gil_scoped_release>(), "(dq, dk, dv) of varlen_attention_fwd.");
 }

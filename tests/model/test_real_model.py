@@ -148,7 +148,7 @@ def test_critic_head():
         _config("llama", is_critic=True, tied_embedding=True)
 
 
-@pytest.mark.parametrize("impl", ["loop", "block_diag", "padded", "auto"])
+@pytest.mark.parametrize("impl", ["native", "loop", "block_diag", "padded", "auto"])
 @pytest.mark.parametrize("name", ["llama", "mistral_window"])
 @torch.no_grad()
 def test_attention_kernels_agree(impl, name, monkeypatch):

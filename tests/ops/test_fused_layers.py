@@ -1,4 +1,5 @@
-"""Fused RMS norm, rotary and gated-MLP product: the native kernels against the torch formulas.
+"""Fused RMS norm, rotary, gated-MLP product and packed causal attention: the native
+kernels against the torch formulas.
 
 Values and gradients of the ``cpp`` backend must equal the ``python`` one
 (plain torch autograd) to float32 rounding, for the shapes the model uses,
@@ -121,3 +122,60 @@ def test_inference_without_autograd_gives_the_same_values(require_backend):
     for fused, ref in zip(outs[::2], outs[1::2]):
         assert fused.grad_fn is None
         torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+
+
+def _packed_qkv(lengths, n_q, n_kv, head_dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    cu = torch.tensor([0] + list(lengths)).cumsum(0)
+    return [torch.randn(total, h, head_dim, generator=g) for h in (n_q, n_kv, n_kv)], cu
+
+
+@pytest.mark.parametrize("lengths,n_q,n_kv,head_dim", [
+    ([51, 42, 60, 47], 4, 2, 64),      # the PPO benchmark's shape (GQA)
+    ([3, 0, 17, 9, 1], 4, 4, 16),      # an empty sequence, one token, MHA
+    ([200, 7], 2, 1, 128),             # more than 64 keys a row (several key blocks), MQA
+    ([33, 8], 6, 3, 80),               # head_dim not a multiple of 64
+])
+def test_varlen_attention_matches_per_sequence_sdpa(lengths, n_q, n_kv, head_dim, require_backend):
+    """Output and dq/dk/dv of the native kernel equal one causal SDPA call per sequence."""
+    (q, k, v), cu = _packed_qkv(lengths, n_q, n_kv, head_dim)
+    scale = head_dim ** -0.5
+    _compare("varlen_attention", lambda b, q, k, v: fl.varlen_attention(q, k, v, cu, scale, backend=b),
+             [q, k, v], require_backend, rtol=1e-5, atol=2e-5)
+
+
+def test_varlen_attention_python_is_masked_softmax():
+    """The reference itself: softmax(q k^T * scale) over earlier tokens of the same sequence, written out."""
+    (q, k, v), cu = _packed_qkv([4, 0, 3], 2, 1, 8, seed=3)
+    out = fl.varlen_attention(q, k, v, cu, 0.5, backend="python")
+    for s in range(3):
+        a, b = int(cu[s]), int(cu[s + 1])
+        for i in range(a, b):
+            for h in range(2):
+                w = torch.softmax((k[a:i + 1, 0] @ q[i, h]) * 0.5, dim=0)
+                torch.testing.assert_close(out[i, h], w @ v[a:i + 1, 0])
+
+
+def test_varlen_attention_without_autograd_and_other_dtypes(require_backend):
+    require_backend("varlen_attention", "cpp")
+    (q, k, v), cu = _packed_qkv([5, 12], 4, 2, 32, seed=1)
+    with torch.no_grad():
+        out = fl.varlen_attention(q, k, v, cu, 0.2, backend="cpp")
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, fl.varlen_attention(q, k, v, cu, 0.2, backend="python"), rtol=1e-5, atol=1e-5)
+    qd, kd, vd = (x.double() for x in (q, k, v))
+    assert torch.equal(fl.varlen_attention(qd, kd, vd, cu, 0.2, backend="cpp"),
+                       fl.varlen_attention(qd, kd, vd, cu, 0.2, backend="python"))
+
+
+def test_varlen_attention_rejects_bad_boundaries(require_backend):
+    require_backend("varlen_attention", "cpp")
+    from realhf.impl.ops import native
+    ext = native.load("fused_layers")
+    (q, k, v), _ = _packed_qkv([5, 4], 2, 1, 8)
+    with pytest.raises(RuntimeError, match="cu_seqlens"):
+        ext.varlen_attention_fwd(q, k, v, torch.tensor([0, 5, 8]), 1.0)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        ext.varlen_attention_fwd(q[..., :6].contiguous(), k[..., :6].contiguous(), v[..., :6].contiguous(),
+                                 torch.tensor([0, 5, 9]), 1.0)

@@ -11,9 +11,13 @@ every other dtype or device uses.
 * :func:`rms_norm` -- ``w * x / sqrt(mean(x^2) + eps)`` over the last dim;
 * :func:`rotary` -- x ``[N, H, D]`` rotated by per-token angles (cos/sin
   ``[N, D/2]``), non-interleaved (j with j + D/2) or interleaved (2j, 2j+1);
-* :func:`swiglu` -- ``silu(gate) * up``.
+* :func:`swiglu` -- ``silu(gate) * up``;
+* :func:`varlen_attention` -- causal attention over packed sequences
+  (q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, GQA), one call for all sequences
+  (``csrc/fused_layers/varlen_attention.h``); the torch formula is one SDPA
+  call per sequence.
 
-All are differentiable in x, the norm also in its weight.
+All are differentiable in their tensor inputs, the norm also in its weight.
 """
 
 from __future__ import annotations
@@ -59,6 +63,21 @@ def _swiglu_python(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def _varlen_attention_python(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    outs = []
+    for qi, ki, vi in zip(q.split(lens), k.split(lens), v.split(lens)):
+        if qi.shape[0] == 0:
+            outs.append(qi)
+            continue
+        qi, ki, vi = (x.transpose(0, 1)[None] for x in (qi, ki, vi))
+        o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, **gqa)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs) if outs else torch.empty_like(q)
+
+
 # ------------------------------------------------------------ native kernels
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
@@ -102,6 +121,23 @@ class _SwiGLU(torch.autograd.Function):
         return dgate, dup
 
 
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        out, lse = native.load(_EXT).varlen_attention_fwd(q, k, v, cu_seqlens, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = native.load(_EXT).varlen_attention_bwd(grad.contiguous(), q, k, v, out, lse, cu_seqlens,
+                                                            ctx.scale)
+        return dq, dk, dv, None, None
+
+
 def _needs_graph(*ts: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
@@ -134,11 +170,34 @@ def _swiglu_cpp(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return native.load(_EXT).swiglu_fwd(gate, torch.sigmoid(gate), up)
 
 
+def _varlen_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    if (not _fp32_cpu(q, k, v) or q.dim() != 3 or q.shape[-1] % 8 != 0 or k.shape != v.shape
+            or q.shape[1] % k.shape[1] != 0):
+        return _varlen_attention_python(q, k, v, cu_seqlens, scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    cu = cu_seqlens.to(device="cpu", dtype=torch.int64).contiguous()
+    if _needs_graph(q, k, v):
+        return _VarlenAttention.apply(q, k, v, cu, float(scale))
+    return native.load(_EXT).varlen_attention_fwd(q, k, v, cu, float(scale))[0]
+
+
+def _attention_probe() -> Optional[str]:
+    missing = native.import_error(_EXT)
+    if missing is not None:
+        return missing
+    if not native.load(_EXT).varlen_attention_supported():
+        return "the packed attention kernels need a CPU with AVX2 and FMA"
+    return None
+
+
 _cpu = dispatch.on_device_types("cpu")
 for _op, _py, _cpp in (("rms_norm", _rms_norm_python, _rms_norm_cpp), ("rotary", _rotary_python, _rotary_cpp),
                        ("swiglu", _swiglu_python, _swiglu_cpp)):
     dispatch.register(_op, "python", _py)
     dispatch.register(_op, "cpp", _cpp, serves=_cpu, probe=native.cpu_probe(_EXT))
+dispatch.register("varlen_attention", "python", _varlen_attention_python)
+dispatch.register("varlen_attention", "cpp", _varlen_attention_cpp, serves=_cpu, probe=_attention_probe)
 
 # These run ~100 times a forward pass: the automatic choice is made once per
 # (operator, device type, REAL_OP_BACKEND value) instead of on every call.
@@ -170,3 +229,15 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
 def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
     """``silu(gate) * up``."""
     return _impl("swiglu", gate.device, backend)(gate, up)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """Causal attention within each packed sequence (boundaries ``cu_seqlens``): q ``[T, Hq, D]``,
+    k/v ``[T, Hkv, D]`` (KV head j serves query heads j * Hq/Hkv ...) -> ``[T, Hq, D]``."""
+    return _impl("varlen_attention", q.device, backend)(q, k, v, cu_seqlens, scale)
+
+
+def native_attention(device: torch.device) -> bool:
+    """Whether :func:`varlen_attention` runs the native kernel on ``device`` (else per-sequence SDPA)."""
+    return _impl("varlen_attention", device, None) is _varlen_attention_cpp

@@ -6,6 +6,11 @@ Tokens of all sequences are concatenated ([total_tokens, heads, head_dim]) and
 Kernels:
 * CUDA with flash-attn installed: ``flash_attn_varlen_func`` (no cache) and
   ``flash_attn_with_kvcache`` (cache).
+* float32 on a CPU with AVX2/FMA, no cache, no sliding window: one native call
+  over all sequences (``fused_layers.varlen_attention``, "native"), forward
+  and backward. At the PPO shape (8 sequences of 42-60 tokens, 4 query / 2 KV
+  heads, head_dim 64, one core) 1.3 ms forward + backward against 2.4 ms for
+  the per-sequence SDPA loop, 0.36 against 0.7-0.9 ms forward only.
 * Otherwise torch SDPA. Without a cache there are three kernels (``ATTN_IMPL``):
   one SDPA call per sequence with ``is_causal`` ("loop"); one call with a
   block-diagonal causal [T, T] mask ("block_diag"), whose cost is quadratic in
@@ -17,7 +22,7 @@ Kernels:
   padded 10 ms; 32 of 10-29: 16 vs 18 ms; 8 of 35-60: 9.5 vs 10.7 ms. "auto"
   (default) therefore uses "padded" only for sequences of at most
   ``PADDED_MAX_LEN`` tokens whose padding at most doubles the work, and
-  "loop" otherwise. With a cache,
+  "loop" otherwise ("auto" takes "native" first where it applies). With a cache,
   the new queries are scattered into a [bs, max_new, ...] grid and one SDPA
   call runs against the cache rows with a per-row length mask, which is what
   decoding (one token per row) needs.
@@ -38,6 +43,7 @@ from torch import nn
 from realhf.api.core.model_api import ReaLModelConfig
 from realhf.impl.model.modules.norm import RMSNorm, make_norm
 from realhf.impl.model.modules.rotary import apply_rotary
+from realhf.impl.ops import fused_layers
 
 try:  # optional GPU kernels
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # type: ignore
@@ -46,10 +52,11 @@ try:  # optional GPU kernels
 except ImportError:  # pragma: no cover - depends on the environment
     HAS_FLASH_ATTN = False
 
+# "native": one call of the packed kernel (fused_layers.varlen_attention);
 # "loop": one SDPA call per sequence; "block_diag": one call with a [T, T] mask;
 # "padded": one call over a padded [bs, max_len] grid; "auto": padded for many
 # short sequences (at most PADDED_MAX_LEN tokens, padding at most doubling the
-# work), loop otherwise.
+# work), loop otherwise; native before both where its kernel runs.
 ATTN_IMPL = "auto"
 PADDED_MAX_LEN = 16
 
@@ -214,7 +221,20 @@ def _attn_padded(q, k, v, ctx: PackedContext, scale: float, window: Optional[int
     return o.transpose(1, 2).reshape(bs * width, *q.shape[1:]).index_select(0, cells)
 
 
+def _attn_native(q, k, v, ctx: PackedContext, scale: float, window: Optional[int]) -> torch.Tensor:
+    if window is not None and ctx.max_seqlen > window:
+        return _attn_loop(q, k, v, ctx, scale, window)
+    return fused_layers.varlen_attention(q, k, v, ctx.cu_seqlens, scale)
+
+
+def _native_applies(q: torch.Tensor, k: torch.Tensor, ctx: PackedContext, window: Optional[int]) -> bool:
+    return (q.dtype == torch.float32 and q.shape[-1] % 8 == 0 and (window is None or ctx.max_seqlen <= window)
+            and fused_layers.native_attention(q.device))
+
+
 def _attn_auto(q, k, v, ctx: PackedContext, scale: float, window: Optional[int]) -> torch.Tensor:
+    if _native_applies(q, k, ctx, window):
+        return fused_layers.varlen_attention(q, k, v, ctx.cu_seqlens, scale)
     lens = ctx.seqlens
     if (lens.shape[0] > 1 and ctx.max_seqlen <= PADDED_MAX_LEN
             and lens.shape[0] * ctx.max_seqlen ** 2 <= 2 * int((lens * lens).sum())):
@@ -222,7 +242,7 @@ def _attn_auto(q, k, v, ctx: PackedContext, scale: float, window: Optional[int])
     return _attn_loop(q, k, v, ctx, scale, window)
 
 
-ATTN_KERNELS = {"loop": _attn_loop, "block_diag": _attn_block_diag, "padded": _attn_padded, "auto": _attn_auto}
+ATTN_KERNELS = {"native": _attn_native, "loop": _attn_loop, "block_diag": _attn_block_diag, "padded": _attn_padded, "auto": _attn_auto}
 
 
 def packed_attention(
