@@ -79,6 +79,8 @@ class PackedContext:
         default_factory=dict)
     # Prefix-tree layout: the batch's ``prefix_tree.TreeAttention`` (query segments and visibility).
     tree: Optional[Any] = None
+    # Whether a cached forward starts every row from an empty cache (a prefill), set by the first block.
+    prefill: Optional[bool] = None
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
@@ -191,6 +193,11 @@ def _attn_with_cache(q, k, v, cache_k, cache_v, ctx: PackedContext, scale: float
     """Append k/v to the cache rows, then attend to each row's cached prefix + new tokens."""
     cache_k[ctx.seq_ids, ctx.positions] = k.to(cache_k.dtype)
     cache_v[ctx.seq_ids, ctx.positions] = v.to(cache_v.dtype)
+    if ctx.prefill is None:
+        ctx.prefill = not bool(ctx.past.any())
+    if ctx.prefill and _native_applies(q, k, ctx, window):
+        # Nothing cached before: the new tokens attend among themselves, as without a cache.
+        return fused_layers.varlen_attention(q, k, v, ctx.cu_seqlens, scale)
     if window not in ctx.cache_grids:
         ctx.cache_grids[window] = _cache_grid(q, ctx, window)
     col, mask, max_q, max_k = ctx.cache_grids[window]
