@@ -10,6 +10,10 @@
 //
 // Inner loops use 8 independent accumulators so that -O3 vectorizes the
 // reductions without reassociating floating point (no -ffast-math).
+//
+// Causal attention over packed sequences (varlen_attention.h) is here too:
+// AVX2 + FMA kernels chosen at run time, for every sequence of a batch in one
+// call, forward and backward.
 
 #include <torch/extension.h>
 

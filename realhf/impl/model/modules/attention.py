@@ -6,8 +6,8 @@ Tokens of all sequences are concatenated ([total_tokens, heads, head_dim]) and
 Kernels:
 * CUDA with flash-attn installed: ``flash_attn_varlen_func`` (no cache) and
   ``flash_attn_with_kvcache`` (cache).
-* float32 on a CPU with AVX2/FMA, no cache, no sliding window: one native call
-  over all sequences (``fused_layers.varlen_attention``, "native"), forward
+* float32 on a CPU with AVX2/FMA, no cache (or a prefill's empty one), no
+  sliding window narrower than a sequence: one native call over all sequences (``fused_layers.varlen_attention``, "native"), forward
   and backward. At the PPO shape (8 sequences of 42-60 tokens, 4 query / 2 KV
   heads, head_dim 64, one core) 1.3 ms forward + backward against 2.4 ms for
   the per-sequence SDPA loop, 0.36 against 0.7-0.9 ms forward only.
@@ -193,9 +193,7 @@ def _attn_with_cache(q, k, v, cache_k, cache_v, ctx: PackedContext, scale: float
     """Append k/v to the cache rows, then attend to each row's cached prefix + new tokens."""
     cache_k[ctx.seq_ids, ctx.positions] = k.to(cache_k.dtype)
     cache_v[ctx.seq_ids, ctx.positions] = v.to(cache_v.dtype)
-    if ctx.prefill is None:
-        ctx.prefill = not bool(ctx.past.any())
-    if ctx.prefill and _native_applies(q, k, ctx, window):
+    if _native_applies(q, ctx, window) and _is_prefill(ctx):
         # Nothing cached before: the new tokens attend among themselves, as without a cache.
         return fused_layers.varlen_attention(q, k, v, ctx.cu_seqlens, scale)
     if window not in ctx.cache_grids:
@@ -234,13 +232,20 @@ def _attn_native(q, k, v, ctx: PackedContext, scale: float, window: Optional[int
     return fused_layers.varlen_attention(q, k, v, ctx.cu_seqlens, scale)
 
 
-def _native_applies(q: torch.Tensor, k: torch.Tensor, ctx: PackedContext, window: Optional[int]) -> bool:
+def _is_prefill(ctx: PackedContext) -> bool:
+    if ctx.prefill is None:
+        ctx.prefill = not bool(ctx.past.any())
+    return ctx.prefill
+
+
+def _native_applies(q: torch.Tensor, ctx: PackedContext, window: Optional[int]) -> bool:
+    """float32, head_dim a multiple of 8, no window narrower than a sequence, and the kernel runs here."""
     return (q.dtype == torch.float32 and q.shape[-1] % 8 == 0 and (window is None or ctx.max_seqlen <= window)
             and fused_layers.native_attention(q.device))
 
 
 def _attn_auto(q, k, v, ctx: PackedContext, scale: float, window: Optional[int]) -> torch.Tensor:
-    if _native_applies(q, k, ctx, window):
+    if _native_applies(q, ctx, window):
         return fused_layers.varlen_attention(q, k, v, ctx.cu_seqlens, scale)
     lens = ctx.seqlens
     if (lens.shape[0] > 1 and ctx.max_seqlen <= PADDED_MAX_LEN
@@ -249,7 +254,8 @@ def _attn_auto(q, k, v, ctx: PackedContext, scale: float, window: Optional[int])
     return _attn_loop(q, k, v, ctx, scale, window)
 
 
-ATTN_KERNELS = {"native": _attn_native, "loop": _attn_loop, "block_diag": _attn_block_diag, "padded": _attn_padded, "auto": _attn_auto}
+ATTN_KERNELS = {"native": _attn_native, "loop": _attn_loop, "block_diag": _attn_block_diag,
+                "padded": _attn_padded, "auto": _attn_auto}
 
 
 def packed_attention(
