@@ -240,14 +240,15 @@ std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& dout, const at::T
   auto dk = at::zeros_like(k);
   auto dv = at::zeros_like(v);
   const int64_t* c = cu.data_ptr<int64_t>();
+  const float *gp = dout.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>();
+  const float *vp = v.data_ptr<float>(), *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   at::parallel_for(0, n_seq * sh.n_kv_heads, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t s = t / sh.n_kv_heads, g = t % sh.n_kv_heads;
       if (c[s + 1] > c[s])
-        realhf::varlen_attention_bwd_task(dout.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(),
-                                          v.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(),
-                                          dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), total,
-                                          c[s], c[s + 1] - c[s], g, sh, static_cast<float>(scale));
+        realhf::varlen_attention_bwd_task(gp, qp, kp, vp, op, lp, dqp, dkp, dvp, total, c[s], c[s + 1] - c[s], g,
+                                          sh, static_cast<float>(scale));
     }
   });
   return {dq, dk, dv};
