@@ -86,6 +86,27 @@ def _stop(procs: List[mp.Process], grace: float = 0.0) -> None:
             p.join()
 
 
+def _raise_root_cause(
+    procs: List[mp.Process], failures: Dict[int, str], silent: List[int]
+) -> None:
+    """Raise for the rank that most likely broke the run.
+
+    A silent death outranks a reported exception; among exceptions, the
+    first one reported wins (later ones are usually peers losing it).
+    """
+    if silent:
+        rank = silent[0]
+        message = (
+            f"Rank {rank} exited with code {procs[rank].exitcode} without "
+            "reporting a result."
+        )
+        if failures:
+            message += f" Ranks {sorted(failures)} failed after it."
+        raise DistributedRunError(rank, message)
+    rank = next(iter(failures))
+    raise DistributedRunError(rank, f"Rank {rank} failed:\n{failures[rank]}")
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -119,6 +140,8 @@ def run_distributed(
     for p in procs:
         p.start()
     results: Dict[int, Any] = {}
+    failures: Dict[int, str] = {}
+    first_failure_at: float | None = None
     exited_at: Dict[int, float] = {}
     deadline = time.monotonic() + timeout
     succeeded = False
@@ -129,21 +152,29 @@ def run_distributed(
             except queue_lib.Empty:
                 pass
             else:
-                if not ok:
-                    raise DistributedRunError(rank, f"Rank {rank} failed:\n{payload}")
-                results[rank] = pickle.loads(payload)
+                if ok:
+                    results[rank] = pickle.loads(payload)
+                else:
+                    failures[rank] = payload
+                    if first_failure_at is None:
+                        first_failure_at = time.monotonic()
                 continue
             now = time.monotonic()
-            for rank, p in enumerate(procs):
-                if rank in results or p.exitcode is None:
-                    continue
+            silent = [
+                r for r, p in enumerate(procs)
+                if r not in results and r not in failures and p.exitcode is not None
+            ]
+            if first_failure_at is not None:
+                # A rank that died without a word usually caused its peers'
+                # failures (they lose the rendezvous or a collective), so
+                # give it the grace period to show before blaming a peer.
+                if silent or now - first_failure_at > _EXIT_GRACE_S:
+                    _raise_root_cause(procs, failures, silent)
+                continue
+            for rank in silent:
                 first_seen = exited_at.setdefault(rank, now)
                 if now - first_seen > _EXIT_GRACE_S:
-                    raise DistributedRunError(
-                        rank,
-                        f"Rank {rank} exited with code {p.exitcode} without "
-                        "reporting a result.",
-                    )
+                    _raise_root_cause(procs, failures, [rank])
             if now > deadline:
                 missing = [r for r in range(world_size) if r not in results]
                 raise TimeoutError(

@@ -74,6 +74,22 @@ def test_rank_dying_without_result():
     assert info.value.rank == 0
 
 
+def _exit_silently_then_peer_fails(rank, world_size):
+    if rank == 0:
+        os._exit(3)
+    time.sleep(0.3)  # rank 0 is gone by now, as after a lost rendezvous
+    raise ConnectionResetError("peer closed the connection")
+
+
+def test_silent_death_is_blamed_before_the_peer_it_broke():
+    with pytest.raises(DistributedRunError) as info:
+        run_distributed(_exit_silently_then_peer_fails, 2, timeout=30)
+    assert info.value.rank == 0
+    msg = str(info.value)
+    assert "Rank 0 exited with code 3 without reporting a result" in msg
+    assert "Ranks [1] failed after it" in msg
+
+
 def test_unpicklable_result_is_reported():
     with pytest.raises(DistributedRunError, match="pickle"):
         run_distributed(lambda r, w: (lambda: None), 1, timeout=30)
