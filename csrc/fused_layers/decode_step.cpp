@@ -3,12 +3,14 @@
 // Decoding feeds one token per row, so every matrix product is tiny and a
 // step written as ~25 torch operations per block spends most of its time in
 // per-operation overhead (Python, dispatch, allocation). Here the whole block
-// loop is one call: the matrix products still go to at::mm / at::addmm, and
-// everything between them (RMS norm, rotary, writing the new key/value into
-// each row's cache slot, attention over the cached prefix, the residual adds)
-// is plain loops over float32 data; the attention's dot products use the
-// multi-accumulator sum_products (a single-accumulator loop cannot vectorize
-// and was a third of a step), and SwiGLU uses torch's vectorized silu.
+// loop is one call. On AVX2 + FMA CPUs the matrix products run over weights
+// packed once per generation (panel_matmul.h) and the attention over the
+// cached prefix is vectorized (four keys per reduction, exp8, broadcast FMAs
+// for the values); elsewhere the products go to at::mm / at::addmm over
+// [in, out] copies and the attention is scalar. Everything else (RMS norm,
+// rotary, writing the new key/value into each row's cache slot, the residual
+// adds) is plain loops over float32 data, and SwiGLU uses torch's vectorized
+// silu.
 //
 // The arithmetic is that of realhf/impl/model/nn/fast_decode.py, which remains
 // the reference (and the path for other dtypes and activations).
@@ -20,19 +22,21 @@
 #include <cstdint>
 #include <vector>
 
-#include "few_rows.h"
+#include "panel_matmul.h"
 #include "row_ops.h"
+#include "varlen_attention.h"
 
 namespace {
 
 constexpr int64_t kWeightsPerBlock = 10;  // ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, gu_b, d_w, d_b
-// Row-major [out, in] weights per block for steps of few rows: q, k, v, o, gate, up, down.
-constexpr int64_t kRowWeightsPerBlock = 7;
+// Packed weights per block (pack_panels): qkv, o, gate/up, down.
+constexpr int64_t kPackedPerBlock = 4;
 
 // Softmax attention of one query head over ``len`` cached positions whose
 // keys / values are ``stride`` floats apart: out = softmax(q . k_j * scale) @ v.
-void attend_head(const float* q, const float* keys, const float* vals, int64_t len, int64_t stride, int64_t d,
-                 float scale, float* scores, float* out) {
+// ``scores`` holds at least ``len`` rounded up to 8 floats.
+void attend_head_scalar(const float* q, const float* keys, const float* vals, int64_t len, int64_t stride, int64_t d,
+                        float scale, float* scores, float* out) {
   float mx = -INFINITY;
   for (int64_t j = 0; j < len; ++j) {
     scores[j] = realhf::sum_products(q, keys + j * stride, d) * scale;
@@ -49,6 +53,69 @@ void attend_head(const float* q, const float* keys, const float* vals, int64_t l
     const float* v = vals + j * stride;
     for (int64_t e = 0; e < d; ++e) out[e] += p * v[e];
   }
+}
+
+#ifdef REALHF_X86_AVX2
+// out[j] = scale * (q . keys[j * stride : + d]) for j < n, d % 8 == 0. Four keys
+// share one horizontal reduction (three hadds), the rest of the work is FMAs.
+__attribute__((target("avx2,fma"))) void scaled_dots(const float* q, const float* keys, int64_t stride, int64_t d,
+                                                    int64_t n, float scale, float* out) {
+  const __m128 sv = _mm_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* k0 = keys + j * stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t e = 0; e < d; e += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + e);
+      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + e), a0);
+      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + stride + e), a1);
+      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * stride + e), a2);
+      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * stride + e), a3);
+    }
+    // hadd(hadd(a0, a1), hadd(a2, a3)) holds the four low-half sums, then the four high-half sums.
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    _mm_storeu_ps(out + j, _mm_mul_ps(s, sv));
+  }
+  for (; j < n; ++j) {
+    const float* k = keys + j * stride;
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t e = 0; e < d; e += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(k + e), a);
+    out[j] = realhf::lane_sum(a) * scale;
+  }
+}
+
+// attend_head_scalar for d % 8 == 0 in AVX2: dots four keys at a time, the
+// exponentials by exp8, and the weighted sum of values by broadcast FMAs.
+__attribute__((target("avx2,fma"))) void attend_head_avx2(const float* q, const float* keys, const float* vals,
+                                                         int64_t len, int64_t stride, int64_t d, float scale,
+                                                         float* scores, float* out) {
+  scaled_dots(q, keys, stride, d, len, scale, scores);
+  const int64_t padded = (len + 7) / 8 * 8;
+  std::fill(scores + len, scores + padded, -INFINITY);  // exp8 gives 0 there
+  __m256 mv = _mm256_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < padded; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(scores + j));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const __m256 mx = _mm256_set1_ps(_mm_cvtss_f32(m4));
+  __m256 tv = _mm256_setzero_ps();
+  for (int64_t j = 0; j < padded; j += 8) {
+    const __m256 e = realhf::exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mx));
+    _mm256_storeu_ps(scores + j, e);
+    tv = _mm256_add_ps(tv, e);
+  }
+  realhf::weighted_sum(scores, vals, stride, len, d, 1.f / realhf::lane_sum(tv), out);
+}
+#endif
+
+void attend_head(const float* q, const float* keys, const float* vals, int64_t len, int64_t stride, int64_t d,
+                 float scale, float* scores, float* out) {
+#ifdef REALHF_X86_AVX2
+  if (d % 8 == 0 && realhf::avx2_fma_supported())
+    return attend_head_avx2(q, keys, vals, len, stride, d, scale, scores, out);
+#endif
+  attend_head_scalar(q, keys, vals, len, stride, d, scale, scores, out);
 }
 
 void check_f32(const at::Tensor& t, const char* name) {
@@ -71,25 +138,22 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
   return b.numel() == 0 ? at::mm(x, w) : at::addmm(b, x, w);
 }
 
-// x [n, K] times row-major weights parts[i] [N_i, K] placed side by side: [n, sum N_i], plus
-// ``b`` (the parts' biases side by side, or empty). For few rows (see few_rows.h).
-at::Tensor linear_parts(const at::Tensor& x, const at::Tensor* parts, int64_t n_parts, const at::Tensor& b) {
-  const int64_t n = x.size(0), K = x.size(1);
-  int64_t total = 0;
-  for (int64_t i = 0; i < n_parts; ++i) {
-    TORCH_CHECK(parts[i].dim() == 2 && parts[i].size(1) == K, "decode_blocks: a row weight's width is not ", K);
-    total += parts[i].size(0);
-  }
-  TORCH_CHECK(b.numel() == 0 || b.numel() == total, "decode_blocks: bias of ", b.numel(), " for ", total, " outputs");
-  auto y = at::empty({n, total}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  int64_t col = 0;
-  for (int64_t i = 0; i < n_parts; ++i) {
-    realhf::few_rows_times(xp, parts[i].data_ptr<float>(), b.numel() ? b.data_ptr<float>() + col : nullptr, yp + col,
-                           total, n, parts[i].size(0), K);
-    col += parts[i].size(0);
-  }
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void check_packed(const at::Tensor& w, int64_t K, int64_t N, const char* name) {
+  check_f32(w, name);
+  TORCH_CHECK(w.dim() == 3 && w.size(0) == ceil_div(N, realhf::kPanel) && w.size(1) == K &&
+                  w.size(2) == realhf::kPanel,
+              name, " must be packed panels [", ceil_div(N, realhf::kPanel), ", ", K, ", ", realhf::kPanel,
+              "], got ", w.sizes());
+}
+
+// x [n, K] @ W + b for W packed by pack_panels with N output columns.
+at::Tensor panels_linear(const at::Tensor& x, const at::Tensor& w, int64_t N, const at::Tensor& b) {
+  TORCH_CHECK(b.numel() == 0 || b.numel() == N, "bias of ", b.numel(), " for ", N, " outputs");
+  auto y = at::empty({x.size(0), N}, x.options());
+  realhf::rows_times_panels(x.data_ptr<float>(), w.data_ptr<float>(), b.numel() ? b.data_ptr<float>() : nullptr,
+                            y.data_ptr<float>(), N, x.size(0), N, x.size(1));
   return y;
 }
 
@@ -98,7 +162,7 @@ at::Tensor linear_parts(const at::Tensor& x, const at::Tensor* parts, int64_t n_
 // x [n, hidden] -> x after every block; keys/values of the fed tokens are
 // written at positions pos[i] of cache rows rows[i]. See fast_decode.py.
 at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, const std::vector<double>& eps,
-                         const std::vector<double>& scales, const std::vector<at::Tensor>& row_weights,
+                         const std::vector<double>& scales, const std::vector<at::Tensor>& packed,
                          const std::vector<at::Tensor>& cache_k,
                          const std::vector<at::Tensor>& cache_v, const at::Tensor& rows, const at::Tensor& pos,
                          const at::Tensor& cos, const at::Tensor& sin, int64_t n_q, int64_t n_kv, int64_t head_dim,
@@ -107,7 +171,7 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == kWeightsPerBlock * n_blocks &&
                   static_cast<int64_t>(eps.size()) == 2 * n_blocks &&
                   static_cast<int64_t>(scales.size()) == n_blocks &&
-                  (row_weights.empty() || static_cast<int64_t>(row_weights.size()) == kRowWeightsPerBlock * n_blocks) &&
+                  (packed.empty() || static_cast<int64_t>(packed.size()) == kPackedPerBlock * n_blocks) &&
                   static_cast<int64_t>(cache_v.size()) == n_blocks,
               "decode_blocks: per-block argument counts disagree");
   check_f32(x, "x");
@@ -127,14 +191,21 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
   auto act = at::empty({n, inter}, x.options());
   int64_t max_len = 0;
   for (int64_t i = 0; i < n; ++i) max_len = std::max(max_len, pp[i] + 1);
-  std::vector<float> scores(static_cast<size_t>(max_len));
-  const bool few = !row_weights.empty() && n <= realhf::kFewRows && realhf::few_rows_supported();
-  if (few)
-    for (const auto& t : row_weights) check_f32(t, "row weight");
+  std::vector<float> scores(static_cast<size_t>((max_len + 7) / 8 * 8));
+  const int64_t hidden = x.size(1), qkv_width = (n_q + 2 * n_kv) * d;
+  const bool use_panels = !packed.empty() && realhf::avx2_fma_supported();
+  if (use_panels)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const at::Tensor* pw = packed.data() + kPackedPerBlock * b;
+      check_packed(pw[0], hidden, qkv_width, "packed qkv weight");
+      check_packed(pw[1], n_q * d, hidden, "packed o weight");
+      check_packed(pw[2], hidden, 2 * inter, "packed gate/up weight");
+      check_packed(pw[3], inter, hidden, "packed down weight");
+    }
 
   for (int64_t b = 0; b < n_blocks; ++b) {
     const at::Tensor* w = weights.data() + kWeightsPerBlock * b;
-    const at::Tensor* rw = few ? row_weights.data() + kRowWeightsPerBlock * b : nullptr;
+    const at::Tensor* pw = use_panels ? packed.data() + kPackedPerBlock * b : nullptr;
     const at::Tensor &ck = cache_k[b], &cv = cache_v[b];
     check_f32(ck, "cache_k");
     check_f32(cv, "cache_v");
@@ -149,9 +220,9 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
 
     // Attention: norm, q/k/v in one product, rotary, cache write, softmax over the prefix.
     const auto h1 = rms(x, w[0], eps[2 * b]);
-    auto qkv = few ? linear_parts(h1, rw, 3, w[2]) : linear(h1, w[1], w[2]);
+    auto qkv = use_panels ? panels_linear(h1, pw[0], qkv_width, w[2]) : linear(h1, w[1], w[2]);
     const float* qkvp = qkv.data_ptr<float>();
-    const int64_t width = (n_q + 2 * n_kv) * d;
+    const int64_t width = qkv_width;
     float* qp = q.data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) {
       TORCH_CHECK(pp[i] < cap, "KV cache capacity ", cap, " exceeded");
@@ -176,30 +247,59 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
                     ap + (i * n_q + h) * d);
       }
     }
-    x = x + (few ? linear_parts(attn, rw + 3, 1, w[4]) : linear(attn, w[3], w[4]));
+    x = x + (use_panels ? panels_linear(attn, pw[1], hidden, w[4]) : linear(attn, w[3], w[4]));
 
     // Gated MLP: norm, gate and up in one product, silu(gate) * up, down.
     const auto h2 = rms(x, w[5], eps[2 * b + 1]);
-    auto gu = few ? linear_parts(h2, rw + 4, 2, w[7]) : linear(h2, w[6], w[7]);
+    auto gu = use_panels ? panels_linear(h2, pw[2], 2 * inter, w[7]) : linear(h2, w[6], w[7]);
     // torch's vectorized silu (libm's scalar exp would cost more than the products).
     at::mul_out(act, at::silu(gu.narrow(1, 0, inter)), gu.narrow(1, inter, inter));
-    x = x + (few ? linear_parts(act, rw + 6, 1, w[9]) : linear(act, w[8], w[9]));
+    x = x + (use_panels ? panels_linear(act, pw[3], hidden, w[9]) : linear(act, w[8], w[9]));
   }
   return x;
 }
 
-// x @ w.T + b through the few-row kernel, or an undefined tensor (None in Python) when it
-// does not apply (more than kFewRows rows, or no AVX2 + FMA on this CPU).
-at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+// x [n, K] @ W + b for W packed by pack_panels (N output columns), or an
+// undefined tensor (None in Python) on a CPU without AVX2 + FMA.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, int64_t N, const at::Tensor& b) {
   check_f32(x, "x");
-  check_f32(w, "w");
-  if (x.size(0) > realhf::kFewRows || !realhf::few_rows_supported()) return at::Tensor();
+  TORCH_CHECK(x.dim() == 2, "packed_linear: x must be [n, in]");
+  check_packed(w, x.size(1), N, "w");
   if (b.numel()) check_f32(b, "b");
-  return linear_parts(x, &w, 1, b);
+  if (!realhf::avx2_fma_supported()) return at::Tensor();
+  return panels_linear(x, w, N, b);
+}
+
+// The matrices [out_i, in] stacked (sum(out_i) = N outputs) as W = cat(mats).T
+// [in, N] in panels of kPanel columns: [ceil(N / kPanel), in, kPanel], the
+// last panel zero padded. Each source row is read once, contiguously; its
+// elements land kPanel floats apart within one panel, which stays in cache.
+at::Tensor pack_panels(const std::vector<at::Tensor>& mats) {
+  TORCH_CHECK(!mats.empty(), "pack_panels needs at least one matrix");
+  const int64_t K = mats[0].size(1);
+  int64_t N = 0;
+  for (const auto& w : mats) {
+    check_f32(w, "weight");
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == K, "pack_panels: matrices must be [out_i, in] with one in");
+    N += w.size(0);
+  }
+  constexpr int64_t P = realhf::kPanel;
+  auto out = at::zeros({ceil_div(N, P), K, P}, mats[0].options());
+  float* op = out.data_ptr<float>();
+  int64_t col = 0;
+  for (const auto& w : mats) {
+    const float* wp = w.data_ptr<float>();
+    for (int64_t r = 0; r < w.size(0); ++r, ++col) {
+      float* dst = op + (col / P) * K * P + col % P;
+      const float* src = wp + r * K;
+      for (int64_t k = 0; k < K; ++k) dst[k * P] = src[k];
+    }
+  }
+  return out;
 }
 
 // Matrices [out_i, in] side by side and transposed: [in, sum(out_i)], the
-// layout in which few-row products run fastest. Copied in 32 x 32 tiles, which
+// layout of the at::mm path (CPUs without AVX2 + FMA). Copied in 32 x 32 tiles, which
 // keeps both the rows read and the rows written in cache (a strided
 // .t().contiguous() was 3-4x slower than a plain copy).
 at::Tensor transpose_cat(const std::vector<at::Tensor>& mats) {
@@ -289,14 +389,16 @@ std::vector<at::Tensor> sample_rows(const at::Tensor& logits, const at::Tensor& 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "One decoding step through all llama blocks (float32 CPU)";
   m.def("decode_blocks", &decode_blocks, py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("scales"),
-        py::arg("row_weights"),
+        py::arg("packed"),
         py::arg("cache_k"), py::arg("cache_v"), py::arg("rows"), py::arg("pos"), py::arg("cos"), py::arg("sin"),
         py::arg("n_q"), py::arg("n_kv"), py::arg("head_dim"), py::arg("inter"), py::arg("interleaved"),
         py::call_guard<py::gil_scoped_release>(),
         "x after every block of one decoding step; writes the new keys/values into the caches.");
-  m.def("few_rows_linear", &few_rows_linear, py::arg("x"), py::arg("w"), py::arg("b"),
+  m.def("packed_linear", &packed_linear, py::arg("x"), py::arg("w"), py::arg("n_out"), py::arg("b"),
         py::call_guard<py::gil_scoped_release>(),
-        "x @ w.T + b for x [n <= 16, in] and row-major w [out, in] (AVX2 + FMA; None where unsupported).");
+        "x @ W + b for W packed by pack_panels (AVX2 + FMA; None where unsupported).");
+  m.def("pack_panels", &pack_panels, py::arg("mats"), py::call_guard<py::gil_scoped_release>(),
+        "cat(mats).T in panels of 24 columns: [ceil(N / 24), in, 24], zero padded.");
   m.def("sample_rows", &sample_rows, py::arg("logits"), py::arg("u"), py::arg("banned"), py::arg("temperature"),
         py::call_guard<py::gil_scoped_release>(),
         "(tokens, log-probs): one inverse-CDF draw per row of float32 logits, banned ids removed.");

@@ -24,13 +24,13 @@
 #include <cstring>
 #include <vector>
 
-#include "few_rows.h"
+#include "panel_matmul.h"
 
 namespace realhf {
 
-#ifdef REALHF_FEW_ROWS_X86
+#ifdef REALHF_X86_AVX2
 
-inline bool varlen_attention_supported() { return few_rows_supported(); }
+inline bool varlen_attention_supported() { return avx2_fma_supported(); }
 
 // exp(x) for 8 lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-6
 // polynomial, 2^n through the exponent bits. Inputs below -87.3 give 0.
@@ -56,22 +56,31 @@ __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
 // out[j] = sum_d a[d] * panel[d * ld + j] for j < 8 * NV (a panel of transposed rows).
 // With few vectors, even and odd d accumulate separately: twice the independent
 // FMA chains, so short rows are not bound by the FMA latency (depth is even).
+// (The constant-count loops carry unroll pragmas in these kernels: unrolled
+// late, GCC kept the accumulator arrays on the stack and stored every
+// accumulator on every iteration.)
 template <int NV>
 __attribute__((target("avx2,fma"))) inline void panel_times(const float* a, const float* panel, int64_t ld,
                                                            int64_t depth, float* out) {
   constexpr int kSets = NV <= 4 ? 2 : 1;
   __m256 acc[kSets][NV];
+  #pragma GCC unroll 8
   for (auto& set : acc)
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) set[v] = _mm256_setzero_ps();
   for (int64_t d = 0; d < depth; d += kSets) {
+    #pragma GCC unroll 8
     for (int s = 0; s < kSets; ++s) {
       const __m256 b = _mm256_broadcast_ss(a + d + s);
       const float* row = panel + (d + s) * ld;
+      #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[s][v] = _mm256_fmadd_ps(b, _mm256_loadu_ps(row + 8 * v), acc[s][v]);
     }
   }
+  #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
     __m256 sum = acc[0][v];
+    #pragma GCC unroll 8
     for (int s = 1; s < kSets; ++s) sum = _mm256_add_ps(sum, acc[s][v]);
     _mm256_storeu_ps(out + 8 * v, sum);
   }
@@ -100,13 +109,16 @@ template <int NV>
 __attribute__((target("avx2,fma"))) inline void weighted_rows(const float* w, const float* rows, int64_t stride,
                                                              int64_t n, float scale, float* y) {
   __m256 acc[NV];
+  #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
     const __m256 b = _mm256_broadcast_ss(w + j);
     const float* row = rows + j * stride;
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(b, _mm256_loadu_ps(row + 8 * v), acc[v]);
   }
   const __m256 s = _mm256_set1_ps(scale);
+  #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) _mm256_storeu_ps(y + 8 * v, _mm256_mul_ps(acc[v], s));
 }
 

@@ -218,33 +218,54 @@ def test_back_to_back_weights_are_viewed_not_copied():
     assert _rows_back_to_back([a, flat[20:35].view(3, 5)]) is None  # another width
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 8, 13, 16])
-@pytest.mark.parametrize("n_out, width", [(6, 32), (7, 20), (128, 256)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_few_rows_linear_equals_torch(rows, n_out, width, bias):
-    """The few-row product of decoding steps: odd output counts, widths not a multiple of 8, bias."""
+def _decode_ext():
     from realhf.impl.ops import native
 
     ext = native.load("decode_step")
     if ext is None:
         pytest.skip(native.import_error("decode_step"))
+    return ext
+
+
+def test_pack_panels_layout():
+    """Stacked [out_i, in] matrices become [ceil(N / 24), in, 24]: panel p, row k, column c
+    holds W[k, 24 p + c] of W = cat(mats).T, zeros past N."""
+    ext = _decode_ext()
+    a, b = torch.randn(20, 7), torch.randn(9, 7)
+    got = ext.pack_panels([a, b])
+    assert got.shape == (2, 7, 24)
+    w = torch.cat([a, b]).t()  # [in, 29]
+    flat = got.permute(1, 0, 2).reshape(7, 48)
+    assert torch.equal(flat[:, :29], w)
+    assert torch.equal(flat[:, 29:], torch.zeros(7, 19))
+    with pytest.raises(RuntimeError, match="one in"):
+        ext.pack_panels([a, torch.randn(3, 8)])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 13, 16, 32, 70])
+@pytest.mark.parametrize("n_out, width", [(6, 32), (7, 20), (24, 9), (25, 64), (128, 256)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_torch(rows, n_out, width, bias):
+    """The decoding steps' panel product: any row count (blocks of four and the rest), full
+    and padded panels, widths not a multiple of 8, bias."""
+    ext = _decode_ext()
     g = torch.Generator().manual_seed(rows * 1000 + n_out)
     x, w = torch.randn(rows, width, generator=g), torch.randn(n_out, width, generator=g)
     b = torch.randn(n_out, generator=g) if bias else torch.empty(0)
-    got = ext.few_rows_linear(x, w, b)
+    got = ext.packed_linear(x, ext.pack_panels([w]), n_out, b)
     if got is None:
         pytest.skip("no AVX2 + FMA on this CPU: decoding steps use at::mm")
     # Sums of `width` products in another order: rounding grows with the width.
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b if bias else None), atol=1e-6 * width, rtol=1e-5)
 
 
-def test_few_rows_linear_declines_many_rows():
-    from realhf.impl.ops import native
-
-    ext = native.load("decode_step")
-    if ext is None:
-        pytest.skip(native.import_error("decode_step"))
-    assert ext.few_rows_linear(torch.randn(17, 8), torch.randn(4, 8), torch.empty(0)) is None
+def test_packed_linear_refuses_a_mismatched_weight():
+    ext = _decode_ext()
+    w = ext.pack_panels([torch.randn(30, 16)])
+    with pytest.raises(RuntimeError, match=r"packed panels \[2, 8, 24\]"):
+        ext.packed_linear(torch.randn(4, 8), w, 30, torch.empty(0))
+    with pytest.raises(RuntimeError, match="bias of 3 for 30 outputs"):
+        ext.packed_linear(torch.randn(4, 16), w, 30, torch.randn(3))
 
 
 def test_decoder_is_freed_without_the_cyclic_collector():

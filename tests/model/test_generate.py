@@ -405,14 +405,13 @@ def test_native_sampler_draws_what_the_torch_sampler_draws(temperature, min_new,
 
 
 @pytest.mark.parametrize("greedy", [True, False])
-def test_few_row_decoding_makes_no_weight_copies(hf_model, prompts, greedy, monkeypatch):
-    """With at most 16 rows the decoder reads the model's own weights (no q/k/v or gate/up
-    copies) and the prompt is prefilled by the model's forward; tokens and log-probs equal
-    the decoder that copies its weights and prefills natively."""
+def test_panel_decoding_equals_the_matmul_decoding(hf_model, prompts, greedy, monkeypatch):
+    """With the panel products (AVX2 + FMA) the decoder packs its weights once and makes no
+    [in, out] copies; tokens and log-probs equal the decoder that multiplies with at::mm."""
     from realhf.impl.model.nn import fast_decode
 
-    if _real_model_unavailable() or not fast_decode.few_rows_supported():
-        pytest.skip("needs ReaLModel and the native few-row kernel")
+    if _real_model_unavailable() or not fast_decode.panel_kernel_supported():
+        pytest.skip("needs ReaLModel and the native panel products")
     ids, cu = prompts
     model = _wrap(hf_model, "real")
     cfg = _gconfig(greedy=greedy, max_new_tokens=7, temperature=0.9)
@@ -425,9 +424,12 @@ def test_few_row_decoding_makes_no_weight_copies(hf_model, prompts, greedy, monk
 
     monkeypatch.setattr(fast_decode.FastDecoder, "__init__", spy)
     got = generate(model, ids, cu, cfg, eos_token_id=2, generator=torch.Generator().manual_seed(5))
-    assert built[-1].few_rows_only and all(b.qkv_w is None and b.gu_w is None for b in built[-1].blocks)
-    monkeypatch.setattr(fast_decode, "few_rows_supported", lambda: False)
+    dec = built[-1]
+    assert dec.head_panels is not None and all(b.panels is not None for b in dec.blocks)
+    assert all(b.qkv_w is None and b.gu_w is None for b in dec.blocks)
+    monkeypatch.setattr(fast_decode, "panel_kernel_supported", lambda: False)
     want = generate(model, ids, cu, cfg, eos_token_id=2, generator=torch.Generator().manual_seed(5))
-    assert not built[-1].few_rows_only and all(b.qkv_w is not None for b in built[-1].blocks)
+    dec = built[-1]
+    assert dec.head_panels is None and all(b.panels is None and b.qkv_w is not None for b in dec.blocks)
     assert [s.tolist() for s in got.sequences] == [s.tolist() for s in want.sequences]
     torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=1e-5)

@@ -115,18 +115,25 @@ def _cat_bias(mods: List[torch.nn.Linear]) -> Optional[torch.Tensor]:
     return torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
 
 
-def few_rows_supported() -> bool:
-    """Whether the native few-row kernel runs on this CPU (AVX2 + FMA)."""
-    global _FEW_ROWS_OK
-    if _FEW_ROWS_OK is None:
+def panel_kernel_supported() -> bool:
+    """Whether the native panel products run on this CPU (AVX2 + FMA); without them
+    the native block loop multiplies with at::mm over [in, out] weight copies."""
+    global _PANELS_OK
+    if _PANELS_OK is None:
         ext = native.load(_EXT)
-        probe = None if ext is None else ext.few_rows_linear(torch.zeros(1, 8), torch.zeros(8, 8), torch.zeros(0))
-        _FEW_ROWS_OK = probe is not None
-    return _FEW_ROWS_OK
+        probe = None
+        if ext is not None:
+            probe = ext.packed_linear(torch.zeros(1, 8), ext.pack_panels([torch.zeros(8, 8)]), 8, torch.zeros(0))
+        _PANELS_OK = probe is not None
+    return _PANELS_OK
 
 
-_FEW_ROWS_OK: Optional[bool] = None
-FEW_ROWS = 16  # decode_step's kFewRows: steps of at most this many rows read the model's own weights
+_PANELS_OK: Optional[bool] = None
+
+
+def _pack(mods: List[torch.nn.Linear]) -> torch.Tensor:
+    """The weights of ``mods`` stacked, as the native loop's packed panels (see panel_matmul.h)."""
+    return native.load(_EXT).pack_panels([m.weight.detach().contiguous() for m in mods])
 
 
 def _matmul(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
@@ -134,11 +141,11 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torc
 
 
 class _Block:
-    """Weights of one transformer block in the fused layout.
+    """Weights of one transformer block in the fused layouts.
 
-    The q/k/v and gate/up products of many rows need copies of their weights
-    (:func:`_cat_linear`); they are made by :meth:`fuse`, on first need, since
-    steps of few rows read the model's own weights instead.
+    Two layouts, each made on first need: :meth:`pack` for the native loop's
+    panel products (AVX2 + FMA CPUs), :meth:`fuse` for ``x @ w`` products
+    (q/k/v and gate/up copied side by side; o and down are free views).
     """
 
     def __init__(self, block: torch.nn.Module):
@@ -154,9 +161,8 @@ class _Block:
         self.ln2, self.eps2 = mlp.ln.weight.detach(), mlp.ln.eps
         self.d_w, self.d_b = _cat_linear([mlp.down_proj])
         self.act = mlp.act
-        # The model's own [out, in] weights, for steps of few rows (``decode_step``'s few-row kernel).
-        self.row_weights = [m.weight.detach() for m in (attn.c_attn.q_attn, attn.c_attn.k_attn, attn.c_attn.v_attn,
-                                                       attn.c_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        self._linears = [self._qkv, [attn.c_proj], self._gu, [mlp.down_proj]]
+        self.panels: Optional[List[torch.Tensor]] = None  # qkv, o, gate/up, down (pack_panels)
         self.ln_f = (block.ln_f.weight.detach(), block.ln_f.eps) if block.is_last else None
 
     def fuse(self) -> "_Block":
@@ -164,6 +170,11 @@ class _Block:
             self.qkv_w, _ = _cat_linear(self._qkv)
             self.gu_w, _ = _cat_linear(self._gu)
         return self
+
+    def pack(self) -> List[torch.Tensor]:
+        if self.panels is None:
+            self.panels = [_pack(mods) for mods in self._linears]
+        return self.panels
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -178,10 +189,7 @@ class FastDecoder:
     (or copies), so the model must not change while it is in use.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: KVCache, max_rows: Optional[int] = None):
-        """``max_rows``: no call feeds more rows than this (None: unknown). At most
-        :data:`FEW_ROWS` on a CPU with the few-row kernel, no weight copies are made
-        (:attr:`few_rows_only`); prefill the cache with the model's own forward then."""
+    def __init__(self, model: torch.nn.Module, cache: KVCache):
         reason = fast_decode_unsupported(model)
         if reason is not None:
             raise ValueError(f"FastDecoder cannot run this model: {reason}.")
@@ -192,7 +200,7 @@ class FastDecoder:
         self.interleaved = cfg.rotary_interleaved
         self.wte = model.layers[0].wte.weight.detach()
         self.head, _ = _cat_linear([model.layers[-1]])
-        self.head_rows = model.layers[-1].weight.detach()  # [vocab, hidden], for few rows
+        self.head_panels: Optional[torch.Tensor] = None
         self.blocks = [_Block(b) for b in model.layers[1:-1]]
         self.f = cfg.intermediate_dim
         inv = model._inv_freq if model._inv_freq is not None else rotary_inv_freq(
@@ -200,14 +208,9 @@ class FastDecoder:
         self.inv_freq = inv.to(self.wte.device)
         # The block loop of a step: one native call when the extension serves this model.
         impl = dispatch.select("decode_blocks", self.wte.device)
-        self.few_rows_only = (impl.backend == "cpp" and max_rows is not None and max_rows <= FEW_ROWS
-                              and few_rows_supported())
         self._native = self._native_args() if impl.backend == "cpp" else None
-        if self._native is not None and not self._native[3]:
-            self.few_rows_only = False  # no row weights: the copies are needed after all
-            self._native = self._native_args()
-        # The head through the few-row kernel too when the block loop has the row weights.
-        self._few_rows_head = self._native is not None and bool(self._native[3])
+        if self._native is not None and self._native[3]:
+            self.head_panels = _pack([model.layers[-1]])  # the head through the panel products too
         # The plain function, not a bound method: a bound method stored on self is a reference
         # cycle, which would keep the decoder (its weight copies and views of the model's
         # parameters) alive until the cyclic collector runs, long after generation.
@@ -224,26 +227,28 @@ class FastDecoder:
         return fused_layers.rotary(x, cos, sin, self.interleaved)
 
     def _native_args(self) -> Optional[tuple]:
-        """Weights, epsilons and scales for the ``cpp`` block loop, or None when it cannot run
-        this model (it serves float32 CPU weights and caches and the silu activation)."""
-        if not self.few_rows_only:
-            for b in self.blocks:
-                b.fuse()
+        """Weights, epsilons, scales and packed panels for the ``cpp`` block loop, or None
+        when it cannot run this model (it serves float32 CPU weights and caches and the
+        silu activation). The panels are packed once here (one copy of the block weights,
+        made per ``generate`` call) where the CPU runs the panel products; elsewhere the
+        loop multiplies with at::mm over :meth:`_Block.fuse` copies."""
         tensors = [self.wte] + [t for b in self.blocks for t in (b.ln1, b.o_w, b.ln2, b.d_w)]
-        tensors += [t for b in self.blocks for t in (b.qkv_w, b.gu_w) if t is not None]
+        tensors += [m.weight for b in self.blocks for mods in b._linears for m in mods]
         tensors += [t for b in self.blocks for t in (b.qkv_b, b.o_b, b.gu_b, b.d_b) if t is not None]
         if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors + self.cache.k + self.cache.v):
             return None
         if any(b.act is not F.silu for b in self.blocks):
             return None
-        none = self.wte.new_empty(0)  # also the q/k/v and gate/up copies never read by few-row steps
+        panels = panel_kernel_supported()
+        if not panels:
+            for b in self.blocks:
+                b.fuse()
+        none = self.wte.new_empty(0)  # the q/k/v and gate/up copies the panel products never read
         weights = [t if t is not None else none for b in self.blocks
                    for t in (b.ln1, b.qkv_w, b.qkv_b, b.o_w, b.o_b, b.ln2, b.gu_w, b.gu_b, b.d_w, b.d_b)]
         eps = [float(e) for b in self.blocks for e in (b.eps1, b.eps2)]
-        rows = [t for b in self.blocks for t in b.row_weights]
-        if not all(t.dtype == torch.float32 and t.is_contiguous() for t in rows):
-            rows = []
-        return weights, eps, [float(b.scale) for b in self.blocks], rows
+        packed = [t for b in self.blocks for t in b.pack()] if panels else []
+        return weights, eps, [float(b.scale) for b in self.blocks], packed
 
     def blocks_python(self, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, whole: bool) -> torch.Tensor:
@@ -277,12 +282,9 @@ class FastDecoder:
         """All blocks of the step in one call of realhf._C.decode_step (float32 CPU, silu)."""
         if self._native is None:
             return self.blocks_python(x, rows, pos, cos, sin, whole)
-        if self.few_rows_only and x.shape[0] > FEW_ROWS:  # more rows than announced: make the copies
-            self.few_rows_only = False
-            self._native = self._native_args()
-        weights, eps, scales, row_weights = self._native
+        weights, eps, scales, packed = self._native
         return native.load(_EXT).decode_blocks(
-            x.contiguous(), weights, eps, scales, row_weights, self.cache.k, self.cache.v, rows.contiguous(),
+            x.contiguous(), weights, eps, scales, packed, self.cache.k, self.cache.v, rows.contiguous(),
             pos.contiguous(), cos.contiguous(), sin.contiguous(), self.n_q, self.n_kv, self.head_dim, self.f,
             self.interleaved)
 
@@ -333,10 +335,9 @@ class FastDecoder:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks[-1].ln_f is not None:
             x = _rms(x, *self.blocks[-1].ln_f)
-        if self._few_rows_head:
-            out = native.load(_EXT).few_rows_linear(x.contiguous(), self.head_rows, self.wte.new_empty(0))
-            if out is not None:  # few rows on an AVX2 + FMA CPU
-                return out
+        if self.head_panels is not None:
+            return native.load(_EXT).packed_linear(x.contiguous(), self.head_panels, self.head.shape[1],
+                                                   self.wte.new_empty(0))
         return x @ self.head
 
 

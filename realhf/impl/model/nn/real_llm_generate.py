@@ -481,8 +481,8 @@ def generate(
             first = None
     if first is None:
         cache = _allocate_cache(model, bs, capacity, dtype, device)
-    fast = FastDecoder(model, cache, max_rows=bs) if use_fast_decode(model, device) else None
-    if fast is not None and fast.native and not fast.few_rows_only:
+    fast = FastDecoder(model, cache) if use_fast_decode(model, device) else None
+    if fast is not None and fast.native:
         last_logits = fast.prefill(input_ids, cu_seqlens)  # [bs, V]: the native block loop, heads of last tokens only
     else:
         # The model's own forward (no weight copies); the last block and head on last tokens only
