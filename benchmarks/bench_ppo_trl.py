@@ -46,9 +46,14 @@ over 2 cores) and each system's step time as a multiple of it; TRL's step
 over the floor is the highest ratio any system could reach over TRL here.
 
 Each side runs ``--steps`` steps (10; ``--quick``: 3 steps of 8 prompts x 8
-tokens) and the table gives the median step time over steps 2.. (the first
-includes start-up work), samples/s = prompts per step / median step, and
-``ratio`` = ours samples/s / samples/s of the TRL row named in the header.
+tokens) per round, in ``--rounds`` rounds (3; ``--quick``: 1) that alternate
+which side goes first (ours, TRL, TRL without gc.collect; then TRL, TRL
+without gc.collect, ours; ...). This machine's speed drifts by 10-40% over
+tens of seconds; alternating rounds give both sides the same mix of slow and
+fast phases. The table gives each system's median step over steps 2.. of
+every round (the first step of a round includes start-up work), samples/s =
+prompts per step / median step, and ``ratio`` = ours samples/s / samples/s of
+the TRL row named in the header; a second table gives each round's ratios.
 Results go to ``benchmarks/results/bench_ppo_trl.json``
 (``bench_ppo_trl_quick.json`` for ``--quick``) with the versions, thread
 counts, load averages and every step's timeline.
@@ -277,21 +282,27 @@ def run_trl_subprocess(steps: int, n_prompts: int, new_tokens: int, threads: int
         return json.loads(out.read_text())
 
 
+def steady(per_round: List[List[float]]) -> List[float]:
+    """Every round's step times but its first (which includes start-up work)."""
+    return [x for run in per_round for x in (run[1:] or run)]
+
+
 def step_row(system: str, seconds: List[float], n_prompts: int, new_tokens: int,
              gc_seconds: Optional[List[float]] = None) -> Dict[str, Any]:
-    steady = seconds[1:] or seconds
-    median = statistics.median(steady)
-    row = {"system": system, "prompts": n_prompts, "new_tokens": new_tokens, "steps": len(steady),
+    median = statistics.median(seconds)
+    row = {"system": system, "prompts": n_prompts, "new_tokens": new_tokens, "steps": len(seconds),
            "median_step_s": median, "samples_per_s": n_prompts / median}
     if gc_seconds:
-        row["median_gc_s"] = statistics.median(gc_seconds[1:] or gc_seconds)
+        row["median_gc_s"] = statistics.median(gc_seconds)
     return row
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 steps of 8 prompts x 8 new tokens (smoke run)")
-    p.add_argument("--steps", type=int, default=None, help="PPO steps per side, the first is not timed")
+    p.add_argument("--steps", type=int, default=None, help="PPO steps per side and round, the first is not timed")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds of both sides, alternating which goes first (3; --quick: 1)")
     p.add_argument("--layouts", default="dp2,split,balanced", help=f"our layouts to run, comma-separated, of {sorted(LAYOUTS)}")
     p.add_argument("--prompts", type=int, default=None, help="prompts per PPO step (16; --quick: 8)")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens per prompt (32; --quick: 8)")
@@ -312,6 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return {}
     steps, n_prompts, new_tokens = (3, 8, 8) if args.quick else (10, 16, 32)
     steps, n_prompts, new_tokens = args.steps or steps, args.prompts or n_prompts, args.new_tokens or new_tokens
+    rounds = args.rounds or (1 if args.quick else 3)
     layouts = [x for x in args.layouts.split(",") if x]
     unknown = sorted(set(layouts) - set(LAYOUTS))
     if unknown:
@@ -319,23 +331,41 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     raw: Dict[str, Any] = {}
     load: Dict[str, Any] = {"start": loadavg()}
-    rows, timeline = [], []
+    systems = [f"ours_{layout}" for layout in layouts] + ["trl", "trl_no_gc"]
+    runs: Dict[str, List[Any]] = {key: [] for key in systems}  # per round: history (ours) or TRL's result
     with tempfile.TemporaryDirectory() as tmp:
         files = prompt_workload(n_prompts, Path(tmp))
-        for layout in layouts:
-            history = run_ours(layout, steps, n_prompts, new_tokens, files)
-            raw[f"ours_{layout}"] = history
-            load[f"after_ours_{layout}"] = loadavg()
-            rows.append(step_row(f"ours ({layout})", [h["seconds"] for h in history], n_prompts, new_tokens))
-            timeline += timeline_rows(layout, history, CALLS)
-        trl_rows = []
-        for keep_gc in (True, False):
-            key = "trl" if keep_gc else "trl_no_gc"
-            raw[key] = run_trl_subprocess(steps, n_prompts, new_tokens, args.trl_threads, keep_gc, files)
-            load[f"after_{key}"] = loadavg()
-            trl_rows.append(step_row("trl" if keep_gc else "trl (no gc.collect)", raw[key]["seconds"], n_prompts,
-                                     new_tokens, raw[key]["gc_seconds"]))
+        for r in range(rounds):
+            order = systems if r % 2 == 0 else systems[len(layouts):] + systems[:len(layouts)]
+            for key in order:
+                if key.startswith("ours_"):
+                    runs[key].append(run_ours(key[len("ours_"):], steps, n_prompts, new_tokens, files))
+                else:
+                    runs[key].append(run_trl_subprocess(steps, n_prompts, new_tokens, args.trl_threads,
+                                                        key == "trl", files))
+                load[f"round{r}_after_{key}"] = loadavg()
         lengths = prompt_lengths(files, MAX_PROMPT_LEN)
+    rows, timeline = [], []
+    for layout in layouts:
+        history = [h for run in runs[f"ours_{layout}"] for h in run]
+        raw[f"ours_{layout}"] = runs[f"ours_{layout}"]
+        per_round = [[h["seconds"] for h in run] for run in runs[f"ours_{layout}"]]
+        rows.append(step_row(f"ours ({layout})", steady(per_round), n_prompts, new_tokens))
+        timeline += timeline_rows(layout, history, CALLS)
+    trl_rows = []
+    for key in ("trl", "trl_no_gc"):
+        raw[key] = runs[key]
+        trl_rows.append(step_row("trl" if key == "trl" else "trl (no gc.collect)",
+                                 steady([run["seconds"] for run in runs[key]]), n_prompts, new_tokens,
+                                 steady([run["gc_seconds"] for run in runs[key]])))
+    round_rows = []
+    for r in range(rounds):
+        trl_s = [statistics.median(steady([runs[key][r]["seconds"]])) for key in ("trl", "trl_no_gc")]
+        for layout in layouts:
+            ours_s = statistics.median(steady([[h["seconds"] for h in runs[f"ours_{layout}"][r]]]))
+            round_rows.append({"round": r + 1, "layout": layout, "ours_s": ours_s, "trl_s": trl_s[0],
+                               "trl_no_gc_s": trl_s[1], "ratio": trl_s[0] / ours_s,
+                               "ratio_no_gc": trl_s[1] / ours_s})
     rows += trl_rows
     # The machine's limit: matmul rates at this step's shapes (a training micro-batch of one core, the
     # rows one core decodes when generation is split over both), measured after both sides have run.
@@ -355,6 +385,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           "ratio_no_gc = ours / trl (no gc.collect)")
     print_table(rows, ["system", "prompts", "new_tokens", "median_step_s", "samples_per_s", "ratio",
                        "ratio_no_gc", "median_gc_s"])
+    print("\nEach round's median steps (s) and ratios")
+    print_table(round_rows, ["round", "layout", "ours_s", "trl_s", "trl_no_gc_s", "ratio", "ratio_no_gc"])
     print("\nOur median step, per call (workers' clocks, ms from the step's start)")
     print_table(timeline, ["layout", "call", "ranks", "start_ms", "end_ms", "call_ms", "hooks_ms", "transfer_ms",
                            "timeline"])
@@ -367,15 +399,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     import transformers
 
     setup = {
-        "steps": steps, "prompts": n_prompts, "new_tokens": new_tokens, "max_prompt_len": MAX_PROMPT_LEN,
+        "steps": steps, "rounds": rounds, "prompts": n_prompts, "new_tokens": new_tokens, "max_prompt_len": MAX_PROMPT_LEN,
         "ppo_epochs": PPO_EPOCHS, "minibatches": N_MINIBATCHES, "seed": SEED, "shape": _shape.SHAPE,
         "ours": {"threads_per_worker": 1, "layouts": {k: LAYOUTS[k] for k in layouts}},
-        "trl": {"processes": 1, "threads": raw["trl"]["threads"]},
+        "trl": {"processes": 1, "threads": raw["trl"][0]["threads"]},
     }
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": version("trl"),
                 "accelerate": version("accelerate")}
     name = "bench_ppo_trl_quick" if args.quick else "bench_ppo_trl"
-    path = write_json(name, {"rows": rows, "ratio": ratio, "ratio_no_gc": ratio_no_gc, "timeline": timeline,
+    path = write_json(name, {"rows": rows, "ratio": ratio, "ratio_no_gc": ratio_no_gc, "rounds": round_rows,
+                             "timeline": timeline,
                              "limit": limit, "limit_rows": limit_rows,
                              "ratio_ceiling": bound, "raw": raw},
                       extra={"setup": setup, "versions": versions, "loadavg": load})
