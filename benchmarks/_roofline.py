@@ -29,7 +29,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 Linear = Tuple[int, int]  # (in_features, out_features)
 
@@ -128,42 +128,66 @@ def step_flops(shape: Dict[str, int], prompt_lengths: Sequence[int], new_tokens:
 
 
 def _gemm_set(shape: Dict[str, int], rows: int, kind: str) -> List[Tuple[Tuple[int, int], Tuple[int, int]]]:
-    """(A shape, B shape) of the GEMMs of one layer for ``rows`` tokens: forward ``X @ W^T``, or for
-    ``backward`` the two gradient products ``dY @ W`` and ``dY^T @ X``."""
+    """(A shape, B shape) of the GEMMs of one layer for ``rows`` tokens: ``forward`` (and ``decode``)
+    ``X @ W^T``, or for ``backward`` the two gradient products ``dY @ W`` and ``dY^T @ X``."""
     gemms = []
     for i, o in layer_linears(shape) + [(shape["hidden_size"], shape["vocab_size"])]:
-        if kind == "forward":
+        if kind in ("forward", "decode"):
             gemms.append(((rows, i), (i, o)))
         else:
             gemms += [((rows, o), (o, i)), ((o, rows), (rows, i))]
     return gemms
 
 
+def _panel_products(pairs: List[Any]) -> Optional[Callable[[], Any]]:
+    """The same products through the decoding steps' own kernel (weights packed in panels,
+    ``realhf._C.decode_step``), or None where it does not run (no extension, no AVX2 + FMA)."""
+    try:
+        import torch
+
+        from realhf.impl.model.nn import fast_decode
+        from realhf.impl.ops import native
+    except ImportError:
+        return None
+    if not fast_decode.panel_kernel_supported():
+        return None
+    ext, none = native.load("decode_step"), torch.empty(0)
+    packed = [(a, ext.pack_panels([b.t().contiguous()]), b.shape[1]) for a, b in pairs]
+    return lambda: [ext.packed_linear(a, w, n, none) for a, w, n in packed]
+
+
+def _flops_per_second(products: Callable[[], Any], flops_per_round: float, seconds: float) -> float:
+    products()  # warm the allocator and the kernels' caches
+    rounds, t0 = 0, time.perf_counter()
+    while True:
+        products()
+        rounds += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return rounds * flops_per_round / elapsed
+
+
 def _rate_worker(shape: Dict[str, int], rows: int, kind: str, seconds: float, start: Any, out: Any) -> None:
+    """One core's rate; for ``decode`` the faster of a BLAS sgemm and the decoding kernel."""
     import torch
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     pairs = [(torch.randn(a, generator=gen), torch.randn(b, generator=gen)) for a, b in _gemm_set(shape, rows, kind)]
     flops_per_round = sum(2.0 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in pairs)
-    for a, b in pairs:  # warm the allocator and the kernels' caches
-        a @ b
+    candidates = [lambda: [a @ b for a, b in pairs]]
+    if kind == "decode":
+        panels = _panel_products(pairs)
+        if panels is not None:
+            candidates.append(panels)
     start.wait()
-    rounds, t0 = 0, time.perf_counter()
-    while True:
-        for a, b in pairs:
-            a @ b
-        rounds += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds:
-            break
-    out.put(rounds * flops_per_round / elapsed)
+    out.put(max(_flops_per_second(c, flops_per_round, seconds / len(candidates)) for c in candidates))
 
 
 def measure_rates(shape: Dict[str, int], rows: Dict[str, Tuple[int, str]], cores: int = 0,
                   seconds: float = 1.0) -> Dict[str, float]:
     """Matmul FLOP/s of one core while every core runs the same GEMMs, for each named
-    ``(rows, forward|backward)`` case; the mean over the cores."""
+    ``(rows, forward|backward|decode)`` case; the mean over the cores."""
     cores = cores or os.cpu_count() or 1
     ctx = mp.get_context("fork")
     rates = {}
@@ -206,7 +230,7 @@ def roofline(shape: Dict[str, int], prompt_lengths: Sequence[int], new_tokens: i
     cores = cores or os.cpu_count() or 1
     flops = step_flops(shape, prompt_lengths, new_tokens, calls, group_size)
     rates = measure_rates(shape, {"forward": (train_rows, "forward"), "backward": (train_rows, "backward"),
-                                  "decode": (decode_rows, "forward")}, cores)
+                                  "decode": (decode_rows, "decode")}, cores)
     rate_of = {"forward": rates["forward"], "prefill": rates["forward"], "backward": rates["backward"],
                "decode": rates["decode"]}
     result = floor_seconds(flops, rate_of, cores)

@@ -77,10 +77,13 @@ core-seconds over 2 cores) and each system's step as a multiple of it; TRL's
 step over the floor is the highest ratio any system could reach over TRL here.
 
 Each side runs ``--steps`` steps (6; ``--quick``: 3 steps of 8 prompts x 4
-samples x 8 tokens) and the table gives the median step time over steps
-2.. (the first includes start-up work), samples/s = samples per step /
-median step, and ``ratio_<n>t`` = ours samples/s / samples/s of TRL with
-``n`` threads. Results go to
+samples x 8 tokens) per round, in ``--rounds`` rounds (3; ``--quick``: 1)
+that alternate which side goes first: this machine's speed drifts by 10-40%
+over tens of seconds, and alternating rounds give both sides the same mix of
+phases. The table gives the median step over steps 2.. of every round (the
+first step of a round includes start-up work), samples/s = samples per step
+/ median step, and ``ratio_<n>t`` = ours samples/s / samples/s of TRL with
+``n`` threads; a second table gives each round's ratios. Results go to
 ``benchmarks/results/bench_grpo_trl.json`` (``bench_grpo_trl_quick.json`` for
 ``--quick``) with the versions, thread counts, load averages, every step's
 timeline and TRL's phase times.
@@ -367,23 +370,28 @@ def run_trl_subprocess(trl_dir: Path, steps: int, n_prompts: int, new_tokens: in
 # --------------------------------------------------------------------------- #
 # Report
 # --------------------------------------------------------------------------- #
+def steady(per_round: List[List[Any]]) -> List[Any]:
+    """Every round's steps but its first (which includes start-up work)."""
+    return [x for run in per_round for x in (run[1:] or run)]
+
+
 def step_row(system: str, seconds: List[float], n_samples: int, new_tokens: int) -> Dict[str, Any]:
-    steady = seconds[1:] or seconds
-    median = statistics.median(steady)
-    return {"system": system, "samples": n_samples, "new_tokens": new_tokens, "steps": len(steady),
+    median = statistics.median(seconds)
+    return {"system": system, "samples": n_samples, "new_tokens": new_tokens, "steps": len(seconds),
             "median_step_s": median, "samples_per_s": n_samples / median}
 
 
 def trl_phase_row(phases: List[Dict[str, float]]) -> Dict[str, Any]:
-    """Median over steps 2.. of each of TRL's phases (ms)."""
-    steady = phases[1:] or phases
-    return {k.replace("_s", "_ms"): 1e3 * statistics.median(p[k] for p in steady) for k in steady[0]}
+    """Median of each of TRL's phases over the given steps (ms)."""
+    return {k.replace("_s", "_ms"): 1e3 * statistics.median(p[k] for p in phases) for k in phases[0]}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 steps of 8 prompts x 4 samples x 8 new tokens (smoke run)")
-    p.add_argument("--steps", type=int, default=None, help="GRPO steps per side, the first is not timed (6)")
+    p.add_argument("--steps", type=int, default=None, help="GRPO steps per side and round, the first is not timed (6)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds of both sides, alternating which goes first (3; --quick: 1)")
     p.add_argument("--layouts", default="dp2,gen2_train1,one",
                    help=f"our layouts to run, comma-separated, of {sorted(LAYOUTS)}")
     p.add_argument("--prompts", type=int, default=None, help="prompts per step (16; --quick: 8)")
@@ -420,6 +428,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return {}
     steps, n_prompts, new_tokens = (3, 8, 8) if args.quick else (6, 16, 32)
     steps, n_prompts, new_tokens = args.steps or steps, args.prompts or n_prompts, args.new_tokens or new_tokens
+    rounds = args.rounds or (1 if args.quick else 3)
     n_samples = n_prompts * GROUP_SIZE
     layouts = [x for x in args.layouts.split(",") if x]
     unknown = sorted(set(layouts) - set(LAYOUTS))
@@ -430,25 +439,34 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     load: Dict[str, Any] = {"start": loadavg()}
     rows, timeline, checks, trl_rows, phase_rows = [], [], [], [], []
     profile_text = None
+    ours_keys = [f"ours_{layout}" for layout in layouts]
+    trl_keys = [f"trl_{threads}t" for threads in trl_threads]
+    runs: Dict[str, List[Any]] = {key: [] for key in ours_keys + trl_keys}  # per round
     with tempfile.TemporaryDirectory() as tmp:
         files = prompt_workload(n_prompts, Path(tmp))
-        for layout in layouts:
-            history = run_ours(layout, steps, n_prompts, new_tokens, files)
-            raw[f"ours_{layout}"] = history
-            load[f"after_ours_{layout}"] = loadavg()
-            rows.append(step_row(f"ours ({layout})", [h["seconds"] for h in history], n_samples, new_tokens))
+        for r in range(rounds):
+            for key in (ours_keys + trl_keys if r % 2 == 0 else trl_keys + ours_keys):
+                if key in ours_keys:
+                    runs[key].append(run_ours(key[len("ours_"):], steps, n_prompts, new_tokens, files))
+                else:
+                    threads = trl_threads[trl_keys.index(key)]
+                    runs[key].append(run_trl_subprocess(trl_dir, steps, n_prompts, new_tokens, threads, files))
+                load[f"round{r}_after_{key}"] = loadavg()
+        for layout, key in zip(layouts, ours_keys):
+            raw[key] = runs[key]
+            history = [h for run in runs[key] for h in run]
+            rows.append(step_row(f"ours ({layout})", steady([[h["seconds"] for h in run] for run in runs[key]]),
+                                 n_samples, new_tokens))
             timeline += timeline_rows(layout, history, CALLS)
             s = median_step(history)["train_stats"]
             checks.append({"system": f"ours ({layout})", "samples": s.get("n_seqs"), "new_tokens": s.get("avg_gen_len"),
                            "no_eos_ratio": s.get("no_eos_ratio"), "reward": s.get("task_reward")})
-        for threads in trl_threads:
-            key = f"trl_{threads}t"
-            raw[key] = run_trl_subprocess(trl_dir, steps, n_prompts, new_tokens, threads, files)
-            load[f"after_{key}"] = loadavg()
-            system = f"trl ({raw[key]['threads']} threads)"
-            trl_rows.append(step_row(system, raw[key]["seconds"], n_samples, new_tokens))
-            phase_rows.append({"system": system, **trl_phase_row(raw[key]["phases"])})
-            gen = raw[key]["generated"]
+        for key in trl_keys:
+            raw[key] = runs[key]
+            system = f"trl ({runs[key][0]['threads']} threads)"
+            trl_rows.append(step_row(system, steady([run["seconds"] for run in runs[key]]), n_samples, new_tokens))
+            phase_rows.append({"system": system, **trl_phase_row(steady([run["phases"] for run in runs[key]]))})
+            gen = [g for run in runs[key] for g in run["generated"]]
             checks.append({"system": system, "samples": gen[-1]["rows"] if gen else None,
                            "new_tokens": gen[-1]["new_tokens"] if gen else None,
                            "eos_in_answers": sum(g["eos"] for g in gen)})
@@ -469,13 +487,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for layout, row in zip(layouts, rows):
         for col, trl_row in zip(ratio_cols, trl_rows):
             row[col] = ratio[col][layout] = row["samples_per_s"] / trl_row["samples_per_s"]
+    round_rows = []
+    for r in range(rounds):
+        trl_s = [statistics.median(steady([runs[key][r]["seconds"]])) for key in trl_keys]
+        for layout, key in zip(layouts, ours_keys):
+            ours_s = statistics.median(steady([[h["seconds"] for h in runs[key][r]]]))
+            round_rows.append({"round": r + 1, "layout": layout, "ours_s": ours_s,
+                               **{f"trl_{t}t_s": x for t, x in zip(trl_threads, trl_s)},
+                               **{col: x / ours_s for col, x in zip(ratio_cols, trl_s)}})
     rows += trl_rows
     limit_rows = roofline_rows(limit, {row["system"]: row["median_step_s"] for row in rows})
     ceiling = ratio_bound(limit, trl_rows)
 
     print(f"\nGRPO samples/s, ours vs TRL {TRL_VERSION}, {n_prompts} prompts x {GROUP_SIZE} samples x {new_tokens} "
-          f"new tokens, median over steps 2..{steps}; ratio_<n>t = ours / trl with n threads")
+          f"new tokens, median over steps 2..{steps} of {rounds} round(s); ratio_<n>t = ours / trl with n threads")
     print_table(rows, ["system", "samples", "new_tokens", "median_step_s", "samples_per_s"] + ratio_cols)
+    print("Each round's median steps (s) and ratios")
+    print_table(round_rows)
     print("Our median step, per call (workers' clocks, ms from the step's start; hooks = parameter reallocation)")
     print_table(timeline, ["layout", "call", "ranks", "start_ms", "end_ms", "call_ms", "hooks_ms", "transfer_ms",
                            "timeline"])
@@ -494,9 +522,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     import torch
     import transformers
 
-    first = raw[f"trl_{trl_threads[0]}t"]
+    first = raw[f"trl_{trl_threads[0]}t"][0]
     setup = {
-        "steps": steps, "prompts": n_prompts, "group_size": GROUP_SIZE, "samples": n_samples,
+        "steps": steps, "rounds": rounds, "prompts": n_prompts, "group_size": GROUP_SIZE, "samples": n_samples,
         "new_tokens": new_tokens, "max_prompt_len": MAX_PROMPT_LEN, "lr": LR, "seed": SEED, "shape": _shape.SHAPE,
         "ours": {"threads_per_worker": 1, "layouts": {k: LAYOUTS[k] for k in layouts},
                  "loss_agg_mode": "token-mean", "adv_estimator": "grpo", "n_minibatches": 1},
@@ -505,7 +533,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": first["trl_version"],
                 "accelerate": version("accelerate"), "datasets": version("datasets")}
     name = "bench_grpo_trl_quick" if args.quick else "bench_grpo_trl"
-    path = write_json(name, {"rows": rows, "ratio": ratio, "timeline": timeline, "trl_phases_ms": phase_rows,
+    path = write_json(name, {"rows": rows, "ratio": ratio, "rounds": round_rows, "timeline": timeline, "trl_phases_ms": phase_rows,
                              "checks": checks, "limit": limit, "limit_rows": limit_rows,
                              "ratio_ceiling": ceiling, "raw": raw}, extra={"setup": setup, "versions": versions,
                                                                    "loadavg": load})

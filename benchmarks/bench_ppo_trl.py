@@ -381,7 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         row["ratio"], row["ratio_no_gc"] = ratio[layout], ratio_no_gc[layout]
 
     print(f"\nPPO samples/s, ours vs TRL {TRL_VERSION} ({args.trl_threads} threads), {n_prompts} prompts x "
-          f"{new_tokens} new tokens, median over steps 2..{steps}; ratio = ours / trl, "
+          f"{new_tokens} new tokens, median over steps 2..{steps} of {rounds} round(s); ratio = ours / trl, "
           "ratio_no_gc = ours / trl (no gc.collect)")
     print_table(rows, ["system", "prompts", "new_tokens", "median_step_s", "samples_per_s", "ratio",
                        "ratio_no_gc", "median_gc_s"])
