@@ -270,19 +270,28 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, int64_t N, co
   return panels_linear(x, w, N, b);
 }
 
+// The common width ``in`` of float32 matrices [out_i, in] to be stacked.
+static int64_t check_stackable(const std::vector<at::Tensor>& mats, const char* fn) {
+  TORCH_CHECK(!mats.empty(), fn, " needs at least one matrix");
+  for (const auto& w : mats) {
+    check_f32(w, "weight");
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == mats[0].size(1), fn, ": matrices must be [out_i, in] with one in");
+  }
+  return mats[0].size(1);
+}
+
+static int64_t stacked_rows(const std::vector<at::Tensor>& mats) {
+  int64_t n = 0;
+  for (const auto& w : mats) n += w.size(0);
+  return n;
+}
+
 // The matrices [out_i, in] stacked (sum(out_i) = N outputs) as W = cat(mats).T
 // [in, N] in panels of kPanel columns: [ceil(N / kPanel), in, kPanel], the
 // last panel zero padded. Each source row is read once, contiguously; its
 // elements land kPanel floats apart within one panel, which stays in cache.
 at::Tensor pack_panels(const std::vector<at::Tensor>& mats) {
-  TORCH_CHECK(!mats.empty(), "pack_panels needs at least one matrix");
-  const int64_t K = mats[0].size(1);
-  int64_t N = 0;
-  for (const auto& w : mats) {
-    check_f32(w, "weight");
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == K, "pack_panels: matrices must be [out_i, in] with one in");
-    N += w.size(0);
-  }
+  const int64_t K = check_stackable(mats, "pack_panels"), N = stacked_rows(mats);
   constexpr int64_t P = realhf::kPanel;
   auto out = at::zeros({ceil_div(N, P), K, P}, mats[0].options());
   float* op = out.data_ptr<float>();
@@ -303,14 +312,7 @@ at::Tensor pack_panels(const std::vector<at::Tensor>& mats) {
 // keeps both the rows read and the rows written in cache (a strided
 // .t().contiguous() was 3-4x slower than a plain copy).
 at::Tensor transpose_cat(const std::vector<at::Tensor>& mats) {
-  TORCH_CHECK(!mats.empty(), "transpose_cat needs at least one matrix");
-  const int64_t in = mats[0].size(1);
-  int64_t total = 0;
-  for (const auto& w : mats) {
-    check_f32(w, "weight");
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == in, "transpose_cat: matrices must be [out_i, in] with one in");
-    total += w.size(0);
-  }
+  const int64_t in = check_stackable(mats, "transpose_cat"), total = stacked_rows(mats);
   auto out = at::empty({in, total}, mats[0].options());
   float* op = out.data_ptr<float>();
   constexpr int64_t kTile = 32;
