@@ -12,6 +12,12 @@ runs the same computation with about 25 operations per block:
 * each row's key/value is written straight into its cache slot and one SDPA
   call attends over the cached prefix with a per-row length mask.
 
+That torch loop is the reference. On the CPU the whole block loop of a step
+is one native call (``realhf._C.decode_step``); on AVX2 + FMA CPUs it
+multiplies with the weights packed once per decoder into panels of 24 output
+columns (``pack_panels``), which runs every row count of a decoding step
+faster than sgemm over the model's own or transposed weights.
+
 Only whole (single-stage, ``tp_size == 1``) models of the llama family are
 served: RMS norms, rotary (either pairing), gated MLP, optional biases, no
 qk-norm, no sliding window, no learned positions, no dropout in effect.
