@@ -26,6 +26,8 @@ VARIANTS = {
                                                use_attn_proj_bias=True, mlp_bias=True, tied_embedding=True),
     "interleaved-scaled": dataclasses.replace(LLAMA, rotary_interleaved=True, rotary_scaling=2.0,
                                               rotary_scaling_type="linear", scale_attn_by_inverse_layer_idx=True),
+    # head_dim not a multiple of 8: the native loop's scalar attention
+    "head-dim-12": dataclasses.replace(LLAMA, hidden_dim=48, head_dim=12),
 }
 
 
