@@ -20,6 +20,8 @@ from realhf.base import network
 # Seconds to keep draining the result queue after a rank exited, since its
 # message may still be in flight.
 _EXIT_GRACE_S = 1.0
+# Reading this long after a rank exited finds any message it sent before.
+_DRAIN_S = 0.2
 
 
 class DistributedRunError(RuntimeError):
@@ -164,16 +166,20 @@ def run_distributed(
                 r for r, p in enumerate(procs)
                 if r not in results and r not in failures and p.exitcode is not None
             ]
+            for rank in silent:
+                exited_at.setdefault(rank, now)
             if first_failure_at is not None:
                 # A rank that died without a word usually caused its peers'
                 # failures (they lose the rendezvous or a collective), so
-                # give it the grace period to show before blaming a peer.
-                if silent or now - first_failure_at > _EXIT_GRACE_S:
-                    _raise_root_cause(procs, failures, silent)
+                # give it the grace period to show before blaming a peer. An
+                # exited rank's message is already in the pipe: after
+                # _DRAIN_S of reading, a rank still without one said nothing.
+                settled = [r for r in silent if now - exited_at[r] > _DRAIN_S]
+                if settled or now - first_failure_at > _EXIT_GRACE_S:
+                    _raise_root_cause(procs, failures, settled)
                 continue
             for rank in silent:
-                first_seen = exited_at.setdefault(rank, now)
-                if now - first_seen > _EXIT_GRACE_S:
+                if now - exited_at[rank] > _EXIT_GRACE_S:
                     _raise_root_cause(procs, failures, [rank])
             if now > deadline:
                 missing = [r for r in range(world_size) if r not in results]

@@ -90,6 +90,20 @@ def test_silent_death_is_blamed_before_the_peer_it_broke():
     assert "Ranks [1] failed after it" in msg
 
 
+def _fail_everywhere(rank, world_size):
+    raise ValueError(f"boom from rank {rank}")
+
+
+def test_ranks_that_all_raise_are_not_taken_for_silent_deaths():
+    # Every rank exits right after reporting; none may be blamed as having died without a word.
+    for _ in range(3):
+        with pytest.raises(DistributedRunError) as info:
+            run_distributed(_fail_everywhere, 3, timeout=30)
+        msg = str(info.value)
+        assert f"Rank {info.value.rank} failed" in msg and f"boom from rank {info.value.rank}" in msg
+        assert "without reporting a result" not in msg
+
+
 def test_unpicklable_result_is_reported():
     with pytest.raises(DistributedRunError, match="pickle"):
         run_distributed(lambda r, w: (lambda: None), 1, timeout=30)
