@@ -34,7 +34,6 @@ constexpr int64_t kPackedPerBlock = 4;
 
 // Softmax attention of one query head over ``len`` cached positions whose
 // keys / values are ``stride`` floats apart: out = softmax(q . k_j * scale) @ v.
-// ``scores`` holds at least ``len`` rounded up to 8 floats.
 void attend_head_scalar(const float* q, const float* keys, const float* vals, int64_t len, int64_t stride, int64_t d,
                         float scale, float* scores, float* out) {
   float mx = -INFINITY;
@@ -86,26 +85,15 @@ __attribute__((target("avx2,fma"))) void scaled_dots(const float* q, const float
 }
 
 // attend_head_scalar for d % 8 == 0 in AVX2: dots four keys at a time, the
-// exponentials by exp8, and the weighted sum of values by broadcast FMAs.
+// exponentials by exp8 (exp_shifted), and the weighted sum of values by
+// broadcast FMAs.
 __attribute__((target("avx2,fma"))) void attend_head_avx2(const float* q, const float* keys, const float* vals,
                                                          int64_t len, int64_t stride, int64_t d, float scale,
                                                          float* scores, float* out) {
   scaled_dots(q, keys, stride, d, len, scale, scores);
-  const int64_t padded = (len + 7) / 8 * 8;
-  std::fill(scores + len, scores + padded, -INFINITY);  // exp8 gives 0 there
-  __m256 mv = _mm256_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < padded; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(scores + j));
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
-  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-  const __m256 mx = _mm256_set1_ps(_mm_cvtss_f32(m4));
-  __m256 tv = _mm256_setzero_ps();
-  for (int64_t j = 0; j < padded; j += 8) {
-    const __m256 e = realhf::exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mx));
-    _mm256_storeu_ps(scores + j, e);
-    tv = _mm256_add_ps(tv, e);
-  }
-  realhf::weighted_sum(scores, vals, stride, len, d, 1.f / realhf::lane_sum(tv), out);
+  const float mx = *std::max_element(scores, scores + len);
+  const float total = realhf::exp_shifted(scores, len, mx);
+  realhf::weighted_sum(scores, vals, stride, len, d, 1.f / total, out);
 }
 #endif
 
@@ -191,7 +179,7 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
   auto act = at::empty({n, inter}, x.options());
   int64_t max_len = 0;
   for (int64_t i = 0; i < n; ++i) max_len = std::max(max_len, pp[i] + 1);
-  std::vector<float> scores(static_cast<size_t>((max_len + 7) / 8 * 8));
+  std::vector<float> scores(static_cast<size_t>(max_len));
   const int64_t hidden = x.size(1), qkv_width = (n_q + 2 * n_kv) * d;
   const bool use_panels = !packed.empty() && realhf::avx2_fma_supported();
   if (use_panels)
@@ -222,11 +210,10 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
     const auto h1 = rms(x, w[0], eps[2 * b]);
     auto qkv = use_panels ? panels_linear(h1, pw[0], qkv_width, w[2]) : linear(h1, w[1], w[2]);
     const float* qkvp = qkv.data_ptr<float>();
-    const int64_t width = qkv_width;
     float* qp = q.data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) {
       TORCH_CHECK(pp[i] < cap, "KV cache capacity ", cap, " exceeded");
-      const float* row = qkvp + i * width;
+      const float* row = qkvp + i * qkv_width;
       const float *c = cp + i * half, *s = sp + i * half;
       for (int64_t h = 0; h < n_q; ++h) realhf::rotate_head(row + h * d, c, s, qp + (i * n_q + h) * d, d, interleaved);
       const int64_t slot = (rp[i] * cap + pp[i]) * n_kv;
