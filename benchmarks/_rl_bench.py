@@ -1,6 +1,7 @@
 """Pieces shared by the RL benchmarks that run our system next to TRL
 (``bench_ppo_trl.py``, ``bench_grpo_trl.py``): the prompt workload, the
-per-call mesh options of a layout, and the median step's timeline."""
+per-call mesh options of a layout, the order and steady steps of the
+alternating rounds, and the median step's timeline."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ def prompt_workload(n_prompts: int, out_dir: Path) -> Dict[str, Path]:
     tokenizer = _shape.load_tokenizer(model)
     prompts = _shape.write_prompts(out_dir / f"prompts{n_prompts}.jsonl", tokenizer, n=n_prompts)
     return {"model": model, "prompts": Path(prompts)}
+
+
+def round_order(ours: List[str], peers: List[str], r: int) -> List[str]:
+    """Who runs in round ``r``, in order: ours first in even rounds, the peers first in odd ones."""
+    return ours + peers if r % 2 == 0 else peers + ours
+
+
+def steady(per_round: List[List[Any]]) -> List[Any]:
+    """Every round's steps but its first (which includes start-up work)."""
+    return [x for run in per_round for x in (run[1:] or run)]
 
 
 def prompt_lengths(files: Dict[str, Path], max_len: int) -> List[int]:

@@ -143,7 +143,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _shape  # noqa: E402
 from _common import print_table, write_json  # noqa: E402
-from _rl_bench import loadavg, median_step, mesh_args, prompt_lengths, prompt_workload, timeline_rows  # noqa: E402
+from _rl_bench import (loadavg, median_step, mesh_args, prompt_lengths, prompt_workload, round_order,  # noqa: E402
+                       steady, timeline_rows)
 from _roofline import print_limit, ratio_bound, roofline, roofline_rows  # noqa: E402
 
 TRL_VERSION = "1.16.0"
@@ -370,11 +371,6 @@ def run_trl_subprocess(trl_dir: Path, steps: int, n_prompts: int, new_tokens: in
 # --------------------------------------------------------------------------- #
 # Report
 # --------------------------------------------------------------------------- #
-def steady(per_round: List[List[Any]]) -> List[Any]:
-    """Every round's steps but its first (which includes start-up work)."""
-    return [x for run in per_round for x in (run[1:] or run)]
-
-
 def step_row(system: str, seconds: List[float], n_samples: int, new_tokens: int) -> Dict[str, Any]:
     median = statistics.median(seconds)
     return {"system": system, "samples": n_samples, "new_tokens": new_tokens, "steps": len(seconds),
@@ -445,7 +441,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         files = prompt_workload(n_prompts, Path(tmp))
         for r in range(rounds):
-            for key in (ours_keys + trl_keys if r % 2 == 0 else trl_keys + ours_keys):
+            for key in round_order(ours_keys, trl_keys, r):
                 if key in ours_keys:
                     runs[key].append(run_ours(key[len("ours_"):], steps, n_prompts, new_tokens, files))
                 else:

@@ -110,7 +110,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _shape  # noqa: E402
 from _common import print_table, write_json  # noqa: E402
-from _rl_bench import loadavg, mesh_args, prompt_lengths, prompt_workload, timeline_rows  # noqa: E402
+from _rl_bench import (loadavg, mesh_args, prompt_lengths, prompt_workload, round_order, steady,  # noqa: E402
+                       timeline_rows)
 from _roofline import print_limit, ratio_bound, roofline, roofline_rows  # noqa: E402
 
 TRL_VERSION = "1.12.0"
@@ -282,11 +283,6 @@ def run_trl_subprocess(steps: int, n_prompts: int, new_tokens: int, threads: int
         return json.loads(out.read_text())
 
 
-def steady(per_round: List[List[float]]) -> List[float]:
-    """Every round's step times but its first (which includes start-up work)."""
-    return [x for run in per_round for x in (run[1:] or run)]
-
-
 def step_row(system: str, seconds: List[float], n_prompts: int, new_tokens: int,
              gc_seconds: Optional[List[float]] = None) -> Dict[str, Any]:
     median = statistics.median(seconds)
@@ -331,13 +327,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     raw: Dict[str, Any] = {}
     load: Dict[str, Any] = {"start": loadavg()}
-    systems = [f"ours_{layout}" for layout in layouts] + ["trl", "trl_no_gc"]
-    runs: Dict[str, List[Any]] = {key: [] for key in systems}  # per round: history (ours) or TRL's result
+    ours_keys, trl_keys = [f"ours_{layout}" for layout in layouts], ["trl", "trl_no_gc"]
+    runs: Dict[str, List[Any]] = {key: [] for key in ours_keys + trl_keys}  # per round: history or TRL's result
     with tempfile.TemporaryDirectory() as tmp:
         files = prompt_workload(n_prompts, Path(tmp))
         for r in range(rounds):
-            order = systems if r % 2 == 0 else systems[len(layouts):] + systems[:len(layouts)]
-            for key in order:
+            for key in round_order(ours_keys, trl_keys, r):
                 if key.startswith("ours_"):
                     runs[key].append(run_ours(key[len("ours_"):], steps, n_prompts, new_tokens, files))
                 else:

@@ -238,8 +238,8 @@ class FastDecoder:
         silu activation). The panels are packed once here (one copy of the block weights,
         made per ``generate`` call) where the CPU runs the panel products; elsewhere the
         loop multiplies with at::mm over :meth:`_Block.fuse` copies."""
-        tensors = [self.wte] + [t for b in self.blocks for t in (b.ln1, b.o_w, b.ln2, b.d_w)]
-        tensors += [m.weight for b in self.blocks for mods in b._linears for m in mods]
+        tensors = [self.wte] + [t for b in self.blocks for t in (b.ln1, b.ln2)]
+        tensors += [m.weight for b in self.blocks for mods in b._linears for m in mods]  # every block weight
         tensors += [t for b in self.blocks for t in (b.qkv_b, b.o_b, b.gu_b, b.d_b) if t is not None]
         if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors + self.cache.k + self.cache.v):
             return None
