@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import _shape
 
@@ -39,13 +39,17 @@ def prompt_lengths(files: Dict[str, Path], max_len: int) -> List[int]:
     return [min(len(ids), max_len) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def mesh_args(meshes: Dict[str, List[int]], n_workers: int) -> List[str]:
-    """Quickstart options placing each call on its ranks, data-parallel over them."""
+def mesh_args(meshes: Dict[str, List[int]], n_workers: int,
+              threads: Optional[Dict[str, int]] = None) -> List[str]:
+    """Quickstart options placing each call on its ranks, data-parallel over them,
+    with ``threads[call]`` native-kernel threads per worker where given."""
     args = []
     for call, ranks in meshes.items():
         if len(ranks) < n_workers:
             args.append(f"{call}.device_mesh=localhost:{','.join(map(str, ranks))}")
         args.append(f"{call}.parallel.data_parallel_size={len(ranks)}")
+    for call, n in (threads or {}).items():
+        args.append(f"{call}.cpu_threads={n}")
     return args
 
 

@@ -136,7 +136,13 @@ LAYOUTS = {
     # reference and critic inference side by side, then the two trainings side by side.
     "balanced": (2, {"actor_gen": [0, 1], "actor_train": [0], "ref_inf": [0],
                      "critic_inf": [1], "critic_train": [1], "rew_inf": [0, 1]}),
+    # As balanced, but generation on the training worker with both cores (the other
+    # worker has nothing to do until its output exists): no weights move.
+    "gen2t": (2, {"actor_gen": [0], "actor_train": [0], "ref_inf": [0],
+                  "critic_inf": [1], "critic_train": [1], "rew_inf": [0, 1]}),
 }
+# layout -> {call: cpu_threads} for calls given more than their worker's core.
+CALL_THREADS = {"gen2t": {"actor_gen": 2}}
 
 
 def trl_missing() -> Optional[str]:
@@ -167,7 +173,7 @@ def ppo_args(layout: str, steps: int, n_prompts: int, new_tokens: int, files: Di
             "actor.gradient_checkpointing=False", "critic.gradient_checkpointing=False"]
     for role in ("actor", "critic", "ref", "rew"):
         args += [f"{role}.path={files['model']}", f"{role}.init_from_scratch=True"]
-    return args + mesh_args(meshes, n_workers)
+    return args + mesh_args(meshes, n_workers, CALL_THREADS.get(layout))
 
 
 def run_ours(layout: str, steps: int, n_prompts: int, new_tokens: int, files: Dict[str, Path]) -> List[Dict[str, Any]]:

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_team.h"
 #include "panel_matmul.h"
 #include "row_ops.h"
 #include "varlen_attention.h"
@@ -136,12 +137,35 @@ void check_packed(const at::Tensor& w, int64_t K, int64_t N, const char* name) {
               "], got ", w.sizes());
 }
 
-// x [n, K] @ W + b for W packed by pack_panels with N output columns.
-at::Tensor panels_linear(const at::Tensor& x, const at::Tensor& w, int64_t N, const at::Tensor& b) {
+// Runs fn(i, parts) for i < parts on ``threads`` threads (the caller's alone when 1).
+void on_threads(int64_t threads, const std::function<void(int, int)>& fn) {
+  if (threads <= 1) return fn(0, 1);
+  const int n = static_cast<int>(threads);
+  realhf::CpuTeam::of_size(n).run([&](int i) { fn(i, n); });
+}
+
+void check_threads(int64_t threads) {
+  TORCH_CHECK(threads >= 1 && threads <= 256, "threads must be in [1, 256], got ", threads);
+}
+
+// x [n, K] @ W + b for W packed by pack_panels with N output columns; with
+// several threads each computes a contiguous range of panels (output columns),
+// so each weight is read by one core only and every output is the same sum as
+// with one thread.
+at::Tensor panels_linear(const at::Tensor& x, const at::Tensor& w, int64_t N, const at::Tensor& b,
+                         int64_t threads) {
   TORCH_CHECK(b.numel() == 0 || b.numel() == N, "bias of ", b.numel(), " for ", N, " outputs");
   auto y = at::empty({x.size(0), N}, x.options());
-  realhf::rows_times_panels(x.data_ptr<float>(), w.data_ptr<float>(), b.numel() ? b.data_ptr<float>() : nullptr,
-                            y.data_ptr<float>(), N, x.size(0), N, x.size(1));
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = b.numel() ? b.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t M = x.size(0), K = x.size(1), panels = w.size(0);
+  on_threads(std::min(threads, panels), [&](int i, int parts) {
+    int64_t p0, p1;
+    realhf::team_part(panels, i, parts, &p0, &p1);
+    realhf::rows_times_panel_range(xp, wp, bp, yp, N, M, N, K, p0, p1);
+  });
   return y;
 }
 
@@ -154,7 +178,7 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
                          const std::vector<at::Tensor>& cache_k,
                          const std::vector<at::Tensor>& cache_v, const at::Tensor& rows, const at::Tensor& pos,
                          const at::Tensor& cos, const at::Tensor& sin, int64_t n_q, int64_t n_kv, int64_t head_dim,
-                         int64_t inter, bool interleaved) {
+                         int64_t inter, bool interleaved, int64_t threads) {
   const int64_t n_blocks = static_cast<int64_t>(cache_k.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == kWeightsPerBlock * n_blocks &&
                   static_cast<int64_t>(eps.size()) == 2 * n_blocks &&
@@ -162,6 +186,7 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
                   (packed.empty() || static_cast<int64_t>(packed.size()) == kPackedPerBlock * n_blocks) &&
                   static_cast<int64_t>(cache_v.size()) == n_blocks,
               "decode_blocks: per-block argument counts disagree");
+  check_threads(threads);
   check_f32(x, "x");
   check_f32(cos, "cos");
   check_f32(sin, "sin");
@@ -179,7 +204,7 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
   auto act = at::empty({n, inter}, x.options());
   int64_t max_len = 0;
   for (int64_t i = 0; i < n; ++i) max_len = std::max(max_len, pp[i] + 1);
-  std::vector<float> scores(static_cast<size_t>(max_len));
+  std::vector<float> scores(static_cast<size_t>(max_len * std::max<int64_t>(threads, 1)));  // per thread
   const int64_t hidden = x.size(1), qkv_width = (n_q + 2 * n_kv) * d;
   const bool use_panels = !packed.empty() && realhf::avx2_fma_supported();
   if (use_panels)
@@ -208,7 +233,7 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
 
     // Attention: norm, q/k/v in one product, rotary, cache write, softmax over the prefix.
     const auto h1 = rms(x, w[0], eps[2 * b]);
-    auto qkv = use_panels ? panels_linear(h1, pw[0], qkv_width, w[2]) : linear(h1, w[1], w[2]);
+    auto qkv = use_panels ? panels_linear(h1, pw[0], qkv_width, w[2], threads) : linear(h1, w[1], w[2]);
     const float* qkvp = qkv.data_ptr<float>();
     float* qp = q.data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) {
@@ -224,37 +249,45 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
     }
     const float scale = static_cast<float>(scales[b]);
     float* ap = attn.data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t len = pp[i] + 1;
-      const float* keys = ckp + rp[i] * cap * n_kv * d;
-      const float* vals = cvp + rp[i] * cap * n_kv * d;
-      for (int64_t h = 0; h < n_q; ++h) {
-        const int64_t kvh = h / group;
-        attend_head(qp + (i * n_q + h) * d, keys + kvh * d, vals + kvh * d, len, n_kv * d, d, scale, scores.data(),
-                    ap + (i * n_q + h) * d);
+    // Threads take contiguous ranges of rows, each with its own scores.
+    on_threads(std::min(threads, n), [&](int t, int parts) {
+      int64_t i0, i1;
+      realhf::team_part(n, t, parts, &i0, &i1);
+      float* sc = scores.data() + t * max_len;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t len = pp[i] + 1;
+        const float* keys = ckp + rp[i] * cap * n_kv * d;
+        const float* vals = cvp + rp[i] * cap * n_kv * d;
+        for (int64_t h = 0; h < n_q; ++h) {
+          const int64_t kvh = h / group;
+          attend_head(qp + (i * n_q + h) * d, keys + kvh * d, vals + kvh * d, len, n_kv * d, d, scale, sc,
+                      ap + (i * n_q + h) * d);
+        }
       }
-    }
-    x = x + (use_panels ? panels_linear(attn, pw[1], hidden, w[4]) : linear(attn, w[3], w[4]));
+    });
+    x = x + (use_panels ? panels_linear(attn, pw[1], hidden, w[4], threads) : linear(attn, w[3], w[4]));
 
     // Gated MLP: norm, gate and up in one product, silu(gate) * up, down.
     const auto h2 = rms(x, w[5], eps[2 * b + 1]);
-    auto gu = use_panels ? panels_linear(h2, pw[2], 2 * inter, w[7]) : linear(h2, w[6], w[7]);
+    auto gu = use_panels ? panels_linear(h2, pw[2], 2 * inter, w[7], threads) : linear(h2, w[6], w[7]);
     // torch's vectorized silu (libm's scalar exp would cost more than the products).
     at::mul_out(act, at::silu(gu.narrow(1, 0, inter)), gu.narrow(1, inter, inter));
-    x = x + (use_panels ? panels_linear(act, pw[3], hidden, w[9]) : linear(act, w[8], w[9]));
+    x = x + (use_panels ? panels_linear(act, pw[3], hidden, w[9], threads) : linear(act, w[8], w[9]));
   }
   return x;
 }
 
 // x [n, K] @ W + b for W packed by pack_panels (N output columns), or an
 // undefined tensor (None in Python) on a CPU without AVX2 + FMA.
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, int64_t N, const at::Tensor& b) {
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, int64_t N, const at::Tensor& b,
+                         int64_t threads) {
+  check_threads(threads);
   check_f32(x, "x");
   TORCH_CHECK(x.dim() == 2, "packed_linear: x must be [n, in]");
   check_packed(w, x.size(1), N, "w");
   if (b.numel()) check_f32(b, "b");
   if (!realhf::avx2_fma_supported()) return at::Tensor();
-  return panels_linear(x, w, N, b);
+  return panels_linear(x, w, N, b, threads);
 }
 
 // The common width ``in`` of float32 matrices [out_i, in] to be stacked.
@@ -277,20 +310,28 @@ static int64_t stacked_rows(const std::vector<at::Tensor>& mats) {
 // [in, N] in panels of kPanel columns: [ceil(N / kPanel), in, kPanel], the
 // last panel zero padded. Each source row is read once, contiguously; its
 // elements land kPanel floats apart within one panel, which stays in cache.
-at::Tensor pack_panels(const std::vector<at::Tensor>& mats) {
+// Threads fill disjoint ranges of panels.
+at::Tensor pack_panels(const std::vector<at::Tensor>& mats, int64_t threads) {
+  check_threads(threads);
   const int64_t K = check_stackable(mats, "pack_panels"), N = stacked_rows(mats);
   constexpr int64_t P = realhf::kPanel;
-  auto out = at::zeros({ceil_div(N, P), K, P}, mats[0].options());
+  const int64_t panels = ceil_div(N, P);
+  auto out = at::empty({panels, K, P}, mats[0].options());
   float* op = out.data_ptr<float>();
-  int64_t col = 0;
-  for (const auto& w : mats) {
-    const float* wp = w.data_ptr<float>();
-    for (int64_t r = 0; r < w.size(0); ++r, ++col) {
+  std::vector<const float*> src_rows;  // row c of cat(mats), for every output column c
+  src_rows.reserve(static_cast<size_t>(N));
+  for (const auto& w : mats)
+    for (int64_t r = 0; r < w.size(0); ++r) src_rows.push_back(w.data_ptr<float>() + r * K);
+  on_threads(std::min(threads, panels), [&](int i, int parts) {
+    int64_t p0, p1;
+    realhf::team_part(panels, i, parts, &p0, &p1);
+    if (p1 == panels && N % P) std::fill(op + (panels - 1) * K * P, op + panels * K * P, 0.f);  // the padding
+    for (int64_t col = p0 * P; col < std::min(N, p1 * P); ++col) {
       float* dst = op + (col / P) * K * P + col % P;
-      const float* src = wp + r * K;
+      const float* src = src_rows[static_cast<size_t>(col)];
       for (int64_t k = 0; k < K; ++k) dst[k * P] = src[k];
     }
-  }
+  });
   return out;
 }
 
@@ -395,12 +436,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("packed"),
         py::arg("cache_k"), py::arg("cache_v"), py::arg("rows"), py::arg("pos"), py::arg("cos"), py::arg("sin"),
         py::arg("n_q"), py::arg("n_kv"), py::arg("head_dim"), py::arg("inter"), py::arg("interleaved"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),
         "x after every block of one decoding step; writes the new keys/values into the caches.");
   m.def("packed_linear", &packed_linear, py::arg("x"), py::arg("w"), py::arg("n_out"), py::arg("b"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),
         "x @ W + b for W packed by pack_panels (AVX2 + FMA; None where unsupported).");
-  m.def("pack_panels", &pack_panels, py::arg("mats"), py::call_guard<py::gil_scoped_release>(),
+  m.def("pack_panels", &pack_panels, py::arg("mats"), py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),
         "cat(mats).T in panels of 24 columns: [ceil(N / 24), in, 24], zero padded.");
   m.def("sample_rows", &sample_rows, py::arg("logits"), py::arg("u"), py::arg("banned"), py::arg("temperature"),
         py::call_guard<py::gil_scoped_release>(),

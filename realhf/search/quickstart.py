@@ -97,7 +97,7 @@ def to_mfc_config(a: Assignment, base: Optional[MFCConfig], train: bool, n_nodes
     if a.mesh.size != n_nodes * per_node:
         mesh = "localhost:" + ",".join(str(d) for d in a.mesh.devices)
     return MFCConfig(n_mbs=lay.n_mbs, max_tokens_per_mb=base.max_tokens_per_mb if base is not None else None,
-                     parallel=p, device_mesh=mesh)
+                     parallel=p, device_mesh=mesh, cpu_threads=base.cpu_threads if base is not None else None)
 
 
 def search_allocations(cfg: Any, mfc_names: Sequence[str], train_mfc_names: Sequence[str], *,

@@ -53,7 +53,7 @@ from realhf.api.core.data_api import PackedDataLoader, SequenceSample, make_data
 from realhf.api.core.dfg import MFCDef, ParamReallocHook
 from realhf.api.core.model_api import MicroBatchSpec
 from realhf.api.core.system_api import ExperimentConfig
-from realhf.base import constants, host_memory, logging, seeding, tensor_codec
+from realhf.base import constants, cpu_threads, host_memory, logging, seeding, tensor_codec
 from realhf.impl.model.comm import global_comm
 from realhf.impl.model.comm.local_links import LocalLinks
 from realhf.impl.model.comm.realloc_hooks import Replica, run_hook
@@ -312,7 +312,7 @@ class ModelWorkerCore:
         name = rpc.model_name
         if name not in self.models:
             return None
-        with constants.model_scope(name):
+        with constants.model_scope(name), cpu_threads.using(rpc.cpu_threads):
             d = constants.data_parallel_rank()
             is_head = constants.is_last_pipe_stage() and constants.tensor_parallel_rank() == 0
             last_stage = constants.is_last_pipe_stage()

@@ -163,3 +163,19 @@ def test_ppo_token_budget_counts_prompt_and_answer():
         parse_quickstart("ppo", base + ["critic_inf.max_tokens_per_mb=95"])
     with pytest.raises(ConfigError, match=r"actor_gen\.max_tokens_per_mb=63 .*at least 64"):
         parse_quickstart("ppo", base + ["actor_gen.max_tokens_per_mb=63"])
+
+
+def test_cpu_threads_reach_the_call_and_bad_values_are_refused():
+    """``<call>.cpu_threads`` survives allocation and lands on that call's MFCDef only; a bad
+    value is refused naming the key."""
+    import realhf.experiments  # noqa: F401  (registers ppo)
+    from realhf.api.quickstart import ConfigError
+    from realhf.api.quickstart.entrypoint import parse_quickstart
+
+    base = ["experiment_name=a", "trial_name=b", "n_gpus_per_node=1", "allocation_mode=manual", *BASE["ppo"]]
+    rpcs = {r.name: r for r in parse_quickstart("ppo", base + ["actor_gen.cpu_threads=2"]).initial_setup().model_rpcs}
+    assert rpcs["actor_gen"].cpu_threads == 2
+    assert all(r.cpu_threads is None for name, r in rpcs.items() if name != "actor_gen")
+    for bad, allowed in (("0", "positive integer"), ("300", "at most 256"), ("two", "")):
+        with pytest.raises(ConfigError, match=rf"actor_gen\.cpu_threads.*{allowed}"):
+            parse_quickstart("ppo", base + [f"actor_gen.cpu_threads={bad}"])

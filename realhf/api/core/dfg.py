@@ -35,6 +35,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
 import networkx as nx
 
 from realhf.api.core.config import ModelFamily, ModelInterfaceAbstraction, ModelInterfaceType, ModelName
+from realhf.base import cpu_threads
 
 # The documented customization code writes ``dfg.ModelInterface("name")``.
 ModelInterface = ModelInterfaceAbstraction
@@ -133,6 +134,8 @@ class MFCDef:
     :param n_mbs: micro-batches per call (None: one, or the pipeline default).
     :param max_tokens_per_mb: token budget of one micro-batch (None: no budget); with it the
         call uses at least as many micro-batches as the budget needs.
+    :param cpu_threads: threads the native kernels of the call use on each CPU
+        worker (None: one; see ``realhf.base.cpu_threads``).
     :param balanced_dp: equal numbers of sequences per dp rank (else token-balanced).
     :param log_return_value: log the call's returned statistics.
     :param pre_hooks / post_hooks: hooks run before / after the call.
@@ -151,6 +154,7 @@ class MFCDef:
     output_key_remap: Dict[str, str] = dataclasses.field(default_factory=dict)
     n_mbs: Optional[int] = None
     max_tokens_per_mb: Optional[int] = None
+    cpu_threads: Optional[int] = None
     balanced_dp: bool = False
     log_return_value: bool = False
     model_type: Optional[ModelFamily] = None
@@ -179,6 +183,10 @@ class MFCDef:
                                                    or self.max_tokens_per_mb < 1):
             raise GraphError(f"MFC {self.name}: max_tokens_per_mb must be None or a positive int, "
                              f"got {self.max_tokens_per_mb!r}.")
+        try:
+            cpu_threads.check(self.cpu_threads)
+        except ValueError as e:
+            raise GraphError(f"MFC {self.name}: {e}") from None
         self.input_keys = tuple(self.input_keys)
         self.output_keys = tuple(self.output_keys)
         for k in self.input_key_remap:

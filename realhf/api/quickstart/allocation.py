@@ -218,7 +218,7 @@ def _with_n_mbs(parallel: ParallelismConfig, base: Optional[MFCConfig], sp: bool
     p = dataclasses.replace(parallel, use_sequence_parallel=sp)
     return MFCConfig(n_mbs=base.n_mbs if base is not None else None,
                      max_tokens_per_mb=base.max_tokens_per_mb if base is not None else None, parallel=p,
-                     device_mesh=None)
+                     device_mesh=None, cpu_threads=base.cpu_threads if base is not None else None)
 
 
 def resolve_allocations(

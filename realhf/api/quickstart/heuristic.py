@@ -147,7 +147,7 @@ def heuristic_mfc(cfg: Any, mfc: str, n_devices: int, *, n_gpus_per_node: Option
     base = cfg.allocations.get(mfc)
     return MFCConfig(n_mbs=base.n_mbs if base is not None else None,
                      max_tokens_per_mb=base.max_tokens_per_mb if base is not None else None,
-                     parallel=p, device_mesh=device_mesh)
+                     parallel=p, device_mesh=device_mesh, cpu_threads=base.cpu_threads if base is not None else None)
 
 
 def whole_cluster_heuristic(cfg: Any, mfc_names: Optional[Sequence[str]] = None) -> Dict[str, MFCConfig]:

@@ -23,6 +23,7 @@ import os
 from typing import Any, Dict, Optional
 
 from realhf.api.core.config import ModelFamily
+from realhf.base import cpu_threads
 from realhf.api.quickstart.base import (
     ConfigError,
     check_choice,
@@ -288,15 +289,25 @@ class MFCConfig:
     :param parallel: its 3D layout.
     :param device_mesh: where it runs: None (the whole cluster), a nodelist of
         whole nodes (``NODE[01-02]``) or ``host:i,j,...`` for devices of one node.
+    :param cpu_threads: on CPU workers, the threads each worker of the call gives
+        its native kernels (the decoding steps of generation), for a call whose
+        mesh leaves other workers' cores idle, e.g. generation on one worker
+        while the others wait for its output. None: one, the worker's own core.
+        Results do not depend on it.
     """
 
     n_mbs: Optional[int] = None
     max_tokens_per_mb: Optional[int] = None
     parallel: ParallelismConfig = dataclasses.field(default_factory=ParallelismConfig)
     device_mesh: Optional[str] = None
+    cpu_threads: Optional[int] = None
 
     def validate(self, prefix: str = "allocation") -> None:
         check_positive_int(join_key(prefix, "n_mbs"), self.n_mbs, allow_none=True)
+        check_positive_int(join_key(prefix, "cpu_threads"), self.cpu_threads, allow_none=True)
+        if self.cpu_threads is not None and self.cpu_threads > cpu_threads.MAX_THREADS:
+            raise ConfigError(f"{join_key(prefix, 'cpu_threads')}={self.cpu_threads} is not allowed; it must be at "
+                              f"most {cpu_threads.MAX_THREADS}.")
         check_positive_int(join_key(prefix, "max_tokens_per_mb"), self.max_tokens_per_mb, allow_none=True)
         self.parallel.validate(join_key(prefix, "parallel"))
 

@@ -47,8 +47,7 @@ def build(cfg: DPOConfig) -> sa.ExperimentConfig:
     ref_inf = dfg.MFCDef("ref_inf", n_seqs=ds.train_bs_n_seqs, interface_type=ModelInterfaceType.INFERENCE,
                          interface_impl=dfg.ModelInterface("dpo", args=dict(beta=cfg.beta, enable_save=False)),
                          model_name=ref, input_keys=["packed_input_ids", "prompt_lens"],
-                         output_keys=["seqlogp"], n_mbs=allocs["ref_inf"].n_mbs,
-                         max_tokens_per_mb=allocs["ref_inf"].max_tokens_per_mb)
+                         output_keys=["seqlogp"], **utils.call_options(allocs["ref_inf"]))
     if set(a_ranks) & set(r_ranks):
         ref_inf.post_hooks += utils.frozen_offload_hooks()  # the frozen reference shares devices
     actor_train = dfg.MFCDef("actor_train", n_seqs=ds.train_bs_n_seqs,
@@ -57,8 +56,7 @@ def build(cfg: DPOConfig) -> sa.ExperimentConfig:
                                  beta=cfg.beta, enable_save=True,
                                  reference_is_initial_policy=valid is not None and same_weights(cfg.actor, cfg.ref))),
                              model_name=actor, input_keys=["packed_input_ids", "seqlogp", "prompt_lens"],
-                             n_mbs=allocs["actor_train"].n_mbs,
-                             max_tokens_per_mb=allocs["actor_train"].max_tokens_per_mb, log_return_value=True)
+                             **utils.call_options(allocs["actor_train"]), log_return_value=True)
     return sa.ExperimentConfig(utils.exp_ctrl(cfg.exp_ctrl), [ref_inf, actor_train], workers,
                                dataset_keys=["packed_input_ids", "prompt_lens"], seed=cfg.seed)
 

@@ -30,8 +30,7 @@ def build(cfg: GenerationConfig) -> sa.ExperimentConfig:
     rpc = dfg.MFCDef("gen", n_seqs=ds.train_bs_n_seqs, interface_type=ModelInterfaceType.GENERATE,
                      interface_impl=dfg.ModelInterface("generation", args=dict(
                          generation_config=cfg.gen, output_file=cfg.output_file)),
-                     model_name=name, input_keys=["packed_prompts"], n_mbs=alloc.n_mbs,
-                     max_tokens_per_mb=alloc.max_tokens_per_mb)
+                     model_name=name, input_keys=["packed_prompts"], **utils.call_options(alloc))
     return sa.ExperimentConfig(utils.exp_ctrl(cfg.exp_ctrl), [rpc], workers, dataset_keys=["packed_prompts"],
                                seed=cfg.seed)
 

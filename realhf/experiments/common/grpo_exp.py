@@ -132,8 +132,7 @@ def build(cfg: GRPOConfig) -> sa.ExperimentConfig:
         kind, ins, outs = spec[call]
         name = replica[call]
         rpc = dfg.MFCDef(call, n_seqs=ds.train_bs_n_seqs, interface_type=kind, interface_impl=iface[name.role],
-                         model_name=name, input_keys=ins, output_keys=outs, n_mbs=allocs[call].n_mbs,
-                         max_tokens_per_mb=allocs[call].max_tokens_per_mb,
+                         model_name=name, input_keys=ins, output_keys=outs, **utils.call_options(allocs[call]),
                          balanced_dp=call == "actor_gen", log_return_value=kind == ModelInterfaceType.TRAIN_STEP,
                          input_filter=dynamic_sampling_filter(cfg) if call == "actor_train" else None)
         utils.attach_layout_hooks(rpc, replica["actor_train"] if name.role == "actor" else None,

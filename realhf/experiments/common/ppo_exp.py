@@ -117,8 +117,7 @@ def build(cfg: PPOConfig) -> sa.ExperimentConfig:
         kind, ins, outs = spec[call]
         name = replica[call]
         rpc = dfg.MFCDef(call, n_seqs=ds.train_bs_n_seqs, interface_type=kind, interface_impl=iface[name.role],
-                         model_name=name, input_keys=ins, output_keys=outs, n_mbs=allocs[call].n_mbs,
-                         max_tokens_per_mb=allocs[call].max_tokens_per_mb,
+                         model_name=name, input_keys=ins, output_keys=outs, **utils.call_options(allocs[call]),
                          balanced_dp=call == "actor_gen", log_return_value=kind == ModelInterfaceType.TRAIN_STEP)
         trained = name.role in TRAIN_CALL
         utils.attach_layout_hooks(rpc, ModelName(name.role, 0) if trained else None, frozen=not trained,

@@ -33,6 +33,11 @@ def mesh_ranks(alloc: MFCConfig, n_nodes: int, n_gpus_per_node: int) -> List[int
     return list(range(n))
 
 
+def call_options(alloc: MFCConfig) -> dict:
+    """The MFCDef arguments an allocation sets beyond the layout: micro-batching and CPU threads."""
+    return dict(n_mbs=alloc.n_mbs, max_tokens_per_mb=alloc.max_tokens_per_mb, cpu_threads=alloc.cpu_threads)
+
+
 def real_model(model: ModelTrainEvalConfig, instantiate: bool = True) -> sa.Model:
     return sa.Model("real_model", args=dict(
         family=model.type._class, path=model.path, init_from_scratch=model.init_from_scratch,
@@ -138,6 +143,6 @@ def single_model_training(exp, rpc_name: str, train: sa.Dataset, interface: str,
     workers = workers_from_shards(exp.n_workers, shards, exp.seed, [train], exp.model.path, device())
     rpc = dfg.MFCDef(rpc_name, n_seqs=ds.train_bs_n_seqs, interface_type=ModelInterfaceType.TRAIN_STEP,
                      interface_impl=dfg.ModelInterface(interface), model_name=name, input_keys=list(input_keys),
-                     n_mbs=alloc.n_mbs, max_tokens_per_mb=alloc.max_tokens_per_mb, log_return_value=True)
+                     **call_options(alloc), log_return_value=True)
     return sa.ExperimentConfig(exp_ctrl(exp.exp_ctrl), [rpc], workers, dataset_keys=list(dataset_keys),
                                seed=exp.seed)

@@ -34,6 +34,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from realhf.base import cpu_threads
 from realhf.impl.model.modules.norm import RMSNorm
 from realhf.impl.model.nn.kv_cache import KVCache
 from realhf.impl.model.modules.rotary import rotary_inv_freq
@@ -137,9 +138,9 @@ def panel_kernel_supported() -> bool:
 _PANELS_OK: Optional[bool] = None
 
 
-def _pack(mods: List[torch.nn.Linear]) -> torch.Tensor:
+def _pack(mods: List[torch.nn.Linear], threads: int = 1) -> torch.Tensor:
     """The weights of ``mods`` stacked, as the native loop's packed panels (see panel_matmul.h)."""
-    return native.load(_EXT).pack_panels([m.weight.detach().contiguous() for m in mods])
+    return native.load(_EXT).pack_panels([m.weight.detach().contiguous() for m in mods], threads)
 
 
 def _matmul(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
@@ -177,9 +178,9 @@ class _Block:
             self.gu_w, _ = _cat_linear(self._gu)
         return self
 
-    def pack(self) -> List[torch.Tensor]:
+    def pack(self, threads: int = 1) -> List[torch.Tensor]:
         if self.panels is None:
-            self.panels = [_pack(mods) for mods in self._linears]
+            self.panels = [_pack(mods, threads) for mods in self._linears]
         return self.panels
 
 
@@ -193,15 +194,22 @@ class FastDecoder:
 
     Built once per generation; the fused weights are views of the model's
     (or copies), so the model must not change while it is in use.
+
+    ``threads``: threads of the native panel products (packing included), each
+    computing a range of every weight's output columns, so results do not
+    depend on it; None takes :func:`realhf.base.cpu_threads.current`, the
+    running call's ``cpu_threads``.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: KVCache):
+    def __init__(self, model: torch.nn.Module, cache: KVCache, threads: Optional[int] = None):
         reason = fast_decode_unsupported(model)
         if reason is not None:
             raise ValueError(f"FastDecoder cannot run this model: {reason}.")
         cfg = model.config
         assert all(isinstance(b.attn.c_attn.ln, RMSNorm) for b in model.layers[1:-1])
         self.cache = cache
+        cpu_threads.check(threads, "FastDecoder threads")
+        self.threads = cpu_threads.current() if threads is None else threads
         self.n_q, self.n_kv, self.head_dim = cfg.n_q_heads, cfg.n_kv_heads, cfg.head_dim
         self.interleaved = cfg.rotary_interleaved
         self.wte = model.layers[0].wte.weight.detach()
@@ -216,7 +224,7 @@ class FastDecoder:
         impl = dispatch.select("decode_blocks", self.wte.device)
         self._native = self._native_args() if impl.backend == "cpp" else None
         if self._native is not None and self._native[3]:
-            self.head_panels = _pack([model.layers[-1]])  # the head through the panel products too
+            self.head_panels = _pack([model.layers[-1]], self.threads)  # the head through the panel products too
         # The plain function, not a bound method: a bound method stored on self is a reference
         # cycle, which would keep the decoder (its weight copies and views of the model's
         # parameters) alive until the cyclic collector runs, long after generation.
@@ -253,7 +261,7 @@ class FastDecoder:
         weights = [t if t is not None else none for b in self.blocks
                    for t in (b.ln1, b.qkv_w, b.qkv_b, b.o_w, b.o_b, b.ln2, b.gu_w, b.gu_b, b.d_w, b.d_b)]
         eps = [float(e) for b in self.blocks for e in (b.eps1, b.eps2)]
-        packed = [t for b in self.blocks for t in b.pack()] if panels else []
+        packed = [t for b in self.blocks for t in b.pack(self.threads)] if panels else []
         return weights, eps, [float(b.scale) for b in self.blocks], packed
 
     def blocks_python(self, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
@@ -292,7 +300,7 @@ class FastDecoder:
         return native.load(_EXT).decode_blocks(
             x.contiguous(), weights, eps, scales, packed, self.cache.k, self.cache.v, rows.contiguous(),
             pos.contiguous(), cos.contiguous(), sin.contiguous(), self.n_q, self.n_kv, self.head_dim, self.f,
-            self.interleaved)
+            self.interleaved, self.threads)
 
     @property
     def native(self) -> bool:
@@ -343,7 +351,7 @@ class FastDecoder:
             x = _rms(x, *self.blocks[-1].ln_f)
         if self.head_panels is not None:
             return native.load(_EXT).packed_linear(x.contiguous(), self.head_panels, self.head.shape[1],
-                                                   self.wte.new_empty(0))
+                                                   self.wte.new_empty(0), self.threads)
         return x @ self.head
 
 
