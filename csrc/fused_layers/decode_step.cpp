@@ -430,6 +430,91 @@ std::vector<at::Tensor> sample_rows(const at::Tensor& logits, const at::Tensor& 
   return {tokens, logp};
 }
 
+// Every decoding step of a generation after its prefill, for plain sampling
+// (temperature, no top-k / top-p) on the native block loop and panel head: per
+// step the sampler (sample_rows with one uniform per active row, drawn as
+// ``torch.rand(n_active, 1, generator=...)``), the bookkeeping of
+// real_llm_generate.DecodeState (EOS banned before ``min_new`` tokens, rows that
+// draw an EOS stop), then the step itself as FastDecoder.step (embedding,
+// rotary angles, decode_blocks, the cache lengths, the final norm and the head).
+// The same operations in the same order as the Python loop, without its ~0.4 ms
+// of interpreter and dispatch work a step. ``logits`` [bs, V] are the prefill's;
+// ``tokens``, ``logprobs``, ``gen_lengths`` and ``ended`` (DecodeState's) are
+// filled in place. Returns the number of steps taken.
+int64_t decode_loop(at::Tensor logits, const std::vector<at::Tensor>& weights, const std::vector<double>& eps,
+                    const std::vector<double>& scales, const std::vector<at::Tensor>& packed,
+                    const std::vector<at::Tensor>& cache_k, const std::vector<at::Tensor>& cache_v,
+                    at::Tensor seqlens, const at::Tensor& wte, const at::Tensor& inv_freq, const at::Tensor& ln_f,
+                    double ln_f_eps, const at::Tensor& head_panels, const at::Tensor& eos, int64_t min_new,
+                    double temperature, std::optional<at::Generator> generator, at::Tensor tokens,
+                    at::Tensor logprobs, at::Tensor gen_lengths, at::Tensor ended, int64_t n_q, int64_t n_kv,
+                    int64_t head_dim, int64_t inter, bool interleaved, int64_t threads) {
+  check_threads(threads);
+  check_f32(logits, "logits");
+  check_f32(wte, "wte");
+  const int64_t bs = logits.size(0), vocab = logits.size(1), max_new = tokens.size(1);
+  TORCH_CHECK(!packed.empty() && realhf::avx2_fma_supported(), "decode_loop needs the panel products (AVX2 + FMA)");
+  check_packed(head_panels, wte.size(1), vocab, "head panels");
+  TORCH_CHECK(seqlens.scalar_type() == at::kLong && seqlens.is_contiguous() && seqlens.numel() == bs,
+              "seqlens must be int64 [bs]");
+  TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous() && tokens.size(0) == bs &&
+                  logprobs.scalar_type() == at::kFloat && logprobs.is_contiguous() && logprobs.sizes() == tokens.sizes() &&
+                  gen_lengths.scalar_type() == at::kLong && gen_lengths.numel() == bs &&
+                  ended.scalar_type() == at::kBool && ended.numel() == bs && max_new >= 1,
+              "decode_loop: tokens/logprobs [bs, max_new], gen_lengths int64 [bs], ended bool [bs]");
+  TORCH_CHECK(eos.scalar_type() == at::kLong && eos.dim() == 1 && eos.is_contiguous(), "eos must be int64 [n]");
+  const int64_t capacity = cache_k.empty() ? 0 : cache_k[0].size(1);
+  const int64_t* ep = eos.data_ptr<int64_t>();
+  const int64_t n_eos = eos.numel();
+  const auto no_ban = eos.narrow(0, 0, 0);
+  const auto f32 = logits.options();
+  const auto no_bias = at::empty({0}, f32);
+  int64_t* tp = tokens.data_ptr<int64_t>();
+  float* lp = logprobs.data_ptr<float>();
+  int64_t* glp = gen_lengths.data_ptr<int64_t>();
+  bool* edp = ended.data_ptr<bool>();
+  int64_t* slp = seqlens.data_ptr<int64_t>();
+  std::vector<int64_t> active(static_cast<size_t>(bs));
+  for (int64_t r = 0; r < bs; ++r) active[r] = r;
+  for (int64_t step = 0;; ++step) {
+    const int64_t n = static_cast<int64_t>(active.size());
+    const bool eos_banned = step < min_new && n_eos > 0;
+    const auto u = at::rand({n, 1}, generator, f32).reshape({-1});
+    const auto drawn = sample_rows(logits.contiguous(), u, eos_banned ? eos : no_ban, temperature);
+    const int64_t* next = drawn[0].data_ptr<int64_t>();
+    const float* logp = drawn[1].data_ptr<float>();
+    std::vector<int64_t> still, feed;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = active[i];
+      tp[r * max_new + step] = next[i];
+      lp[r * max_new + step] = logp[i];
+      glp[r] += 1;
+      const bool hit = !eos_banned && std::find(ep, ep + n_eos, next[i]) != ep + n_eos;
+      if (hit) {
+        edp[r] = true;
+      } else {
+        still.push_back(r);
+        feed.push_back(next[i]);
+      }
+    }
+    if (step == max_new - 1 || still.empty()) return step + 1;
+    active.swap(still);
+    // FastDecoder.step(feed, active).
+    const int64_t m = static_cast<int64_t>(active.size());
+    auto rows = at::tensor(active, seqlens.options());
+    auto pos = seqlens.index_select(0, rows);
+    const int64_t* pp = pos.data_ptr<int64_t>();
+    for (int64_t i = 0; i < m; ++i) TORCH_CHECK(pp[i] < capacity, "KV cache capacity ", capacity, " exceeded.");
+    const auto freqs = pos.to(at::kFloat).unsqueeze(1) * inv_freq.unsqueeze(0);
+    auto x = wte.index_select(0, at::tensor(feed, seqlens.options()));
+    x = decode_blocks(x, weights, eps, scales, packed, cache_k, cache_v, rows, pos, freqs.cos(), freqs.sin(), n_q,
+                      n_kv, head_dim, inter, interleaved, threads);
+    for (int64_t r : active) slp[r] += 1;
+    if (ln_f.numel()) x = rms(x, ln_f, ln_f_eps);
+    logits = panels_linear(x, head_panels, vocab, no_bias, threads);
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "One decoding step through all llama blocks (float32 CPU)";
   m.def("decode_blocks", &decode_blocks, py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("scales"),
@@ -446,6 +531,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_rows", &sample_rows, py::arg("logits"), py::arg("u"), py::arg("banned"), py::arg("temperature"),
         py::call_guard<py::gil_scoped_release>(),
         "(tokens, log-probs): one inverse-CDF draw per row of float32 logits, banned ids removed.");
+  m.def("decode_loop", &decode_loop, py::arg("logits"), py::arg("weights"), py::arg("eps"), py::arg("scales"),
+        py::arg("packed"), py::arg("cache_k"), py::arg("cache_v"), py::arg("seqlens"), py::arg("wte"),
+        py::arg("inv_freq"), py::arg("ln_f"), py::arg("ln_f_eps"), py::arg("head_panels"), py::arg("eos"),
+        py::arg("min_new"), py::arg("temperature"), py::arg("generator"), py::arg("tokens"), py::arg("logprobs"),
+        py::arg("gen_lengths"), py::arg("ended"), py::arg("n_q"), py::arg("n_kv"), py::arg("head_dim"),
+        py::arg("inter"), py::arg("interleaved"), py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),
+        "Every decoding step after the prefill (plain sampling); fills the state tensors, returns the step count.");
   m.def("transpose_cat", &transpose_cat, py::arg("mats"), py::call_guard<py::gil_scoped_release>(),
         "[in, sum(out_i)]: the [out_i, in] matrices concatenated and transposed.");
 }

@@ -60,7 +60,7 @@ def test_generate_identical_with_threads(threads):
     ids = torch.randint(0, CFG.vocab_size, (int(lens.sum()),), generator=torch.Generator().manual_seed(0))
     cu = cu_seqlens_from_lengths(lens)
     gcfg = GenerationHyperparameters(max_new_tokens=12, min_new_tokens=0, greedy=False, top_k=CFG.vocab_size,
-                                     temperature=0.9)
+                                     top_p=1.0, temperature=0.9)
 
     def run(n, eos):
         with cpu_threads.using(n):

@@ -285,3 +285,41 @@ def test_decoder_is_freed_without_the_cyclic_collector():
     finally:
         if was_enabled:
             gc.enable()
+
+
+@pytest.mark.parametrize("min_new", [0, 4])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_native_loop_equals_the_step_loop(variant, min_new, monkeypatch):
+    """With plain sampling every step after the prefill runs in one native call
+    (``decode_loop``): the same draws, tokens, log-probabilities, lengths and EOS flags as
+    the Python loop of one native step at a time, bit for bit, with rows ending at EOS and
+    EOS banned before ``min_new_tokens``."""
+    if not fast_decode.panel_kernel_supported():
+        pytest.skip("no AVX2 + FMA on this CPU: no native loop")
+    cfg = VARIANTS[variant]
+    model = _model(cfg, seed=2)
+    lens = torch.tensor([3, 6, 1, 8, 2, 5])
+    ids = torch.randint(0, cfg.vocab_size, (int(lens.sum()),), generator=torch.Generator().manual_seed(1))
+    cu = cu_seqlens_from_lengths(lens)
+    gcfg = GenerationHyperparameters(max_new_tokens=14, min_new_tokens=min_new, greedy=False,
+                                     top_k=cfg.vocab_size, top_p=1.0, temperature=0.7)
+    loops = []
+    run_steps = FastDecoder.run_steps
+
+    def spy(self, logits, state):
+        loops.append(run_steps(self, logits, state))
+        return loops[-1]
+
+    def run(eos, native_loop):
+        monkeypatch.setattr(FastDecoder, "run_steps", spy if native_loop else (lambda self, logits, state: None))
+        return generate(model, ids, cu, gcfg, eos_token_id=eos, generator=torch.Generator().manual_seed(7))
+
+    free = run(None, True).sequences
+    eos = sorted({int(free[1][min_new + 2]), int(free[3][min_new + 5])})
+    a, b = run(eos, True), run(eos, False)
+    assert loops and all(n is not None for n in loops), "the native loop must have run"
+    assert len(set(a.gen_lengths.tolist())) > 1, "the case must end rows at different steps"
+    assert int(a.gen_lengths.min()) > min_new
+    assert torch.equal(a.gen_lengths, b.gen_lengths) and torch.equal(a.gen_tokens, b.gen_tokens)
+    assert torch.equal(a.logprobs, b.logprobs)
+    assert torch.equal(a.no_eos, b.no_eos)

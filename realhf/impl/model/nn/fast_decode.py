@@ -302,6 +302,23 @@ class FastDecoder:
             pos.contiguous(), cos.contiguous(), sin.contiguous(), self.n_q, self.n_kv, self.head_dim, self.f,
             self.interleaved, self.threads)
 
+    def run_steps(self, logits: torch.Tensor, state) -> Optional[int]:
+        """Every remaining step of ``state`` (a fresh ``DecodeState`` whose first
+        logits, of every row, are ``logits``) in one native call, when the native
+        loop serves it: panel products and plain sampling (``state.native_sampler``).
+        Fills the state's tensors and returns the number of steps, else None."""
+        if self._native is None or self.head_panels is None or not state.native_sampler(logits.shape[-1]):
+            return None
+        weights, eps, scales, packed = self._native
+        ln_f = self.blocks[-1].ln_f
+        ln_w, ln_eps = (ln_f[0], float(ln_f[1])) if ln_f is not None else (self.wte.new_empty(0), 0.0)
+        g = state.gconfig
+        return native.load(_EXT).decode_loop(
+            logits.float().contiguous(), weights, eps, scales, packed, self.cache.k, self.cache.v, self.cache.seqlens,
+            self.wte, self.inv_freq, ln_w, ln_eps, self.head_panels, state.eos_tensor, g.min_new_tokens,
+            float(g.temperature), state.generator, state.tokens, state.logprobs, state.gen_lengths,
+            state.ended_by_eos, self.n_q, self.n_kv, self.head_dim, self.f, self.interleaved, self.threads)
+
     @property
     def native(self) -> bool:
         """Whether steps (and :meth:`prefill`) run the native block loop."""

@@ -302,6 +302,19 @@ class DecodeState:
                 self.step_masks.append((step, self.active, keep))
         return self._advance(step, next_tok, logp_all.gather(-1, next_tok[:, None]).squeeze(-1), eos_banned)
 
+    def native_sampler(self, vocab: int) -> bool:
+        """Whether the steps sample with the native sampler (so a native loop may run them all);
+        only asked before the first step."""
+        if self.n_steps != 0:
+            return False
+        if self.vocab is None:
+            self._setup(vocab)
+        return self._sampler is not None
+
+    def finish(self, n_steps: int) -> None:
+        """Mark ``n_steps`` steps done by a native loop (which filled the tensors) and the state finished."""
+        self.n_steps, self.finished = n_steps, True
+
     def _native_sampler(self) -> Any:
         """The native sampler when the steps need nothing it does not do (CPU logits, plain
         sampling without top-k/top-p, no tensor-parallel token sync), else None."""
@@ -497,6 +510,11 @@ def generate(
         cache, last_logits = cache.gather_rows(slot), last_logits.index_select(0, slot)
         if fast is not None:
             fast.use_cache(cache)
+    if fast is not None:
+        n_steps = fast.run_steps(last_logits, state)
+        if n_steps is not None:
+            state.finish(n_steps)
+            return state.output()
     while True:
         feed = state.step(last_logits)
         if feed is None:
