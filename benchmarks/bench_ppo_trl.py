@@ -23,7 +23,12 @@ step; no gradient checkpointing.
     workers (the actor's weights are moved to that layout and back each step);
   - ``balanced``: as ``hybrid``, and the reward model data-parallel over both
     workers while reference and critic inference run side by side, so both
-    cores are busy in every phase.
+    cores are busy in every phase;
+  - ``gen2t``: as ``balanced``, but generation runs on worker 0, which
+    trains the actor, with both cores (``actor_gen.cpu_threads=2``: its
+    decoding kernels split every weight's columns over two threads while
+    worker 1 waits for the rollout, as it must anyway), so no weights move
+    between workers and each weight is read by one core per step.
 
   A step is the master's step time (``master.history``); the table under
   the ratios is the per-call timeline of our median step (each call's start
@@ -305,7 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--steps", type=int, default=None, help="PPO steps per side and round, the first is not timed")
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds of both sides, alternating which goes first (3; --quick: 1)")
-    p.add_argument("--layouts", default="dp2,split,balanced", help=f"our layouts to run, comma-separated, of {sorted(LAYOUTS)}")
+    p.add_argument("--layouts", default="dp2,split,balanced,gen2t", help=f"our layouts to run, comma-separated, of {sorted(LAYOUTS)}")
     p.add_argument("--prompts", type=int, default=None, help="prompts per PPO step (16; --quick: 8)")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens per prompt (32; --quick: 8)")
     p.add_argument("--trl-threads", type=int, default=2, help="torch threads of the TRL runs (2 = all cores)")
