@@ -45,3 +45,18 @@ def tiny_ppo_4workers(*overrides: str) -> list:
             f"dataset.path={DATA}/prompt-train.jsonl", "dataset.train_bs_n_seqs=8", "dataset.max_prompt_len=48",
             "ppo.gen.max_new_tokens=12", "ppo.gen.min_new_tokens=1", "ppo.ppo_n_minibatches=1",
             "exp_ctrl.benchmark_steps=2", *overrides]
+
+
+def tiny_ppo_on_meshes(n_workers: int, meshes: dict, *overrides: str) -> list:
+    """PPO of the tiny llama (all four roles from scratch, sampling not greedy) with each call
+    data-parallel over its ranks of ``meshes`` (``{call: [ranks]}``); 2 steps of 8 prompts."""
+    args = ["experiment_name=ppo", "trial_name=t", f"n_gpus_per_node={n_workers}", "allocation_mode=manual",
+            f"dataset.path={DATA}/prompt-train.jsonl", "dataset.train_bs_n_seqs=8", "dataset.max_prompt_len=48",
+            "ppo.gen.max_new_tokens=12", "ppo.gen.min_new_tokens=1", "ppo.gen.greedy=False",
+            "exp_ctrl.benchmark_steps=2", "ppo.ppo_n_minibatches=1"]
+    for role in ["actor", "critic", "ref", "rew"]:
+        args += [f"{role}.path={TINY}", f"{role}.init_from_scratch=True"]
+    for call, ranks in meshes.items():
+        args += [f"{call}.device_mesh=localhost:{','.join(map(str, ranks))}",
+                 f"{call}.parallel.data_parallel_size={len(ranks)}"]
+    return args + list(overrides)

@@ -10,35 +10,22 @@ statistics.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 import realhf.experiments  # noqa: F401
 from realhf.api.quickstart.entrypoint import parse_quickstart
 from realhf.system.pipe_runner import run_with_pipes
+from tests.system_e2e._cli import tiny_ppo_on_meshes
 
 pytestmark = pytest.mark.distributed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(ROOT, "realhf", "assets", "models", "tiny-llama")
-DATA = os.path.join(ROOT, "realhf", "assets", "data")
 MESHES = {"actor_gen": [0, 1], "actor_train": [0, 1], "ref_inf": [0, 1],
           "rew_inf": [2, 3], "critic_inf": [2, 3], "critic_train": [2, 3]}
 PAIRS = [("ref_inf", "rew_inf"), ("actor_train", "critic_train")]
 
 
 def _config():
-    args = ["experiment_name=ppo", "trial_name=t", "n_gpus_per_node=4", "allocation_mode=manual",
-            f"dataset.path={DATA}/prompt-train.jsonl", "dataset.train_bs_n_seqs=8", "dataset.max_prompt_len=48",
-            "ppo.gen.max_new_tokens=12", "ppo.gen.min_new_tokens=1", "ppo.gen.greedy=False",
-            "exp_ctrl.benchmark_steps=2", "ppo.ppo_n_minibatches=1"]
-    for role in ["actor", "critic", "ref", "rew"]:
-        args += [f"{role}.path={TINY}", f"{role}.init_from_scratch=True"]
-    for call, ranks in MESHES.items():
-        args += [f"{call}.device_mesh=localhost:{','.join(map(str, ranks))}",
-                 f"{call}.parallel.data_parallel_size=2"]
-    return parse_quickstart("ppo", args).initial_setup()
+    return parse_quickstart("ppo", tiny_ppo_on_meshes(4, MESHES)).initial_setup()
 
 
 def _overlap(timing, a, b) -> bool:
