@@ -173,9 +173,28 @@ def test_cpu_threads_reach_the_call_and_bad_values_are_refused():
     from realhf.api.quickstart.entrypoint import parse_quickstart
 
     base = ["experiment_name=a", "trial_name=b", "n_gpus_per_node=1", "allocation_mode=manual", *BASE["ppo"]]
-    rpcs = {r.name: r for r in parse_quickstart("ppo", base + ["actor_gen.cpu_threads=2"]).initial_setup().model_rpcs}
+    with pytest.warns(UserWarning, match=r"actor_gen\.cpu_threads=2 on 1 of the 1 workers"):  # one worker: no idle core
+        cfg = parse_quickstart("ppo", base + ["actor_gen.cpu_threads=2"]).initial_setup()
+    rpcs = {r.name: r for r in cfg.model_rpcs}
     assert rpcs["actor_gen"].cpu_threads == 2
     assert all(r.cpu_threads is None for name, r in rpcs.items() if name != "actor_gen")
     for bad, allowed in (("0", "positive integer"), ("300", "at most 256"), ("two", "")):
         with pytest.raises(ConfigError, match=rf"actor_gen\.cpu_threads.*{allowed}"):
             parse_quickstart("ppo", base + [f"actor_gen.cpu_threads={bad}"])
+
+
+def test_cpu_threads_on_a_mesh_without_idle_workers_warns():
+    import realhf.experiments  # noqa: F401  (registers ppo)
+    from realhf.api.quickstart.entrypoint import parse_quickstart
+
+    base = ["experiment_name=a", "trial_name=b", "n_gpus_per_node=2", "allocation_mode=manual", *BASE["ppo"]]
+    meshes = {"actor_gen": "0", "actor_train": "0", "ref_inf": "0", "critic_inf": "1", "critic_train": "1"}
+    mesh_args = [f"{c}.device_mesh=localhost:{r}" for c, r in meshes.items()]
+    mesh_args += ["rew_inf.parallel.data_parallel_size=2"]
+    with pytest.warns(UserWarning, match=r"rew_inf\.cpu_threads=2 on 2 of the 2 workers .* 4 threads for 2 CPU"):
+        parse_quickstart("ppo", base + mesh_args + ["rew_inf.cpu_threads=2"]).resolved_allocations()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one worker of two: the other is idle, no warning
+        parse_quickstart("ppo", base + mesh_args + ["actor_gen.cpu_threads=2"]).resolved_allocations()

@@ -22,6 +22,7 @@ Every layout must use exactly the devices of its mesh (the whole cluster is
 import dataclasses
 import re
 import socket
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from realhf.api.quickstart.base import ConfigError
@@ -221,6 +222,23 @@ def _with_n_mbs(parallel: ParallelismConfig, base: Optional[MFCConfig], sp: bool
                      device_mesh=None, cpu_threads=base.cpu_threads if base is not None else None)
 
 
+def _warn_oversubscribed_threads(allocs: Mapping[str, MFCConfig], keys: Mapping[str, str], n_nodes: int,
+                                 gpn: int) -> None:
+    """A CPU worker is one core: ``cpu_threads`` on a mesh that leaves no other worker of its node
+    idle puts more threads than cores on the node (its helper threads spin between products)."""
+    for name, alloc in allocs.items():
+        threads = alloc.cpu_threads or 1
+        if threads <= 1:
+            continue
+        world = alloc.parallel.world_size
+        per_node = world if world <= gpn else -(-world // n_nodes)  # a mesh within a node, or spread evenly
+        if per_node * threads > gpn:
+            warnings.warn(
+                f"{keys.get(name, name)}.cpu_threads={threads} on {per_node} of the {gpn} workers of a node runs "
+                f"{per_node * threads} threads for {gpn} CPU workers; give it a mesh that leaves "
+                f"{per_node * (threads - 1)} workers idle during the call, or fewer threads.", stacklevel=2)
+
+
 def resolve_allocations(
     cfg: Any,
     mfc_names: Sequence[str],
@@ -317,6 +335,7 @@ def resolve_allocations(
             sp = sp_ok and p.model_parallel_size > 1 and name in train_mfc_names
             out[name] = _with_n_mbs(p, existing.get(name), sp)
 
+    _warn_oversubscribed_threads(out, keys, n_nodes, gpn)
     if model_configs:
         for name, alloc in out.items():
             real_cfg = model_configs.get(name)
