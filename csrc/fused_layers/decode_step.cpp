@@ -138,6 +138,8 @@ void check_packed(const at::Tensor& w, int64_t K, int64_t N, const char* name) {
 }
 
 // Runs fn(i, parts) for i < parts on ``threads`` threads (the caller's alone when 1).
+// Always the team of ``threads``, even for less work than threads (the surplus gets
+// empty ranges): a team of another size would be rebuilt, threads and all.
 void on_threads(int64_t threads, const std::function<void(int, int)>& fn) {
   if (threads <= 1) return fn(0, 1);
   const int n = static_cast<int>(threads);
@@ -161,7 +163,7 @@ at::Tensor panels_linear(const at::Tensor& x, const at::Tensor& w, int64_t N, co
   const float* bp = b.numel() ? b.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t M = x.size(0), K = x.size(1), panels = w.size(0);
-  on_threads(std::min(threads, panels), [&](int i, int parts) {
+  on_threads(threads, [&](int i, int parts) {
     int64_t p0, p1;
     realhf::team_part(panels, i, parts, &p0, &p1);
     realhf::rows_times_panel_range(xp, wp, bp, yp, N, M, N, K, p0, p1);
@@ -250,7 +252,7 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
     const float scale = static_cast<float>(scales[b]);
     float* ap = attn.data_ptr<float>();
     // Threads take contiguous ranges of rows, each with its own scores.
-    on_threads(std::min(threads, n), [&](int t, int parts) {
+    on_threads(threads, [&](int t, int parts) {
       int64_t i0, i1;
       realhf::team_part(n, t, parts, &i0, &i1);
       float* sc = scores.data() + t * max_len;
@@ -322,7 +324,7 @@ at::Tensor pack_panels(const std::vector<at::Tensor>& mats, int64_t threads) {
   src_rows.reserve(static_cast<size_t>(N));
   for (const auto& w : mats)
     for (int64_t r = 0; r < w.size(0); ++r) src_rows.push_back(w.data_ptr<float>() + r * K);
-  on_threads(std::min(threads, panels), [&](int i, int parts) {
+  on_threads(threads, [&](int i, int parts) {
     int64_t p0, p1;
     realhf::team_part(panels, i, parts, &p0, &p1);
     if (p1 == panels && N % P) std::fill(op + (panels - 1) * K * P, op + panels * K * P, 0.f);  // the padding
