@@ -135,7 +135,7 @@ class CpuTeam {
   bool stop_ = false;
 };
 
-// Splits [0, n) into the team's size() contiguous parts; part i is [begin, end).
+// Splits [0, n) into ``parts`` contiguous parts; part i is [begin, end) (empty when n < parts).
 inline void team_part(int64_t n, int i, int parts, int64_t* begin, int64_t* end) {
   *begin = n * i / parts;
   *end = n * (i + 1) / parts;

@@ -206,7 +206,7 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
   auto act = at::empty({n, inter}, x.options());
   int64_t max_len = 0;
   for (int64_t i = 0; i < n; ++i) max_len = std::max(max_len, pp[i] + 1);
-  std::vector<float> scores(static_cast<size_t>(max_len * std::max<int64_t>(threads, 1)));  // per thread
+  std::vector<float> scores(static_cast<size_t>(max_len * threads));  // one row of scores per thread
   const int64_t hidden = x.size(1), qkv_width = (n_q + 2 * n_kv) * d;
   const bool use_panels = !packed.empty() && realhf::avx2_fma_supported();
   if (use_panels)
