@@ -184,9 +184,8 @@ std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
 }
 
 // ------------------------------------------------------- causal attention
-// Packed sequences (cu_seqlens [B + 1], int64); q [T, Hq, D], k/v [T, Hkv, D].
-realhf::VarlenShape check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& cu) {
+// q [T, Hq, D], k/v [T, Hkv, D].
+realhf::VarlenShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(realhf::varlen_attention_supported(), "varlen attention needs a CPU with AVX2 and FMA");
   check_f32(q, "q");
   check_f32(k, "k");
@@ -196,33 +195,123 @@ realhf::VarlenShape check_attention(const at::Tensor& q, const at::Tensor& k, co
               "varlen attention expects q [T, Hq, D] and k, v [T, Hkv, D]");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(q.size(2) % 8 == 0, "head_dim must be a multiple of 8, got ", q.size(2));
+  return {q.size(1), k.size(1), q.size(2)};
+}
+
+// Packed sequences (cu_seqlens [B + 1], int64).
+realhf::VarlenShape check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& cu) {
+  const realhf::VarlenShape sh = check_qkv(q, k, v);
   TORCH_CHECK(cu.device().is_cpu() && cu.scalar_type() == at::kLong && cu.dim() == 1 && cu.size(0) >= 1,
               "cu_seqlens must be a 1-D int64 CPU tensor");
   const int64_t* c = cu.data_ptr<int64_t>();
   TORCH_CHECK(c[0] == 0 && c[cu.size(0) - 1] == q.size(0), "cu_seqlens must run from 0 to the token count");
   for (int64_t b = 0; b + 1 < cu.size(0); ++b) TORCH_CHECK(c[b + 1] >= c[b], "cu_seqlens must not decrease");
-  return {q.size(1), k.size(1), q.size(2)};
+  return sh;
+}
+
+// The segments of packed sequences: one per sequence, each its own task group.
+std::vector<realhf::Segment> sequence_segments(const at::Tensor& cu, std::vector<int64_t>* groups) {
+  const int64_t* c = cu.data_ptr<int64_t>();
+  std::vector<realhf::Segment> segs;
+  groups->assign(1, 0);
+  for (int64_t b = 0; b + 1 < cu.size(0); ++b) {
+    segs.push_back({c[b], c[b + 1] - c[b], c[b], 0});
+    groups->push_back(static_cast<int64_t>(segs.size()));
+  }
+  return segs;
+}
+
+// Prefix-tree segments [S, 4] = (first query row, queries, first prefix key row, prefix keys)
+// and their task groups [G + 1] (segment boundaries). The query runs must tile [0, T) in
+// order, and a segment's prefix must lie in its group, before its own rows: a group's tasks
+// are then the only writers of its keys' dK/dV.
+std::vector<realhf::Segment> tree_segments(const at::Tensor& segments, const at::Tensor& groups, int64_t total,
+                                           std::vector<int64_t>* bounds) {
+  TORCH_CHECK(segments.device().is_cpu() && segments.scalar_type() == at::kLong && segments.dim() == 2 &&
+                  segments.size(1) == 4,
+              "segments must be an int64 CPU tensor [S, 4]");
+  TORCH_CHECK(groups.device().is_cpu() && groups.scalar_type() == at::kLong && groups.dim() == 1 &&
+                  groups.size(0) >= 1,
+              "groups must be a 1-D int64 CPU tensor");
+  const at::Tensor sc = segments.contiguous(), gc = groups.contiguous();
+  const int64_t* sp = sc.data_ptr<int64_t>();
+  const int64_t* gp = gc.data_ptr<int64_t>();
+  const int64_t n_seg = sc.size(0), n_groups = gc.size(0) - 1;
+  TORCH_CHECK(gp[0] == 0 && gp[n_groups] == n_seg, "groups must run from 0 to the segment count");
+  std::vector<realhf::Segment> segs(static_cast<size_t>(n_seg));
+  int64_t row = 0;
+  for (int64_t i = 0; i < n_seg; ++i) {
+    segs[i] = {sp[4 * i], sp[4 * i + 1], sp[4 * i + 2], sp[4 * i + 3]};
+    TORCH_CHECK(segs[i].q0 == row && segs[i].n >= 0, "segment ", i, " must start at row ", row);
+    row += segs[i].n;
+  }
+  TORCH_CHECK(row == total, "segments cover ", row, " rows of ", total);
+  for (int64_t g = 0; g < n_groups; ++g) {
+    TORCH_CHECK(gp[g + 1] > gp[g], "groups must increase");
+    const int64_t first = segs[gp[g]].q0;
+    for (int64_t i = gp[g]; i < gp[g + 1]; ++i)
+      TORCH_CHECK(segs[i].p == 0 || (segs[i].p > 0 && segs[i].k0 >= first && segs[i].k0 + segs[i].p <= segs[i].q0),
+                  "segment ", i, ": its prefix must lie in its group, before its own rows");
+  }
+  bounds->assign(gp, gp + n_groups + 1);
+  return segs;
+}
+
+std::vector<at::Tensor> segments_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const std::vector<realhf::Segment>& segs, const std::vector<int64_t>& groups,
+                                     const realhf::VarlenShape& sh, double scale) {
+  const int64_t total = q.size(0), n_groups = static_cast<int64_t>(groups.size()) - 1;
+  auto out = at::empty_like(q);
+  auto lse = at::empty({sh.n_q_heads, total}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  at::parallel_for(0, n_groups * sh.n_kv_heads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t grp = t / sh.n_kv_heads, g = t % sh.n_kv_heads;
+      for (int64_t i = groups[grp]; i < groups[grp + 1]; ++i)
+        if (segs[i].n > 0)
+          realhf::segment_attention_fwd(qp, kp, vp, op, lp, total, segs[i], g, sh, static_cast<float>(scale));
+    }
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> segments_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                     const std::vector<realhf::Segment>& segs, const std::vector<int64_t>& groups,
+                                     const realhf::VarlenShape& sh, double scale) {
+  check_f32(dout, "grad");
+  check_f32(out, "out");
+  check_f32(lse, "lse");
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad and out must have q's shape");
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == sh.n_q_heads && lse.size(1) == q.size(0), "lse must be [Hq, T]");
+  const int64_t total = q.size(0), n_groups = static_cast<int64_t>(groups.size()) - 1;
+  auto dq = at::empty_like(q);
+  auto dk = at::zeros_like(k);
+  auto dv = at::zeros_like(v);
+  const float *gp = dout.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>();
+  const float *vp = v.data_ptr<float>(), *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  at::parallel_for(0, n_groups * sh.n_kv_heads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t grp = t / sh.n_kv_heads, g = t % sh.n_kv_heads;
+      for (int64_t i = groups[grp]; i < groups[grp + 1]; ++i)
+        if (segs[i].n > 0)
+          realhf::segment_attention_bwd(gp, qp, kp, vp, op, lp, dqp, dkp, dvp, total, segs[i], g, sh,
+                                        static_cast<float>(scale));
+    }
+  });
+  return {dq, dk, dv};
 }
 
 std::vector<at::Tensor> varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const at::Tensor& cu_seqlens, double scale) {
   const at::Tensor cu = cu_seqlens.contiguous();
   const realhf::VarlenShape sh = check_attention(q, k, v, cu);
-  const int64_t total = q.size(0), n_seq = cu.size(0) - 1;
-  auto out = at::empty_like(q);
-  auto lse = at::empty({sh.n_q_heads, total}, q.options());
-  const int64_t* c = cu.data_ptr<int64_t>();
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
-  at::parallel_for(0, n_seq * sh.n_kv_heads, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t s = t / sh.n_kv_heads, g = t % sh.n_kv_heads;
-      if (c[s + 1] > c[s])
-        realhf::varlen_attention_fwd_task(qp, kp, vp, op, lp, total, c[s], c[s + 1] - c[s], g, sh,
-                                          static_cast<float>(scale));
-    }
-  });
-  return {out, lse};
+  std::vector<int64_t> groups;
+  const auto segs = sequence_segments(cu, &groups);
+  return segments_fwd(q, k, v, segs, groups, sh, scale);
 }
 
 std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
@@ -230,28 +319,26 @@ std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& dout, const at::T
                                              const at::Tensor& cu_seqlens, double scale) {
   const at::Tensor cu = cu_seqlens.contiguous();
   const realhf::VarlenShape sh = check_attention(q, k, v, cu);
-  check_f32(dout, "grad");
-  check_f32(out, "out");
-  check_f32(lse, "lse");
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad and out must have q's shape");
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == sh.n_q_heads && lse.size(1) == q.size(0), "lse must be [Hq, T]");
-  const int64_t total = q.size(0), n_seq = cu.size(0) - 1;
-  auto dq = at::empty_like(q);
-  auto dk = at::zeros_like(k);
-  auto dv = at::zeros_like(v);
-  const int64_t* c = cu.data_ptr<int64_t>();
-  const float *gp = dout.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>();
-  const float *vp = v.data_ptr<float>(), *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
-  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
-  at::parallel_for(0, n_seq * sh.n_kv_heads, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t s = t / sh.n_kv_heads, g = t % sh.n_kv_heads;
-      if (c[s + 1] > c[s])
-        realhf::varlen_attention_bwd_task(gp, qp, kp, vp, op, lp, dqp, dkp, dvp, total, c[s], c[s + 1] - c[s], g,
-                                          sh, static_cast<float>(scale));
-    }
-  });
-  return {dq, dk, dv};
+  std::vector<int64_t> groups;
+  const auto segs = sequence_segments(cu, &groups);
+  return segments_bwd(dout, q, k, v, out, lse, segs, groups, sh, scale);
+}
+
+std::vector<at::Tensor> tree_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& segments, const at::Tensor& groups, double scale) {
+  const realhf::VarlenShape sh = check_qkv(q, k, v);
+  std::vector<int64_t> bounds;
+  const auto segs = tree_segments(segments, groups, q.size(0), &bounds);
+  return segments_fwd(q, k, v, segs, bounds, sh, scale);
+}
+
+std::vector<at::Tensor> tree_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                           const at::Tensor& segments, const at::Tensor& groups, double scale) {
+  const realhf::VarlenShape sh = check_qkv(q, k, v);
+  std::vector<int64_t> bounds;
+  const auto segs = tree_segments(segments, groups, q.size(0), &bounds);
+  return segments_bwd(dout, q, k, v, out, lse, segs, bounds, sh, scale);
 }
 
 }  // namespace
@@ -277,4 +364,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("varlen_attention_bwd", &varlen_attention_bwd, py::arg("grad"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("cu_seqlens"), py::arg("scale"),
         py::call_guard<py::gil_scoped_release>(), "(dq, dk, dv) of varlen_attention_fwd.");
+  m.def("tree_attention_fwd", &tree_attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("segments"),
+        py::arg("groups"), py::arg("scale"), py::call_guard<py::gil_scoped_release>(),
+        "(out, lse [Hq, T]) of attention over prefix-tree segments [S, 4] = (first query row, queries, first "
+        "prefix key row, prefix keys), grouped by groups [G + 1] (segments sharing prefix keys).");
+  m.def("tree_attention_bwd", &tree_attention_bwd, py::arg("grad"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("segments"), py::arg("groups"), py::arg("scale"),
+        py::call_guard<py::gil_scoped_release>(), "(dq, dk, dv) of tree_attention_fwd.");
 }

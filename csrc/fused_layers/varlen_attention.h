@@ -301,9 +301,9 @@ __attribute__((target("avx2,fma"))) inline void block_outer(const float* W, int6
   }
 }
 
-// The query rows of one block: row f of a task is token f / rep under query head
-// g * rep + f % rep, so a block's rows are a few consecutive tokens (their causal
-// lengths differ by at most kRows - 1). Rows past the task's end repeat its last
+// The query rows of one block: row f of a segment is token f / rep under query
+// head g * rep + f % rep, so a block's rows are a few consecutive tokens (their
+// causal lengths, prefix included, differ by at most kRows - 1). Rows past the task's end repeat its last
 // row's inputs with zero weights and write to scratch.
 struct RowBlock {
   int count = 0;
@@ -311,28 +311,55 @@ struct RowBlock {
   int64_t max_len() const { return len[count - 1]; }
 };
 
-inline RowBlock row_block(int64_t f0, int64_t n_rows, int64_t base, int64_t g, int64_t rep) {
+inline RowBlock row_block(int64_t f0, int64_t n_rows, int64_t base, int64_t g, int64_t rep, int64_t prefix) {
   RowBlock b;
   b.count = static_cast<int>(std::min<int64_t>(kRows, n_rows - f0));
   for (int r = 0; r < kRows; ++r) {
     const int64_t f = f0 + std::min(r, b.count - 1), i = f / rep;
     b.tok[r] = base + i;
     b.head[r] = g * rep + f % rep;
-    b.len[r] = i + 1;
+    b.len[r] = prefix + i + 1;
   }
   return b;
 }
 
-// Forward of one (sequence [base, base + len), KV head g): out rows and lse[h * total + token].
-__attribute__((target("avx2,fma"))) inline void varlen_attention_fwd_task(
-    const float* q, const float* k, const float* v, float* out, float* lse, int64_t total, int64_t base,
-    int64_t len, int64_t g, const VarlenShape& sh, float scale) {
-  const int64_t dim = sh.dim, ld = (len + 7) / 8 * 8, qs = sh.q_stride(), rep = sh.rep();
-  std::vector<float> kt(dim * ld), S(kRows * ld), scratch(kRows * dim);
-  transpose_rows(k + base * sh.kv_stride() + g * dim, sh.kv_stride(), len, dim, ld, kt.data());
-  const float* vrows = v + base * sh.kv_stride() + g * dim;
-  for (int64_t f0 = 0; f0 < len * rep; f0 += kRows) {
-    const RowBlock b = row_block(f0, len * rep, base, g, rep);
+// A run of query rows [q0, q0 + n) whose keys are the prefix rows [k0, k0 + p)
+// (none when p == 0) followed by the run's own rows, causal within the run: a
+// packed sequence (p == 0), or a branch of a prefix tree keyed by its group's
+// prefix. Row i of the run sees keys 0 .. p + i of that list.
+struct Segment {
+  int64_t q0, n, k0, p;
+};
+
+// Rows [k0, k0 + p) then [q0, q0 + n) of x (row stride `stride`) as one list:
+// a pointer with its stride where the two ranges are adjacent or p == 0, else
+// a contiguous copy in buf.
+inline const float* segment_rows(const float* x, int64_t stride, const Segment& sg, int64_t dim,
+                                 std::vector<float>& buf, int64_t* out_stride) {
+  if (sg.p == 0 || sg.k0 + sg.p == sg.q0) {
+    *out_stride = stride;
+    return x + (sg.p == 0 ? sg.q0 : sg.k0) * stride;
+  }
+  buf.resize((sg.p + sg.n) * dim);
+  for (int64_t j = 0; j < sg.p; ++j) std::copy(x + (sg.k0 + j) * stride, x + (sg.k0 + j) * stride + dim, &buf[j * dim]);
+  for (int64_t j = 0; j < sg.n; ++j)
+    std::copy(x + (sg.q0 + j) * stride, x + (sg.q0 + j) * stride + dim, &buf[(sg.p + j) * dim]);
+  *out_stride = dim;
+  return buf.data();
+}
+
+// Forward of one segment under KV head g: its out rows and lse[h * total + token].
+__attribute__((target("avx2,fma"))) inline void segment_attention_fwd(
+    const float* q, const float* k, const float* v, float* out, float* lse, int64_t total, const Segment& sg,
+    int64_t g, const VarlenShape& sh, float scale) {
+  const int64_t dim = sh.dim, keys = sg.p + sg.n, ld = (keys + 7) / 8 * 8, qs = sh.q_stride(), rep = sh.rep();
+  std::vector<float> kt(dim * ld), S(kRows * ld), scratch(kRows * dim), kbuf, vbuf;
+  int64_t kstride, vstride;
+  const float* krows = segment_rows(k + g * dim, sh.kv_stride(), sg, dim, kbuf, &kstride);
+  const float* vrows = segment_rows(v + g * dim, sh.kv_stride(), sg, dim, vbuf, &vstride);
+  transpose_rows(krows, kstride, keys, dim, ld, kt.data());
+  for (int64_t f0 = 0; f0 < sg.n * rep; f0 += kRows) {
+    const RowBlock b = row_block(f0, sg.n * rep, sg.q0, g, rep, sg.p);
     const int64_t n_max = b.max_len();
     const float* a[kRows];
     float* o[kRows];
@@ -355,26 +382,34 @@ __attribute__((target("avx2,fma"))) inline void varlen_attention_fwd_task(
       }
       std::fill(p + n, p + n_max, 0.f);  // keys after the row's own token (and unused rows) weigh nothing
     }
-    block_weighted(S.data(), ld, vrows, sh.kv_stride(), n_max, dim, inv, o);
+    block_weighted(S.data(), ld, vrows, vstride, n_max, dim, inv, o);
   }
 }
 
-// Backward of one (sequence, KV head): dq rows of its query heads, dk/dv rows of g (zeroed by the caller).
-__attribute__((target("avx2,fma"))) inline void varlen_attention_bwd_task(
+// Backward of one segment under KV head g: dq rows of its query heads; dk/dv of
+// its keys accumulate (prefix rows may be shared with the other segments of a
+// task, which runs them one after another).
+__attribute__((target("avx2,fma"))) inline void segment_attention_bwd(
     const float* dout, const float* q, const float* k, const float* v, const float* out, const float* lse,
-    float* dq, float* dk, float* dv, int64_t total, int64_t base, int64_t len, int64_t g, const VarlenShape& sh,
+    float* dq, float* dk, float* dv, int64_t total, const Segment& sg, int64_t g, const VarlenShape& sh,
     float scale) {
-  const int64_t dim = sh.dim, ld = (len + 7) / 8 * 8, rep = sh.rep();
+  const int64_t dim = sh.dim, keys = sg.p + sg.n, ld = (keys + 7) / 8 * 8, rep = sh.rep();
   const int64_t kvs = sh.kv_stride(), qs = sh.q_stride();
-  std::vector<float> kt(dim * ld), vt(dim * ld), P(kRows * ld), dS(kRows * ld), scratch(kRows * dim);
-  const float* krows = k + base * kvs + g * dim;
-  transpose_rows(krows, kvs, len, dim, ld, kt.data());
-  transpose_rows(v + base * kvs + g * dim, kvs, len, dim, ld, vt.data());
-  float* dkrows = dk + base * kvs + g * dim;
-  float* dvrows = dv + base * kvs + g * dim;
+  std::vector<float> kt(dim * ld), vt(dim * ld), P(kRows * ld), dS(kRows * ld), scratch(kRows * dim), kbuf, vbuf;
+  int64_t kstride, vstride;
+  const float* krows = segment_rows(k + g * dim, kvs, sg, dim, kbuf, &kstride);
+  transpose_rows(krows, kstride, keys, dim, ld, kt.data());
+  const float* vrows = segment_rows(v + g * dim, kvs, sg, dim, vbuf, &vstride);
+  transpose_rows(vrows, vstride, keys, dim, ld, vt.data());
+  // dK/dV of the key list: in place where its rows are adjacent, else in a buffer added back below.
+  const bool split = sg.p > 0 && sg.k0 + sg.p != sg.q0;
+  std::vector<float> dkbuf(split ? keys * dim : 0), dvbuf(split ? keys * dim : 0);
+  float* dkrows = split ? dkbuf.data() : dk + (sg.p == 0 ? sg.q0 : sg.k0) * kvs + g * dim;
+  float* dvrows = split ? dvbuf.data() : dv + (sg.p == 0 ? sg.q0 : sg.k0) * kvs + g * dim;
+  const int64_t dstride = split ? dim : kvs;
   const float scales[kRows] = {scale, scale, scale, scale};
-  for (int64_t f0 = 0; f0 < len * rep; f0 += kRows) {
-    const RowBlock b = row_block(f0, len * rep, base, g, rep);
+  for (int64_t f0 = 0; f0 < sg.n * rep; f0 += kRows) {
+    const RowBlock b = row_block(f0, sg.n * rep, sg.q0, g, rep, sg.p);
     const int64_t n_max = b.max_len();
     const float *qi[kRows], *doi[kRows];
     float* dqi[kRows];
@@ -399,9 +434,20 @@ __attribute__((target("avx2,fma"))) inline void varlen_attention_bwd_task(
       std::fill(p + n, p + n_max, 0.f);
       std::fill(ds + n, ds + n_max, 0.f);
     }
-    block_weighted(dS.data(), ld, krows, kvs, n_max, dim, scales, dqi);  // dq = scale * dS . k
-    block_outer(dS.data(), ld, qi, scale, dkrows, kvs, n_max, dim);      // dk += scale * dS^T . q
-    block_outer(P.data(), ld, doi, 1.f, dvrows, kvs, n_max, dim);        // dv += P^T . dO
+    block_weighted(dS.data(), ld, krows, kstride, n_max, dim, scales, dqi);  // dq = scale * dS . k
+    block_outer(dS.data(), ld, qi, scale, dkrows, dstride, n_max, dim);     // dk += scale * dS^T . q
+    block_outer(P.data(), ld, doi, 1.f, dvrows, dstride, n_max, dim);       // dv += P^T . dO
+  }
+  if (split) {
+    for (int64_t j = 0; j < keys; ++j) {
+      const int64_t row = j < sg.p ? sg.k0 + j : sg.q0 + j - sg.p;
+      float* dkr = dk + row * kvs + g * dim;
+      float* dvr = dv + row * kvs + g * dim;
+      for (int64_t c = 0; c < dim; ++c) {
+        dkr[c] += dkbuf[j * dim + c];
+        dvr[c] += dvbuf[j * dim + c];
+      }
+    }
   }
 }
 
@@ -410,12 +456,15 @@ struct VarlenShape {
   int64_t n_q_heads, n_kv_heads, dim;
 };
 inline bool varlen_attention_supported() { return false; }
+struct Segment {
+  int64_t q0, n, k0, p;
+};
 // Never called: the wrappers check varlen_attention_supported() first.
-inline void varlen_attention_fwd_task(const float*, const float*, const float*, float*, float*, int64_t, int64_t,
-                                      int64_t, int64_t, const VarlenShape&, float) {}
-inline void varlen_attention_bwd_task(const float*, const float*, const float*, const float*, const float*,
-                                      const float*, float*, float*, float*, int64_t, int64_t, int64_t, int64_t,
-                                      const VarlenShape&, float) {}
+inline void segment_attention_fwd(const float*, const float*, const float*, float*, float*, int64_t,
+                                  const Segment&, int64_t, const VarlenShape&, float) {}
+inline void segment_attention_bwd(const float*, const float*, const float*, const float*, const float*,
+                                  const float*, float*, float*, float*, int64_t, const Segment&, int64_t,
+                                  const VarlenShape&, float) {}
 #endif
 
 }  // namespace realhf

@@ -55,10 +55,19 @@ def _run(model: ReaLModel, share: bool, ids, cu, w):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mistral", "qwen3"])
 @pytest.mark.parametrize("critic", [False, True])
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
+@pytest.mark.parametrize("kernel", ["native", "math", "sdpa"])
 def test_tree_forward_and_backward_equal_flat(family, critic, kernel, monkeypatch):
     from realhf.impl.model.modules import attention
+    from realhf.impl.ops import fused_layers
 
+    used = []
+    if kernel == "native":
+        if not fused_layers.native_attention(torch.device("cpu")):
+            pytest.skip("the native attention kernels need a CPU with AVX2 and FMA")
+        real = fused_layers.tree_attention
+        monkeypatch.setattr(fused_layers, "tree_attention", lambda *a: used.append(1) or real(*a))
+    else:
+        monkeypatch.setattr(fused_layers, "tree_attention_applies", lambda *a: False)
     if kernel == "sdpa":
         monkeypatch.setattr(attention, "MATH_MAX_SCORES", 0)
     model = _model(family, critic)
@@ -78,6 +87,8 @@ def test_tree_forward_and_backward_equal_flat(family, critic, kernel, monkeypatc
     for k in grads_flat:
         scale = max(float(grads_flat[k].abs().max()), 1e-2 * model_scale)
         assert float((grads_tree[k] - grads_flat[k]).abs().max()) <= 1e-5 * scale, k
+    # Mistral's sliding window keeps the batched products; every other family runs the kernel.
+    assert bool(used) == (kernel == "native" and model.config.sliding_window is None)
 
 
 def test_tree_layout_matches_its_definition():

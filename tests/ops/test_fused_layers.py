@@ -179,3 +179,73 @@ def test_varlen_attention_rejects_bad_boundaries(require_backend):
     with pytest.raises(RuntimeError, match="head_dim"):
         ext.varlen_attention_fwd(q[..., :6].contiguous(), k[..., :6].contiguous(), v[..., :6].contiguous(),
                                  torch.tensor([0, 5, 9]), 1.0)
+
+
+def _tree_reference(q, k, v, segments, scale):
+    """Attention over prefix-tree segments written out: segment (q0, n, k0, p)'s query i sees
+    rows k0 .. k0 + p - 1 and q0 .. q0 + i."""
+    out = torch.zeros_like(q)
+    rep = q.shape[1] // k.shape[1]
+    for q0, n, k0, p in segments.tolist():
+        keys = torch.cat([torch.arange(k0, k0 + p), torch.arange(q0, q0 + n)])
+        for i in range(n):
+            seen = keys[:p + i + 1]
+            for h in range(q.shape[1]):
+                w = torch.softmax((k[seen, h // rep] @ q[q0 + i, h]) * scale, dim=0)
+                out[q0 + i, h] = w @ v[seen, h // rep]
+    return out
+
+
+def _tree_segments(groups):
+    """Segments and run boundaries of groups given as (prefix, [branch lengths]), laid out in order."""
+    segs, starts, row = [], [], 0
+    for prefix, branches in groups:
+        starts.append(len(segs))
+        if prefix:
+            segs.append((row, prefix, row, 0))
+        start = row + prefix
+        for n in branches:
+            segs.append((start, n, row, prefix))
+            start += n
+        row = start
+    return torch.tensor(segs).view(-1, 4), torch.tensor(starts + [len(segs)]), row
+
+
+@pytest.mark.parametrize("groups,n_q,n_kv,head_dim", [
+    ([(19, [32, 32, 32, 32]), (11, [32, 32, 32, 32])], 4, 2, 64),  # GRPO's shape: 2 prompts x 4 answers
+    ([(5, [3, 1, 7]), (0, [6]), (2, [4, 0, 9])], 4, 4, 16),        # a plain sequence, an empty branch, MHA
+    ([(70, [3, 2])], 2, 1, 80),                                     # a prefix longer than 64 keys, MQA
+])
+def test_tree_attention_matches_its_definition(groups, n_q, n_kv, head_dim, require_backend):
+    """Output and dq/dk/dv of the native prefix-tree kernel equal the written-out attention's
+    (shared prefix rows get the sum of what every branch sends them)."""
+    require_backend("varlen_attention", "cpp")
+    segments, runs, total = _tree_segments(groups)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(total, h, head_dim, generator=g) for h in (n_q, n_kv, n_kv))
+    scale = head_dim ** -0.5
+    out, grads = _run(lambda q, k, v: fl.tree_attention(q, k, v, segments, runs, scale), [q, k, v])
+    ref_out, ref_grads = _run(lambda q, k, v: _tree_reference(q, k, v, segments, scale), [q, k, v])
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=2e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    with torch.no_grad():
+        assert torch.equal(fl.tree_attention(q, k, v, segments, runs, scale), out)
+
+
+def test_tree_attention_refuses_bad_segments(require_backend):
+    require_backend("varlen_attention", "cpp")
+    segments, runs, total = _tree_segments([(3, [2, 2]), (0, [4])])
+    q, k, v = torch.randn(total, 2, 8), torch.randn(total, 1, 8), torch.randn(total, 1, 8)
+    with pytest.raises(RuntimeError, match="segments cover 11 rows of 12"):
+        fl.tree_attention(torch.cat([q, q[:1]]), torch.cat([k, k[:1]]), torch.cat([v, v[:1]]), segments, runs, 1.0)
+    gap = segments.clone()
+    gap[1, 0] += 1
+    with pytest.raises(RuntimeError, match="segment 1 must start at row 3"):
+        fl.tree_attention(q, k, v, gap, runs, 1.0)
+    foreign = segments.clone()
+    foreign[3, 2:] = torch.tensor([0, 3])  # the plain sequence claims the other group's prefix
+    with pytest.raises(RuntimeError, match="segment 3: its prefix must lie in its group"):
+        fl.tree_attention(q, k, v, foreign, runs, 1.0)
+    with pytest.raises(RuntimeError, match="groups must run from 0"):
+        fl.tree_attention(q, k, v, segments, torch.tensor([0, 3]), 1.0)

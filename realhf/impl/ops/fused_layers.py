@@ -15,7 +15,11 @@ every other dtype or device uses.
 * :func:`varlen_attention` -- causal attention over packed sequences
   (q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, GQA), one call for all sequences
   (``csrc/fused_layers/varlen_attention.h``); the torch formula is one SDPA
-  call per sequence.
+  call per sequence;
+* :func:`tree_attention` -- the same kernel over the query segments of a
+  prefix-tree batch (``realhf.impl.model.nn.prefix_tree``), where a branch
+  also attends to its group's shared prefix; native only (the attention
+  layer keeps its batched-product path as the fallback).
 
 All are differentiable in their tensor inputs, the norm also in its weight.
 """
@@ -138,6 +142,23 @@ class _VarlenAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+class _TreeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor,
+                groups: torch.Tensor, scale: float) -> torch.Tensor:
+        out, lse = native.load(_EXT).tree_attention_fwd(q, k, v, segments, groups, scale)
+        ctx.save_for_backward(q, k, v, out, lse, segments, groups)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, out, lse, segments, groups = ctx.saved_tensors
+        dq, dk, dv = native.load(_EXT).tree_attention_bwd(grad.contiguous(), q, k, v, out, lse, segments, groups,
+                                                          ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
 def _needs_graph(*ts: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
@@ -236,6 +257,25 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """Causal attention within each packed sequence (boundaries ``cu_seqlens``): q ``[T, Hq, D]``,
     k/v ``[T, Hkv, D]`` (KV head j serves query heads j * Hq/Hkv ...) -> ``[T, Hq, D]``."""
     return _impl("varlen_attention", q.device, backend)(q, k, v, cu_seqlens, scale)
+
+
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor,
+                   groups: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention over prefix-tree query segments (native kernel; float32 CPU tensors, head_dim a
+    multiple of 8, see :func:`tree_attention_applies`). ``segments`` [S, 4] int64: (first query
+    row, queries, first row of its prefix keys, prefix keys), tiling the rows in order; a
+    segment's queries see its prefix keys and, causally, its own rows. ``groups`` [G + 1]:
+    boundaries of the runs of segments that share prefix keys."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if _needs_graph(q, k, v):
+        return _TreeAttention.apply(q, k, v, segments, groups, float(scale))
+    return native.load(_EXT).tree_attention_fwd(q, k, v, segments, groups, float(scale))[0]
+
+
+def tree_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`tree_attention` serves these inputs here (else the caller's own formula)."""
+    return (native_attention(q.device) and _fp32_cpu(q, k, v) and q.dim() == 3 and q.shape[-1] % 8 == 0
+            and k.shape == v.shape and q.shape[1] % k.shape[1] == 0)
 
 
 def native_attention(device: torch.device) -> bool:

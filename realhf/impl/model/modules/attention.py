@@ -139,8 +139,13 @@ def _attn_tree(q, k, v, ctx: PackedContext, scale: float, window: Optional[int],
     at a fraction of the matmul rate: there the scores are two batched products
     with the query heads of a KV head stacked (GQA served without copying
     keys), 1.7x faster forward + backward at GRPO's shapes. Elsewhere, SDPA.
+    Without a window or dropout, float32 on a CPU with AVX2 runs the native
+    kernel over the unpadded segments instead (``fused_layers.tree_attention``).
     """
     seg = ctx.tree
+    if (window is None and dropout_p == 0 and seg.segments is not None
+            and fused_layers.tree_attention_applies(q, k, v)):
+        return fused_layers.tree_attention(q, k, v, seg.segments, seg.groups, scale)
     n_seg, max_q = seg.q_index.shape
     max_k = seg.k_index.shape[1]
     n_q, n_kv, d = q.shape[1], k.shape[1], q.shape[2]

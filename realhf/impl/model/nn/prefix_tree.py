@@ -51,6 +51,10 @@ class TreeAttention:
     out_index: torch.Tensor  # int64 [T_tree]
     q_pos: torch.Tensor  # int64 [S, max_q] original positions, for sliding windows
     k_pos: torch.Tensor  # int64 [S, max_k]
+    # The segments unpadded, for the native kernel: (first query row, queries, first prefix key row,
+    # prefix keys) [S, 4], and the boundaries of the runs of segments sharing a prefix [G + 1] (CPU).
+    segments: Optional[torch.Tensor] = None
+    groups: Optional[torch.Tensor] = None
     _windowed: Dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     _biases: Dict[tuple, torch.Tensor] = dataclasses.field(default_factory=dict)
 
@@ -198,8 +202,12 @@ def _segments(segs: List[Segment], positions: torch.Tensor, device: torch.device
         visible[s, n:, 0] = True
         out_index[q0:q0 + n] = torch.arange(s * max_q, s * max_q + n)
     pos = positions.cpu()
+    # A segment without a prefix (a group's prefix, or a plain sequence) starts a run; branches join it.
+    starts = [s for s, (_, _, _, p) in enumerate(segs) if p == 0]
     return TreeAttention(q_index=q_index.to(device), k_index=k_index.to(device), visible=visible.to(device),
-                         out_index=out_index.to(device), q_pos=pos[q_index].to(device), k_pos=pos[k_index].to(device))
+                         out_index=out_index.to(device), q_pos=pos[q_index].to(device), k_pos=pos[k_index].to(device),
+                         segments=torch.tensor(segs, dtype=torch.int64).view(-1, 4),
+                         groups=torch.tensor(starts + [n_seg], dtype=torch.int64))
 
 
 def build_prefix_tree(input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
