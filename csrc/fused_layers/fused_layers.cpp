@@ -231,6 +231,135 @@ std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
   return {dgate, dup};
 }
 
+// ----------------------------------------------------- next-token log-probs
+// logp[i] = x[r, labels[i]] - logsumexp(x[r]) with r = rows[i], over logits x
+// [R, V]: each row read once into L1 for its max and exp-sum (exp8), where the
+// torch composition made several passes over the whole [R, V] tensor. The
+// backward writes grad[r] = g[i] * (onehot(labels[i]) - softmax(x[r])) in one
+// pass, zero for rows no entry reads.
+namespace {
+
+#ifdef REALHF_X86_AVX2
+__attribute__((target("avx2,fma"))) float row_lse_avx2(const float* x, int64_t n) {
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(x + j));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  float m = std::max(_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_movehdup_ps(h)));
+  for (int64_t t = j; t < n; ++t) m = std::max(m, x[t]);
+  if (std::isinf(m)) return m;  // every entry -inf (or some +inf): no finite normalizer
+  const __m256 sh = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= n; j += 8) acc = _mm256_add_ps(acc, realhf::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), sh)));
+  float sum = realhf::lane_sum(acc);
+  for (; j < n; ++j) sum += std::exp(x[j] - m);
+  return m + std::log(sum);
+}
+
+__attribute__((target("avx2,fma"))) void softmax_grad_avx2(const float* x, int64_t n, float lse, float g, float* out) {
+  const __m256 sh = _mm256_set1_ps(lse), ng = _mm256_set1_ps(-g);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(out + j, _mm256_mul_ps(ng, realhf::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), sh))));
+  for (; j < n; ++j) out[j] = -g * std::exp(x[j] - lse);
+}
+#endif
+
+float row_lse(const float* x, int64_t n) {
+#ifdef REALHF_X86_AVX2
+  if (realhf::avx2_fma_supported()) return row_lse_avx2(x, n);
+#endif
+  float m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  if (std::isinf(m)) return m;
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) sum += std::exp(x[j] - m);
+  return m + std::log(sum);
+}
+
+// out = -g * softmax(x) given x's log-sum-exp.
+void softmax_grad(const float* x, int64_t n, float lse, float g, float* out) {
+#ifdef REALHF_X86_AVX2
+  if (realhf::avx2_fma_supported()) return softmax_grad_avx2(x, n, lse, g, out);
+#endif
+  for (int64_t j = 0; j < n; ++j) out[j] = -g * std::exp(x[j] - lse);
+}
+
+void check_token_index(const at::Tensor& logits, const at::Tensor& rows, const at::Tensor& labels) {
+  check_f32(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2, "logits must be [rows, vocab]");
+  for (const auto* t : {&rows, &labels})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(),
+                "rows and labels must be contiguous 1-D int64 CPU tensors");
+  TORCH_CHECK(rows.numel() == labels.numel(), "rows and labels must have one entry each");
+  const int64_t R = logits.size(0), V = logits.size(1);
+  const int64_t *rp = rows.data_ptr<int64_t>(), *lp = labels.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i)
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < R && lp[i] >= 0 && lp[i] < V, "entry ", i, ": row ", rp[i], " / label ", lp[i],
+                " outside logits of ", R, " x ", V);
+}
+
+}  // namespace
+
+std::vector<at::Tensor> token_logprobs_fwd(const at::Tensor& logits, const at::Tensor& rows,
+                                           const at::Tensor& labels) {
+  check_token_index(logits, rows, labels);
+  const int64_t n = rows.numel(), V = logits.size(1);
+  auto logp = at::empty({n}, logits.options());
+  auto lse = at::empty({n}, logits.options());
+  const float* xp = logits.data_ptr<float>();
+  const int64_t *rp = rows.data_ptr<int64_t>(), *lp = labels.data_ptr<int64_t>();
+  float *op = logp.data_ptr<float>(), *sp = lse.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float* x = xp + rp[i] * V;
+      sp[i] = row_lse(x, V);
+      op[i] = x[lp[i]] - sp[i];
+    }
+  });
+  return {logp, lse};
+}
+
+at::Tensor token_logprobs_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& rows,
+                              const at::Tensor& labels, const at::Tensor& lse) {
+  check_token_index(logits, rows, labels);
+  check_f32(grad, "grad");
+  check_f32(lse, "lse");
+  const int64_t n = rows.numel(), R = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(grad.numel() == n && lse.numel() == n, "grad and lse must have one entry per row index");
+  const float *xp = logits.data_ptr<float>(), *gp = grad.data_ptr<float>(), *sp = lse.data_ptr<float>();
+  const int64_t *rp = rows.data_ptr<int64_t>(), *lp = labels.data_ptr<int64_t>();
+  bool increasing = true;
+  for (int64_t i = 1; i < n && increasing; ++i) increasing = rp[i] > rp[i - 1];
+  if (!increasing) {  // a row read twice: accumulate its entries' gradients
+    auto out = at::zeros_like(logits);
+    float* dp = out.data_ptr<float>();
+    std::vector<float> tmp(static_cast<size_t>(V));
+    for (int64_t i = 0; i < n; ++i) {
+      softmax_grad(xp + rp[i] * V, V, sp[i], gp[i], tmp.data());
+      float* d = dp + rp[i] * V;
+      for (int64_t j = 0; j < V; ++j) d[j] += tmp[j];
+      d[lp[i]] += gp[i];
+    }
+    return out;
+  }
+  auto out = at::empty_like(logits);
+  float* dp = out.data_ptr<float>();
+  at::parallel_for(0, n + 1, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      // Rows between the previous entry's and this one's (after the last, to the end) are not read.
+      const int64_t from = i == 0 ? 0 : rp[i - 1] + 1, to = i == n ? R : rp[i];
+      std::fill(dp + from * V, dp + to * V, 0.f);
+      if (i == n) continue;
+      float* d = dp + rp[i] * V;
+      softmax_grad(xp + rp[i] * V, V, sp[i], gp[i], d);
+      d[lp[i]] += gp[i];
+    }
+  });
+  return out;
+}
+
 // ------------------------------------------------------- causal attention
 // q [T, Hq, D], k/v [T, Hkv, D].
 realhf::VarlenShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -392,7 +521,8 @@ std::vector<at::Tensor> tree_attention_bwd(const at::Tensor& dout, const at::Ten
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused float32 CPU kernels: RMS norm, rotary embedding, gated MLP product, packed causal attention";
+  m.doc() = "Fused float32 CPU kernels: RMS norm, rotary embedding, gated MLP product, packed causal "
+            "attention, next-token log-probs";
   m.def("rms_norm_fwd", &rms_norm_fwd, py::arg("x"), py::arg("weight"), py::arg("eps"),
         py::call_guard<py::gil_scoped_release>(), "(y, rstd) of an RMS norm over the last dim of x [N, D].");
   m.def("rms_norm_bwd", &rms_norm_bwd, py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
@@ -404,6 +534,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(), "gate * sig * up with sig = sigmoid(gate).");
   m.def("swiglu_bwd", &swiglu_bwd, py::arg("grad"), py::arg("gate"), py::arg("up"),
         py::call_guard<py::gil_scoped_release>(), "(dgate, dup) of swiglu_fwd.");
+  m.def("token_logprobs_fwd", &token_logprobs_fwd, py::arg("logits"), py::arg("rows"), py::arg("labels"),
+        py::call_guard<py::gil_scoped_release>(),
+        "(logp, lse) with logp[i] = log_softmax(logits[rows[i]])[labels[i]], logits [R, V] float32.");
+  m.def("token_logprobs_bwd", &token_logprobs_bwd, py::arg("grad"), py::arg("logits"), py::arg("rows"),
+        py::arg("labels"), py::arg("lse"), py::call_guard<py::gil_scoped_release>(),
+        "d logits [R, V] of token_logprobs_fwd.");
   m.def("varlen_attention_supported", &realhf::varlen_attention_supported,
         "Whether this CPU runs the packed causal attention kernels (AVX2 + FMA).");
   m.def("varlen_attention_fwd", &varlen_attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"),

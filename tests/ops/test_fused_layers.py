@@ -249,3 +249,29 @@ def test_tree_attention_refuses_bad_segments(require_backend):
         fl.tree_attention(q, k, v, foreign, runs, 1.0)
     with pytest.raises(RuntimeError, match="groups must run from 0"):
         fl.tree_attention(q, k, v, segments, torch.tensor([0, 3]), 1.0)
+
+
+@pytest.mark.parametrize("rows", [
+    list(range(37)),                       # every row (log-probs of the rows a loss reads)
+    [0, 1, 2, 5, 6, 7, 8, 20, 35],        # a shifted layout: some rows skipped, the last ones unread
+    [4, 4, 30, 2],                         # rows read twice, out of order: their gradients add up
+])
+def test_token_logprobs_matches_torch(rows, require_backend):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(37, 1000, generator=g) * 3
+    logits[3, 100:] = torch.finfo(torch.float32).min  # a masked row, as the sampler's vocabulary mask leaves it
+    rows = torch.tensor(rows)
+    labels = torch.randint(0, 100, (rows.numel(),), generator=g)
+    _compare("token_logprobs", lambda b, x: fl.token_logprobs(x, rows, labels, backend=b), [logits],
+             require_backend, rtol=1e-5, atol=1e-6)
+    want = torch.log_softmax(logits.double(), -1)[rows, labels].float()
+    torch.testing.assert_close(fl.token_logprobs(logits, rows, labels, backend="cpp"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_token_logprobs_refuses_indices_outside_the_logits(require_backend):
+    require_backend("token_logprobs", "cpp")
+    logits = torch.randn(4, 10)
+    with pytest.raises(RuntimeError, match="entry 1: row 4 / label 0 outside logits of 4 x 10"):
+        fl.token_logprobs(logits, torch.tensor([0, 4]), torch.tensor([1, 0]), backend="cpp")
+    with pytest.raises(RuntimeError, match="label 10"):
+        fl.token_logprobs(logits, torch.tensor([0]), torch.tensor([10]), backend="cpp")

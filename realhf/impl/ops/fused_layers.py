@@ -19,7 +19,9 @@ every other dtype or device uses.
 * :func:`tree_attention` -- the same kernel over the query segments of a
   prefix-tree batch (``realhf.impl.model.nn.prefix_tree``), where a branch
   also attends to its group's shared prefix; native only (the attention
-  layer keeps its batched-product path as the fallback).
+  layer keeps its batched-product path as the fallback);
+* :func:`token_logprobs` -- ``log_softmax(logits[rows])[labels]`` over
+  logits ``[R, V]``, one pass over each read row forward and backward.
 
 All are differentiable in their tensor inputs, the norm also in its weight.
 """
@@ -158,6 +160,49 @@ class _TreeAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+class _TokenLogProbsTorch(torch.autograd.Function):
+    """``logits[rows, labels] - logsumexp(logits[rows])`` in few torch passes over the logits.
+
+    The plain composition (select rows, logsumexp, gather) copies the selected
+    rows forward and, backward, allocates a zero [R, V] tensor for each of
+    the row selection and the gather. Here the forward reads the logits in
+    place; the backward writes the gradient once:
+    ``-g * softmax(logits)`` on the read rows plus ``g`` at the labels.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        lf = logits.float()
+        lse = torch.logsumexp(lf, dim=-1)
+        ctx.save_for_backward(lf, lse, rows, labels)
+        ctx.in_dtype = logits.dtype
+        return lf[rows, labels] - lse[rows]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        lf, lse, rows, labels = ctx.saved_tensors
+        g = g.float()
+        row_scale = torch.zeros_like(lse)
+        row_scale.index_add_(0, rows, -g)  # a row read twice gets both entries' share
+        grad = torch.exp(lf - lse.unsqueeze(1))
+        grad.mul_(row_scale.unsqueeze(1))
+        grad.index_put_((rows, labels), g, accumulate=True)
+        return grad.to(ctx.in_dtype), None, None
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logp, lse = native.load(_EXT).token_logprobs_fwd(logits, rows, labels)
+        ctx.save_for_backward(logits, rows, labels, lse)
+        return logp
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        logits, rows, labels, lse = ctx.saved_tensors
+        return native.load(_EXT).token_logprobs_bwd(g.float().contiguous(), logits, rows, labels, lse), None, None
+
+
 def _needs_graph(*ts: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
@@ -202,6 +247,19 @@ def _varlen_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     return native.load(_EXT).varlen_attention_fwd(q, k, v, cu, float(scale))[0]
 
 
+def _token_logprobs_python(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return _TokenLogProbsTorch.apply(logits, rows, labels)
+
+
+def _token_logprobs_cpp(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if not _fp32_cpu(logits) or logits.dim() != 2 or rows.device.type != "cpu" or labels.device.type != "cpu":
+        return _token_logprobs_python(logits, rows, labels)
+    logits, rows, labels = logits.contiguous(), rows.long().contiguous(), labels.long().contiguous()
+    if _needs_graph(logits):
+        return _TokenLogProbs.apply(logits, rows, labels)
+    return native.load(_EXT).token_logprobs_fwd(logits, rows, labels)[0]
+
+
 def _attention_probe() -> Optional[str]:
     missing = native.import_error(_EXT)
     if missing is not None:
@@ -216,6 +274,8 @@ for _op, _py, _cpp in (("rms_norm", _rms_norm_python, _rms_norm_cpp), ("rotary",
                        ("swiglu", _swiglu_python, _swiglu_cpp)):
     dispatch.register(_op, "python", _py)
     dispatch.register(_op, "cpp", _cpp, serves=_cpu, probe=native.cpu_probe(_EXT))
+dispatch.register("token_logprobs", "python", _token_logprobs_python)
+dispatch.register("token_logprobs", "cpp", _token_logprobs_cpp, serves=_cpu, probe=native.cpu_probe(_EXT))
 dispatch.register("varlen_attention", "python", _varlen_attention_python)
 dispatch.register("varlen_attention", "cpp", _varlen_attention_cpp, serves=_cpu, probe=_attention_probe)
 
@@ -249,6 +309,13 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
 def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
     """``silu(gate) * up``."""
     return _impl("swiglu", gate.device, backend)(gate, up)
+
+
+def token_logprobs(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """``log_softmax(logits[rows[i]])[labels[i]]`` (float32) for logits ``[R, V]``; differentiable in
+    the logits, whose rows no entry reads get a zero gradient."""
+    return _impl("token_logprobs", logits.device, backend)(logits, rows, labels)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,

@@ -10,6 +10,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from realhf.impl.ops import fused_layers
+
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
     """Fail early on malformed boundaries; silent misalignment is hard to debug."""
@@ -67,36 +69,6 @@ def shifted_label_indices(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch
     return pred, pred + 1
 
 
-class _ShiftedLogProbs(torch.autograd.Function):
-    """``logits[pred, labels] - logsumexp(logits[pred])`` in few passes over the logits.
-
-    The plain composition (select rows, logsumexp, gather) copies the selected
-    rows forward and, backward, allocates a zero [T, V] tensor for each of
-    the row selection and the gather. Here the forward reads the logits in
-    place; the backward writes the gradient once:
-    ``-g * softmax(logits)`` on the predicted rows plus ``g`` at the labels.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        lf = logits.float()
-        lse = torch.logsumexp(lf, dim=-1)
-        ctx.save_for_backward(lf, lse, pred, labels)
-        ctx.in_dtype = logits.dtype
-        return lf[pred, labels] - lse[pred]
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        lf, lse, pred, labels = ctx.saved_tensors
-        g = g.float()
-        row_scale = torch.zeros_like(lse)
-        row_scale[pred] = -g
-        grad = torch.exp(lf - lse.unsqueeze(1))
-        grad.mul_(row_scale.unsqueeze(1))
-        grad.index_put_((pred, labels), g, accumulate=True)
-        return grad.to(ctx.in_dtype), None, None
-
-
 def gather_packed_shifted_log_probs(
     logits: torch.Tensor, cu_seqlens: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
@@ -110,7 +82,7 @@ def gather_packed_shifted_log_probs(
 
     Normalised via ``logsumexp`` rather than a full ``log_softmax`` copy (for
     a large vocabulary the [T, V] intermediates are the dominant memory
-    cost), in float32 whatever the logits' dtype; see :class:`_ShiftedLogProbs`.
+    cost), in float32 whatever the logits' dtype; see :func:`realhf.impl.ops.fused_layers.token_logprobs`.
     """
     if logits.dim() != 2 or labels.dim() != 1 or logits.shape[0] != labels.shape[0]:
         raise ValueError(
@@ -118,7 +90,7 @@ def gather_packed_shifted_log_probs(
         )
     _check_cu_seqlens(cu_seqlens, logits.shape[0])
     pred, lab = shifted_label_indices(cu_seqlens)
-    return _ShiftedLogProbs.apply(logits, pred, labels[lab].long())
+    return fused_layers.token_logprobs(logits, pred, labels[lab].long())
 
 
 def log_probs_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -127,7 +99,7 @@ def log_probs_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"Expected logits [R, V] and labels [R], got {tuple(logits.shape)} and {tuple(labels.shape)}.")
     rows = torch.arange(logits.shape[0], device=logits.device)
-    return _ShiftedLogProbs.apply(logits, rows, labels.to(logits.device).long())
+    return fused_layers.token_logprobs(logits, rows, labels.to(logits.device).long())
 
 
 def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor] = None, dim=None) -> torch.Tensor:
