@@ -198,17 +198,11 @@ def _tree_reference(q, k, v, segments, scale):
 
 def _tree_segments(groups):
     """Segments and run boundaries of groups given as (prefix, [branch lengths]), laid out in order."""
-    segs, starts, row = [], [], 0
-    for prefix, branches in groups:
-        starts.append(len(segs))
-        if prefix:
-            segs.append((row, prefix, row, 0))
-        start = row + prefix
-        for n in branches:
-            segs.append((start, n, row, prefix))
-            start += n
-        row = start
-    return torch.tensor(segs).view(-1, 4), torch.tensor(starts + [len(segs)]), row
+    from realhf.impl.model.nn.prefix_tree import _segment_list
+
+    segs = _segment_list(groups)
+    starts = [s for s, (_, _, _, p) in enumerate(segs) if p == 0]  # a run starts at a segment without a prefix
+    return torch.tensor(segs).view(-1, 4), torch.tensor(starts + [len(segs)]), sum(n for _, n, _, _ in segs)
 
 
 @pytest.mark.parametrize("groups,n_q,n_kv,head_dim", [
