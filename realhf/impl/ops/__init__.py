@@ -6,8 +6,9 @@ Public API:
   half-open interval bookkeeping and gather/scatter over flat buffers, used by
   parameter reallocation between parallel layouts;
 * :func:`gae_1d` -- generalized advantage estimation over packed sequences;
-* :mod:`realhf.impl.ops.fused_layers` -- RMS norm, rotary embedding and the
-  gated-MLP product as single fused passes (what the model's layers call);
+* :mod:`realhf.impl.ops.fused_layers` -- RMS norm, rotary embedding, the
+  gated-MLP product, packed and prefix-tree attention and next-token
+  log-probs as fused kernels (what the model's layers and losses call);
 * :func:`available_backends` -- which implementations can run here.
 
 Each operator picks the fastest usable backend for the tensor's device
