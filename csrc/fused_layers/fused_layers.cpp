@@ -138,92 +138,81 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 }
 
 // ---------------------------------------------------------------- gated MLP
-// y = silu(gate) * up = gate * sig * up with sig = sigmoid(gate). The
-// activations of a training batch (tokens x intermediate width) do not fit
-// the core's cache, so both directions are one pass that recomputes sig
-// (exp8, relative error < 2e-7) instead of storing it: the forward reads two
-// tensors and writes one, the backward reads three and writes two.
+// y = silu(gate) * up = gate * sig * up with sig = sigmoid(gate), computed
+// in the same pass (exp8, relative error < 2e-7) instead of a separate torch
+// pass over gate. For autograd the forward also writes sig: the backward then
+// reads it back rather than recomputing it, which measured faster there (the
+// saved activations come back from memory, and the exponential did not hide
+// behind those reads).
 namespace {
 
 #ifdef REALHF_X86_AVX2
-__attribute__((target("avx2,fma"))) inline __m256 sigmoid8(__m256 g) {
+__attribute__((target("avx2,fma"))) int64_t swiglu_fwd_avx2(const float* g, const float* u, float* y, float* sig,
+                                                             int64_t n) {
   const __m256 one = _mm256_set1_ps(1.f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, realhf::exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-}
-
-__attribute__((target("avx2,fma"))) int64_t swiglu_fwd_avx2(const float* g, const float* u, float* y, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 gv = _mm256_loadu_ps(g + i);
-    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid8(gv)), _mm256_loadu_ps(u + i)));
-  }
-  return i;
-}
-
-__attribute__((target("avx2,fma"))) int64_t swiglu_bwd_avx2(const float* dy, const float* g, const float* u,
-                                                             float* dg, float* du, int64_t n) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 gv = _mm256_loadu_ps(g + i), d = _mm256_loadu_ps(dy + i), s = sigmoid8(gv);
-    _mm256_storeu_ps(du + i, _mm256_mul_ps(d, _mm256_mul_ps(gv, s)));
-    const __m256 slope = _mm256_fmadd_ps(gv, _mm256_sub_ps(one, s), one);  // 1 + g (1 - s)
-    _mm256_storeu_ps(dg + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(u + i)), s), slope));
+    const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, realhf::exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+    if (sig) _mm256_storeu_ps(sig + i, s);
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(gv, s), _mm256_loadu_ps(u + i)));
   }
   return i;
 }
 #endif
 
-// Where the vector loops stop (all of [0, n) is left to the scalar loop without AVX2).
-int64_t swiglu_fwd_vec(const float* g, const float* u, float* y, int64_t n) {
+// Where the vector loop stops (all of [0, n) is left to the scalar loop without AVX2).
+int64_t swiglu_fwd_vec(const float* g, const float* u, float* y, float* sig, int64_t n) {
 #ifdef REALHF_X86_AVX2
-  if (realhf::avx2_fma_supported()) return swiglu_fwd_avx2(g, u, y, n);
+  if (realhf::avx2_fma_supported()) return swiglu_fwd_avx2(g, u, y, sig, n);
 #endif
   return 0;
 }
-
-int64_t swiglu_bwd_vec(const float* dy, const float* g, const float* u, float* dg, float* du, int64_t n) {
-#ifdef REALHF_X86_AVX2
-  if (realhf::avx2_fma_supported()) return swiglu_bwd_avx2(dy, g, u, dg, du, n);
-#endif
-  return 0;
-}
-
-inline float sigmoid1(float g) { return 1.f / (1.f + std::exp(-g)); }
 
 }  // namespace
 
-at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
+// (y) or, with save_sigmoid, (y, sigmoid(gate)).
+std::vector<at::Tensor> swiglu_fwd(const at::Tensor& gate, const at::Tensor& up, bool save_sigmoid) {
   check_f32(gate, "gate");
   check_f32(up, "up");
   TORCH_CHECK(gate.sizes() == up.sizes(), "swiglu_fwd: shapes disagree");
   auto y = at::empty_like(gate);
+  at::Tensor sig = save_sigmoid ? at::empty_like(gate) : at::Tensor();
   const float* gp = gate.data_ptr<float>();
   const float* up_ = up.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  float* sp = save_sigmoid ? sig.data_ptr<float>() : nullptr;
   at::parallel_for(0, gate.numel(), 32768, [&](int64_t b, int64_t e) {
-    for (int64_t i = b + swiglu_fwd_vec(gp + b, up_ + b, yp + b, e - b); i < e; ++i)
-      yp[i] = (gp[i] * sigmoid1(gp[i])) * up_[i];
+    for (int64_t i = b + swiglu_fwd_vec(gp + b, up_ + b, yp + b, sp ? sp + b : nullptr, e - b); i < e; ++i) {
+      const float s = 1.f / (1.f + std::exp(-gp[i]));
+      if (sp) sp[i] = s;
+      yp[i] = (gp[i] * s) * up_[i];
+    }
   });
-  return y;
+  if (save_sigmoid) return {y, sig};
+  return {y};
 }
 
 // d up = dy * silu(gate); d gate = dy * up * sig * (1 + gate * (1 - sig)).
-std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& up) {
+std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& sig,
+                                   const at::Tensor& up) {
   check_f32(dy, "grad");
   check_f32(gate, "gate");
+  check_f32(sig, "sigmoid(gate)");
   check_f32(up, "up");
-  TORCH_CHECK(dy.sizes() == gate.sizes() && gate.sizes() == up.sizes(), "swiglu_bwd: shapes disagree");
+  TORCH_CHECK(dy.sizes() == gate.sizes() && gate.sizes() == up.sizes() && gate.sizes() == sig.sizes(),
+              "swiglu_bwd: shapes disagree");
   auto dgate = at::empty_like(gate);
   auto dup = at::empty_like(up);
   const float* dyp = dy.data_ptr<float>();
   const float* gp = gate.data_ptr<float>();
+  const float* sp = sig.data_ptr<float>();
   const float* upp = up.data_ptr<float>();
   float* dgp = dgate.data_ptr<float>();
   float* dup_ = dup.data_ptr<float>();
   at::parallel_for(0, gate.numel(), 32768, [&](int64_t b, int64_t e) {
-    for (int64_t i = b + swiglu_bwd_vec(dyp + b, gp + b, upp + b, dgp + b, dup_ + b, e - b); i < e; ++i) {
-      const float g = gp[i], s = sigmoid1(g), d = dyp[i];
+    for (int64_t i = b; i < e; ++i) {
+      const float s = sp[i], g = gp[i], d = dyp[i];
       dup_[i] = d * (g * s);
       dgp[i] = d * upp[i] * s * (1.f + g * (1.f - s));
     }
@@ -530,9 +519,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary", &rotary, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("interleaved"),
         py::arg("sign"), py::call_guard<py::gil_scoped_release>(),
         "x [N, H, D] rotated by the angles of cos/sin [N, D/2] (sign=-1: the inverse rotation).");
-  m.def("swiglu_fwd", &swiglu_fwd, py::arg("gate"), py::arg("up"),
-        py::call_guard<py::gil_scoped_release>(), "gate * sig * up with sig = sigmoid(gate).");
-  m.def("swiglu_bwd", &swiglu_bwd, py::arg("grad"), py::arg("gate"), py::arg("up"),
+  m.def("swiglu_fwd", &swiglu_fwd, py::arg("gate"), py::arg("up"), py::arg("save_sigmoid"),
+        py::call_guard<py::gil_scoped_release>(),
+        "(gate * sig * up) or, with save_sigmoid, (gate * sig * up, sig) with sig = sigmoid(gate).");
+  m.def("swiglu_bwd", &swiglu_bwd, py::arg("grad"), py::arg("gate"), py::arg("sig"), py::arg("up"),
         py::call_guard<py::gil_scoped_release>(), "(dgate, dup) of swiglu_fwd.");
   m.def("token_logprobs_fwd", &token_logprobs_fwd, py::arg("logits"), py::arg("rows"), py::arg("labels"),
         py::call_guard<py::gil_scoped_release>(),

@@ -116,13 +116,14 @@ class _Rotary(torch.autograd.Function):
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)  # the backward recomputes sigmoid(gate): one tensor less to write
-        return native.load(_EXT).swiglu_fwd(gate, up)
+        y, sig = native.load(_EXT).swiglu_fwd(gate, up, True)
+        ctx.save_for_backward(gate, sig, up)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        gate, up = ctx.saved_tensors
-        dgate, dup = native.load(_EXT).swiglu_bwd(grad.contiguous(), gate, up)
+        gate, sig, up = ctx.saved_tensors
+        dgate, dup = native.load(_EXT).swiglu_bwd(grad.contiguous(), gate, sig, up)
         return dgate, dup
 
 
@@ -232,7 +233,7 @@ def _swiglu_cpp(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     if _needs_graph(gate, up):
         return _SwiGLU.apply(gate, up)
-    return native.load(_EXT).swiglu_fwd(gate, up)
+    return native.load(_EXT).swiglu_fwd(gate, up, False)[0]
 
 
 def _varlen_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
