@@ -118,6 +118,43 @@ def test_all_reduce_sum_equals_the_rank_ordered_sum_on_every_rank():
     assert torch.equal(res[0]["pair"], torch.full((5,), 4.0)) and torch.equal(res[2]["pair"], torch.full((5,), 4.0))
 
 
+def _collective_worker(rank, world):
+    """global_comm.all_reduce over the links against gloo, for every op, dtype and group."""
+    from realhf.impl.model.comm import global_comm
+
+    links = LocalLinks.connect()
+    out = {}
+    pair = dist.new_group([0, 2])
+    cases = [("sum", dist.ReduceOp.SUM, torch.float64, None), ("min", dist.ReduceOp.MIN, torch.int64, None),
+             ("max", dist.ReduceOp.MAX, torch.float32, None), ("pair_sum", dist.ReduceOp.SUM, torch.float32, pair)]
+    for name, op, dtype, group in cases:
+        if group is pair and rank not in (0, 2):
+            continue
+        g = torch.Generator().manual_seed(7 * rank + len(name))
+        x = (torch.randn(5, generator=g) * 100).to(dtype)
+        want = x.clone()
+        dist.all_reduce(want, op=op, group=group)
+        global_comm.set_local_links(links)
+        got = global_comm.all_reduce(x.clone(), group, op)
+        global_comm.set_local_links(None)
+        out[name] = torch.equal(got, want)
+    try:
+        links.all_reduce(torch.ones(2), [0, 1, 2], "prod")
+    except ValueError as e:
+        out["bad_op"] = str(e)
+    dist.barrier()
+    links.close()
+    return out
+
+
+def test_small_collectives_over_the_links_equal_gloo():
+    res = run_distributed(_collective_worker, 3, timeout=120)
+    for r, out in enumerate(res):
+        for name in ("sum", "min", "max") + (("pair_sum",) if r in (0, 2) else ()):
+            assert out[name] is True, (r, name)
+        assert "op must be one of ['max', 'min', 'sum'], got 'prod'" in out["bad_op"]
+
+
 def _region_worker(rank, world):
     links = LocalLinks.connect()
     peer = 1 - rank

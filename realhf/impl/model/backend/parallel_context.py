@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from realhf.base import constants
+from realhf.impl.model.comm import global_comm
 
 
 @dataclasses.dataclass
@@ -94,7 +95,7 @@ class ParallelContext:
                 dist.all_reduce(on_device, op=op, group=group)
                 t.copy_(on_device.cpu())
             else:
-                dist.all_reduce(t, op=op, group=group)
+                global_comm.all_reduce(t, group, op)
         return t
 
     def broadcast_from_last_stage(self, t: torch.Tensor) -> torch.Tensor:

@@ -150,7 +150,7 @@ class TrainModule(EngineModule):
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.distributed:
-            dist.all_reduce(t, group=self.group)
+            global_comm.all_reduce(t, self.group)
         return t
 
     def _all_reduce_grads(self) -> None:

@@ -51,6 +51,24 @@ def local_links() -> Any:
     return _local_links
 
 
+_LINK_OPS = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.MIN: "min", dist.ReduceOp.MAX: "max"}
+
+
+def all_reduce(t: torch.Tensor, group: Any = None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """``dist.all_reduce(t, op, group)`` in place, through the local links when every rank of
+    ``group`` is a worker of this host and ``t`` is a CPU tensor: the small collectives of a call
+    (loss weights, statistics, norms) then skip gloo's thread hand-offs, which cost 0.3-4 ms
+    each right after a compute phase. Every rank of the group takes the same route."""
+    links = _local_links
+    name = _LINK_OPS.get(op)
+    if links is not None and name is not None and t.device.type == "cpu" and t.is_contiguous():
+        ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+        if links.reaches(ranks):
+            return links.all_reduce(t, sorted(ranks), name)
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
 def new_or_get_group(ranks: Sequence[int], backend: Optional[str] = None) -> Any:
     """Return the cached group over ``ranks``, creating it collectively if new.
 

@@ -33,6 +33,9 @@ import torch
 import torch.distributed as dist
 
 _LEN = struct.Struct("<Q")
+# In-place reductions of :meth:`LocalLinks.all_reduce`: acc <- acc (op) x.
+_COMBINE = {"sum": lambda acc, x: acc.add_(x), "min": lambda acc, x: torch.minimum(acc, x, out=acc),
+            "max": lambda acc, x: torch.maximum(acc, x, out=acc)}
 _BUF_BYTES = 4 << 20  # socket buffers (the kernel may cap them lower: wmem_max / rmem_max)
 # Messages from this size go through a shared-memory region instead of the socket.
 SHM_MIN_BYTES = int(os.environ.get("REAL_LINK_SHM_MIN_BYTES", str(1 << 20)))
@@ -293,6 +296,13 @@ class LocalLinks:
         which rank reduced it (with two ranks it equals any other sum of the
         two, addition being commutative).
         """
+        return self.all_reduce(t, ranks, "sum")
+
+    def all_reduce(self, t: torch.Tensor, ranks: Sequence[int], op: str = "sum") -> torch.Tensor:
+        """:meth:`all_reduce_sum` with ``op`` one of "sum", "min", "max" (elementwise, in rank order)."""
+        combine = _COMBINE.get(op)
+        if combine is None:
+            raise ValueError(f"op must be one of {sorted(_COMBINE)}, got {op!r}")
         ranks = list(ranks)
         n = len(ranks)
         if n == 1 or t.numel() == 0:
@@ -307,7 +317,7 @@ class LocalLinks:
         incoming = dict(zip(others, parts))
         total = (chunk[me] if me == 0 else incoming[0]).clone()
         for i in range(1, n):
-            total += chunk[me] if i == me else incoming[i]
+            combine(total, chunk[me] if i == me else incoming[i])
         chunk[me].copy_(total)
         self.exchange([(chunk[me], ranks[i]) for i in others], [(ranks[i], chunk[i]) for i in others])
         return t
