@@ -233,9 +233,7 @@ __attribute__((target("avx2,fma"))) float row_lse_avx2(const float* x, int64_t n
   __m256 mx = _mm256_set1_ps(-INFINITY);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(x + j));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  float m = std::max(_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_movehdup_ps(h)));
+  float m = realhf::lane_max(mx);
   for (int64_t t = j; t < n; ++t) m = std::max(m, x[t]);
   if (std::isinf(m)) return m;  // every entry -inf (or some +inf): no finite normalizer
   const __m256 sh = _mm256_set1_ps(m);

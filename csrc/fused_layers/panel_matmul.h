@@ -41,6 +41,12 @@ __attribute__((target("avx2,fma"))) inline float lane_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+__attribute__((target("avx2,fma"))) inline float lane_max(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return std::max(_mm_cvtss_f32(m), _mm_cvtss_f32(_mm_movehdup_ps(m)));
+}
+
 // y[m, 0:8*NV] = sum_k x[m * K + k] * w[k * ldw + 0:8*NV] (+ b) for m < R: R rows
 // times a panel of 8*NV columns of a [K, N] weight, the rows broadcast one
 // element at a time, so there are no horizontal sums and the panel is read

@@ -33,6 +33,27 @@
 
 namespace realhf {
 
+struct VarlenShape {
+  int64_t n_q_heads, n_kv_heads, dim;
+  int64_t q_stride() const { return n_q_heads * dim; }
+  int64_t kv_stride() const { return n_kv_heads * dim; }
+  int64_t rep() const { return n_q_heads / n_kv_heads; }
+};
+
+// A run of query rows [q0, q0 + n) whose keys are the prefix rows [k0, k0 + p)
+// (none when p == 0) followed by the run's own rows, causal within the run: a
+// packed sequence (p == 0), or a branch of a prefix tree keyed by its group's
+// prefix. Row i of the run sees keys 0 .. p + i of that list.
+struct Segment {
+  int64_t q0, n, k0, p;
+  int64_t keys() const { return p + n; }
+  // The row of key j of the list.
+  int64_t key_row(int64_t j) const { return j < p ? k0 + j : q0 + j - p; }
+  // Whether the list is one run of rows (no prefix, or the prefix right before the own rows),
+  // starting at key_row(0).
+  bool keys_adjacent() const { return p == 0 || k0 + p == q0; }
+};
+
 #ifdef REALHF_X86_AVX2
 
 inline bool varlen_attention_supported() { return avx2_fma_supported(); }
@@ -133,13 +154,6 @@ inline void transpose_rows(const float* x, int64_t stride, int64_t len, int64_t 
   }
 }
 
-struct VarlenShape {
-  int64_t n_q_heads, n_kv_heads, dim;
-  int64_t q_stride() const { return n_q_heads * dim; }
-  int64_t kv_stride() const { return n_kv_heads * dim; }
-  int64_t rep() const { return n_q_heads / n_kv_heads; }
-};
-
 // Query rows (a token under one query head) of a task handled together: every
 // key vector loaded feeds kRows rows, so the loops below do 2-4 FMAs per load
 // where a row at a time did one (and was bound by the loads).
@@ -147,12 +161,29 @@ struct VarlenShape {
 // accumulator arrays on the stack and stored every accumulator on every pass.)
 constexpr int kRows = 4;
 
-// S[r * sld + j] = a[r] . panel[:, j] for the 8 * NV columns at panel / S.
+// out[r][c : c + 8*NV] = scale[r] * sum_{k < K} a[r][k] * B[k * ldb + 0 : 8*NV] for r < kRows:
+// kRows rows (given by pointers) times 8*NV columns of B, each vector of B loaded once for
+// all rows. With one vector of columns there would be only kRows FMA chains: even and odd k
+// then accumulate apart, so the chains cover the FMA latency.
+// acc[r] += a[r][k] * cols[0 : 8*NV] for r < kRows.
 template <int NV>
-__attribute__((target("avx2,fma"))) inline void block_scores_chunk(const float* const* a, const float* panel,
-                                                                  int64_t ld, int64_t depth, float* S, int64_t sld) {
-  // One vector of keys gives 4 FMA chains: even and odd d then accumulate apart,
-  // so the chains cover the FMA latency (depth is even).
+__attribute__((target("avx2,fma"))) inline void accumulate_outer(__m256 (&acc)[kRows][NV], const float* const* a,
+                                                                const float* cols, int64_t k) {
+  __m256 bv[NV];
+  #pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(cols + 8 * v);
+  #pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    const __m256 x = _mm256_broadcast_ss(a[r] + k);
+    #pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(x, bv[v], acc[r][v]);
+  }
+}
+
+template <int NV>
+__attribute__((target("avx2,fma"))) inline void rows_times_block(const float* const* a, const float* B, int64_t ldb,
+                                                                int64_t K, const float* scale, float* const* out,
+                                                                int64_t c) {
   constexpr int kSets = NV == 1 ? 2 : 1;
   __m256 acc[kSets][kRows][NV];
   #pragma GCC unroll 2
@@ -161,30 +192,35 @@ __attribute__((target("avx2,fma"))) inline void block_scores_chunk(const float* 
     for (auto& row : set)
       #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) row[v] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < depth; d += kSets) {
+  int64_t k = 0;
+  for (; k + kSets <= K; k += kSets)
     #pragma GCC unroll 2
-    for (int s = 0; s < kSets; ++s) {
-      const float* keys = panel + (d + s) * ld;
-      __m256 kv[NV];
-      #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) kv[v] = _mm256_loadu_ps(keys + 8 * v);
-      #pragma GCC unroll 4
-      for (int r = 0; r < kRows; ++r) {
-        const __m256 b = _mm256_broadcast_ss(a[r] + d + s);
-        #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[s][r][v] = _mm256_fmadd_ps(b, kv[v], acc[s][r][v]);
-      }
-    }
-  }
+    for (int s = 0; s < kSets; ++s) accumulate_outer<NV>(acc[s], a, B + (k + s) * ldb, k + s);
+  for (; k < K; ++k) accumulate_outer<NV>(acc[0], a, B + k * ldb, k);
   #pragma GCC unroll 4
-  for (int r = 0; r < kRows; ++r)
+  for (int r = 0; r < kRows; ++r) {
+    const __m256 sc = _mm256_set1_ps(scale[r]);
     #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       __m256 sum = acc[0][r][v];
       #pragma GCC unroll 2
       for (int s = 1; s < kSets; ++s) sum = _mm256_add_ps(sum, acc[s][r][v]);
-      _mm256_storeu_ps(S + r * sld + 8 * v, sum);
+      _mm256_storeu_ps(out[r] + c + 8 * v, _mm256_mul_ps(sum, sc));
     }
+  }
+}
+
+// rows_times_block over all 8-column vectors of [0, width) (width % 8 == 0), three at a time.
+__attribute__((target("avx2,fma"))) inline void rows_times_columns(const float* const* a, const float* B, int64_t ldb,
+                                                                  int64_t K, int64_t width, const float* scale,
+                                                                  float* const* out) {
+  for (int64_t c = 0; c < width; c += 24) {
+    switch (std::min<int64_t>(3, (width - c) / 8)) {
+      case 1: rows_times_block<1>(a, B + c, ldb, K, scale, out, c); break;
+      case 2: rows_times_block<2>(a, B + c, ldb, K, scale, out, c); break;
+      default: rows_times_block<3>(a, B + c, ldb, K, scale, out, c); break;
+    }
+  }
 }
 
 // p[j] *= scale for j < n; returns the largest (n >= 1).
@@ -197,9 +233,7 @@ __attribute__((target("avx2,fma"))) inline float scale_and_max(float* p, int64_t
     _mm256_storeu_ps(p + j, x);
     mx = _mm256_max_ps(mx, x);
   }
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  float m = std::max(_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_movehdup_ps(h)));
+  float m = lane_max(mx);
   for (; j < n; ++j) {
     p[j] *= scale;
     m = std::max(m, p[j]);
@@ -210,56 +244,21 @@ __attribute__((target("avx2,fma"))) inline float scale_and_max(float* p, int64_t
 // S[r * sld + j] = a[r] . panel[:, j] for j < n rounded up to 8 (n <= ld, ld % 8 == 0).
 __attribute__((target("avx2,fma"))) inline void block_scores(const float* const* a, const float* panel, int64_t ld,
                                                             int64_t depth, int64_t n, float* S, int64_t sld) {
-  for (int64_t j = 0; j < n; j += 24) {
-    switch (std::min<int64_t>(3, (n - j + 7) / 8)) {
-      case 1: block_scores_chunk<1>(a, panel + j, ld, depth, S + j, sld); break;
-      case 2: block_scores_chunk<2>(a, panel + j, ld, depth, S + j, sld); break;
-      default: block_scores_chunk<3>(a, panel + j, ld, depth, S + j, sld); break;
-    }
-  }
-}
-
-// out[r][0:8*NV] = scale[r] * sum_{j < n} W[r * wld + j] * rows[j * stride + 0:8*NV].
-template <int NV>
-__attribute__((target("avx2,fma"))) inline void block_weighted_chunk(const float* W, int64_t wld, const float* rows,
-                                                                    int64_t stride, int64_t n, const float* scale,
-                                                                    float* const* out, int64_t c) {
-  __m256 acc[kRows][NV];
-  #pragma GCC unroll 4
-  for (auto& row : acc)
-    #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) row[v] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    const float* row = rows + j * stride + c;
-    __m256 x[NV];
-    #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) x[v] = _mm256_loadu_ps(row + 8 * v);
-    #pragma GCC unroll 4
-    for (int r = 0; r < kRows; ++r) {
-      const __m256 b = _mm256_broadcast_ss(W + r * wld + j);
-      #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(b, x[v], acc[r][v]);
-    }
-  }
-  #pragma GCC unroll 4
+  float ones[kRows], *rows[kRows];
   for (int r = 0; r < kRows; ++r) {
-    const __m256 s = _mm256_set1_ps(scale[r]);
-    #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out[r] + c + 8 * v, _mm256_mul_ps(acc[r][v], s));
+    ones[r] = 1.f;
+    rows[r] = S + r * sld;
   }
+  rows_times_columns(a, panel, ld, depth, (n + 7) / 8 * 8, ones, rows);
 }
 
 // out[r][0:dim] = scale[r] * sum_{j < n} W[r * wld + j] * rows[j * stride + 0:dim], dim % 8 == 0.
 __attribute__((target("avx2,fma"))) inline void block_weighted(const float* W, int64_t wld, const float* rows,
                                                               int64_t stride, int64_t n, int64_t dim,
                                                               const float* scale, float* const* out) {
-  for (int64_t c = 0; c < dim; c += 24) {
-    switch (std::min<int64_t>(3, (dim - c) / 8)) {
-      case 1: block_weighted_chunk<1>(W, wld, rows, stride, n, scale, out, c); break;
-      case 2: block_weighted_chunk<2>(W, wld, rows, stride, n, scale, out, c); break;
-      default: block_weighted_chunk<3>(W, wld, rows, stride, n, scale, out, c); break;
-    }
-  }
+  const float* w[kRows];
+  for (int r = 0; r < kRows; ++r) w[r] = W + r * wld;
+  rows_times_columns(w, rows, stride, n, dim, scale, out);
 }
 
 // rows[j * stride + c : c + 8*NV] += xscale * sum_r W[r * wld + j] * x[r][c : c + 8*NV] for j < n.
@@ -323,27 +322,21 @@ inline RowBlock row_block(int64_t f0, int64_t n_rows, int64_t base, int64_t g, i
   return b;
 }
 
-// A run of query rows [q0, q0 + n) whose keys are the prefix rows [k0, k0 + p)
-// (none when p == 0) followed by the run's own rows, causal within the run: a
-// packed sequence (p == 0), or a branch of a prefix tree keyed by its group's
-// prefix. Row i of the run sees keys 0 .. p + i of that list.
-struct Segment {
-  int64_t q0, n, k0, p;
-};
 
 // Rows [k0, k0 + p) then [q0, q0 + n) of x (row stride `stride`) as one list:
 // a pointer with its stride where the two ranges are adjacent or p == 0, else
 // a contiguous copy in buf.
 inline const float* segment_rows(const float* x, int64_t stride, const Segment& sg, int64_t dim,
                                  std::vector<float>& buf, int64_t* out_stride) {
-  if (sg.p == 0 || sg.k0 + sg.p == sg.q0) {
+  if (sg.keys_adjacent()) {
     *out_stride = stride;
-    return x + (sg.p == 0 ? sg.q0 : sg.k0) * stride;
+    return x + sg.key_row(0) * stride;
   }
-  buf.resize((sg.p + sg.n) * dim);
-  for (int64_t j = 0; j < sg.p; ++j) std::copy(x + (sg.k0 + j) * stride, x + (sg.k0 + j) * stride + dim, &buf[j * dim]);
-  for (int64_t j = 0; j < sg.n; ++j)
-    std::copy(x + (sg.q0 + j) * stride, x + (sg.q0 + j) * stride + dim, &buf[(sg.p + j) * dim]);
+  buf.resize(sg.keys() * dim);
+  for (int64_t j = 0; j < sg.keys(); ++j) {
+    const float* row = x + sg.key_row(j) * stride;
+    std::copy(row, row + dim, &buf[j * dim]);
+  }
   *out_stride = dim;
   return buf.data();
 }
@@ -352,7 +345,7 @@ inline const float* segment_rows(const float* x, int64_t stride, const Segment& 
 __attribute__((target("avx2,fma"))) inline void segment_attention_fwd(
     const float* q, const float* k, const float* v, float* out, float* lse, int64_t total, const Segment& sg,
     int64_t g, const VarlenShape& sh, float scale) {
-  const int64_t dim = sh.dim, keys = sg.p + sg.n, ld = (keys + 7) / 8 * 8, qs = sh.q_stride(), rep = sh.rep();
+  const int64_t dim = sh.dim, keys = sg.keys(), ld = (keys + 7) / 8 * 8, qs = sh.q_stride(), rep = sh.rep();
   std::vector<float> kt(dim * ld), S(kRows * ld), scratch(kRows * dim), kbuf, vbuf;
   int64_t kstride, vstride;
   const float* krows = segment_rows(k + g * dim, sh.kv_stride(), sg, dim, kbuf, &kstride);
@@ -393,7 +386,7 @@ __attribute__((target("avx2,fma"))) inline void segment_attention_bwd(
     const float* dout, const float* q, const float* k, const float* v, const float* out, const float* lse,
     float* dq, float* dk, float* dv, int64_t total, const Segment& sg, int64_t g, const VarlenShape& sh,
     float scale) {
-  const int64_t dim = sh.dim, keys = sg.p + sg.n, ld = (keys + 7) / 8 * 8, rep = sh.rep();
+  const int64_t dim = sh.dim, keys = sg.keys(), ld = (keys + 7) / 8 * 8, rep = sh.rep();
   const int64_t kvs = sh.kv_stride(), qs = sh.q_stride();
   std::vector<float> kt(dim * ld), vt(dim * ld), P(kRows * ld), dS(kRows * ld), scratch(kRows * dim), kbuf, vbuf;
   int64_t kstride, vstride;
@@ -402,12 +395,13 @@ __attribute__((target("avx2,fma"))) inline void segment_attention_bwd(
   const float* vrows = segment_rows(v + g * dim, kvs, sg, dim, vbuf, &vstride);
   transpose_rows(vrows, vstride, keys, dim, ld, vt.data());
   // dK/dV of the key list: in place where its rows are adjacent, else in a buffer added back below.
-  const bool split = sg.p > 0 && sg.k0 + sg.p != sg.q0;
+  const bool split = !sg.keys_adjacent();
   std::vector<float> dkbuf(split ? keys * dim : 0), dvbuf(split ? keys * dim : 0);
-  float* dkrows = split ? dkbuf.data() : dk + (sg.p == 0 ? sg.q0 : sg.k0) * kvs + g * dim;
-  float* dvrows = split ? dvbuf.data() : dv + (sg.p == 0 ? sg.q0 : sg.k0) * kvs + g * dim;
+  float* dkrows = split ? dkbuf.data() : dk + sg.key_row(0) * kvs + g * dim;
+  float* dvrows = split ? dvbuf.data() : dv + sg.key_row(0) * kvs + g * dim;
   const int64_t dstride = split ? dim : kvs;
-  const float scales[kRows] = {scale, scale, scale, scale};
+  float scales[kRows];
+  std::fill(scales, scales + kRows, scale);
   for (int64_t f0 = 0; f0 < sg.n * rep; f0 += kRows) {
     const RowBlock b = row_block(f0, sg.n * rep, sg.q0, g, rep, sg.p);
     const int64_t n_max = b.max_len();
@@ -440,9 +434,8 @@ __attribute__((target("avx2,fma"))) inline void segment_attention_bwd(
   }
   if (split) {
     for (int64_t j = 0; j < keys; ++j) {
-      const int64_t row = j < sg.p ? sg.k0 + j : sg.q0 + j - sg.p;
-      float* dkr = dk + row * kvs + g * dim;
-      float* dvr = dv + row * kvs + g * dim;
+      float* dkr = dk + sg.key_row(j) * kvs + g * dim;
+      float* dvr = dv + sg.key_row(j) * kvs + g * dim;
       for (int64_t c = 0; c < dim; ++c) {
         dkr[c] += dkbuf[j * dim + c];
         dvr[c] += dvbuf[j * dim + c];
@@ -452,13 +445,7 @@ __attribute__((target("avx2,fma"))) inline void segment_attention_bwd(
 }
 
 #else
-struct VarlenShape {
-  int64_t n_q_heads, n_kv_heads, dim;
-};
 inline bool varlen_attention_supported() { return false; }
-struct Segment {
-  int64_t q0, n, k0, p;
-};
 // Never called: the wrappers check varlen_attention_supported() first.
 inline void segment_attention_fwd(const float*, const float*, const float*, float*, float*, int64_t,
                                   const Segment&, int64_t, const VarlenShape&, float) {}
