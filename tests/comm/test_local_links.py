@@ -93,14 +93,14 @@ def _all_reduce_worker(rank, world):
         g = torch.Generator().manual_seed(1000 * rank + n)
         x = torch.randn(n, generator=g, dtype=torch.float32)
         via_links = x.clone()
-        links.all_reduce_sum(via_links, list(range(world)))
+        links.all_reduce(via_links, list(range(world)))
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x)
         out[n] = (via_links, parts)
     # A sub-group of two ranks, the others idle.
     if rank in (0, 2):
         y = torch.full((5,), float(rank + 1))
-        links.all_reduce_sum(y, [0, 2])
+        links.all_reduce(y, [0, 2])
         out["pair"] = y
     dist.barrier()
     return out

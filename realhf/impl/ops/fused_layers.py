@@ -127,38 +127,39 @@ class _SwiGLU(torch.autograd.Function):
         return dgate, dup
 
 
-class _VarlenAttention(torch.autograd.Function):
+class _NativeAttention(torch.autograd.Function):
+    """The attention kernels of ``realhf._C.fused_layers``: ``kernel`` names the pair
+    ``<kernel>_fwd`` / ``<kernel>_bwd``, ``layout`` its packing tensors (``cu_seqlens`` for
+    ``varlen_attention``, ``segments, groups`` for ``tree_attention``)."""
+
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                scale: float) -> torch.Tensor:
-        out, lse = native.load(_EXT).varlen_attention_fwd(q, k, v, cu_seqlens, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.scale = scale
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kernel: str,
+                *layout: torch.Tensor) -> torch.Tensor:
+        out, lse = getattr(native.load(_EXT), f"{kernel}_fwd")(q, k, v, *layout, scale)
+        ctx.save_for_backward(q, k, v, out, lse, *layout)
+        ctx.scale, ctx.kernel = scale, kernel
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = native.load(_EXT).varlen_attention_bwd(grad.contiguous(), q, k, v, out, lse, cu_seqlens,
-                                                            ctx.scale)
-        return dq, dk, dv, None, None
+        q, k, v, out, lse, *layout = ctx.saved_tensors
+        dq, dk, dv = getattr(native.load(_EXT), f"{ctx.kernel}_bwd")(grad.contiguous(), q, k, v, out, lse, *layout,
+                                                                     ctx.scale)
+        return (dq, dk, dv, None, None) + (None,) * len(layout)
 
 
-class _TreeAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor,
-                groups: torch.Tensor, scale: float) -> torch.Tensor:
-        out, lse = native.load(_EXT).tree_attention_fwd(q, k, v, segments, groups, scale)
-        ctx.save_for_backward(q, k, v, out, lse, segments, groups)
-        ctx.scale = scale
-        return out
+def _attention_served(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """float32 CPU q [T, Hq, D], k/v [T, Hkv, D] with D a multiple of 8 and Hkv dividing Hq."""
+    return (_fp32_cpu(q, k, v) and q.dim() == 3 and q.shape[-1] % 8 == 0 and k.shape == v.shape
+            and q.shape[1] % k.shape[1] == 0)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        q, k, v, out, lse, segments, groups = ctx.saved_tensors
-        dq, dk, dv = native.load(_EXT).tree_attention_bwd(grad.contiguous(), q, k, v, out, lse, segments, groups,
-                                                          ctx.scale)
-        return dq, dk, dv, None, None, None
+
+def _native_attention(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      *layout: torch.Tensor) -> torch.Tensor:
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if _needs_graph(q, k, v):
+        return _NativeAttention.apply(q, k, v, float(scale), kernel, *layout)
+    return getattr(native.load(_EXT), f"{kernel}_fwd")(q, k, v, *layout, float(scale))[0]
 
 
 class _TokenLogProbsTorch(torch.autograd.Function):
@@ -238,14 +239,10 @@ def _swiglu_cpp(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def _varlen_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                           scale: float) -> torch.Tensor:
-    if (not _fp32_cpu(q, k, v) or q.dim() != 3 or q.shape[-1] % 8 != 0 or k.shape != v.shape
-            or q.shape[1] % k.shape[1] != 0):
+    if not _attention_served(q, k, v):
         return _varlen_attention_python(q, k, v, cu_seqlens, scale)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    cu = cu_seqlens.to(device="cpu", dtype=torch.int64).contiguous()
-    if _needs_graph(q, k, v):
-        return _VarlenAttention.apply(q, k, v, cu, float(scale))
-    return native.load(_EXT).varlen_attention_fwd(q, k, v, cu, float(scale))[0]
+    return _native_attention("varlen_attention", q, k, v, scale,
+                             cu_seqlens.to(device="cpu", dtype=torch.int64).contiguous())
 
 
 def _token_logprobs_python(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -333,16 +330,12 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: 
     row, queries, first row of its prefix keys, prefix keys), tiling the rows in order; a
     segment's queries see its prefix keys and, causally, its own rows. ``groups`` [G + 1]:
     boundaries of the runs of segments that share prefix keys."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if _needs_graph(q, k, v):
-        return _TreeAttention.apply(q, k, v, segments, groups, float(scale))
-    return native.load(_EXT).tree_attention_fwd(q, k, v, segments, groups, float(scale))[0]
+    return _native_attention("tree_attention", q, k, v, scale, segments, groups)
 
 
 def tree_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`tree_attention` serves these inputs here (else the caller's own formula)."""
-    return (native_attention(q.device) and _fp32_cpu(q, k, v) and q.dim() == 3 and q.shape[-1] % 8 == 0
-            and k.shape == v.shape and q.shape[1] % k.shape[1] == 0)
+    return native_attention(q.device) and _attention_served(q, k, v)
 
 
 def native_attention(device: torch.device) -> bool:

@@ -158,13 +158,10 @@ class TrainModule(EngineModule):
         the workers of one host, in one sum over their local links)."""
         if not self.distributed or self.dp_size == 1:
             return
-        links = global_comm.local_links()
-        if links is not None and self.flat_grad.device.type == "cpu":
-            ranks = dist.get_process_group_ranks(self.group)
-            if links.reaches(ranks):
-                links.all_reduce_sum(self.flat_grad, ranks)
-                self.flat_grad.div_(self.dp_size)
-                return
+        if global_comm.link_ranks(self.flat_grad, self.group) is not None:
+            global_comm.all_reduce(self.flat_grad, self.group)
+            self.flat_grad.div_(self.dp_size)
+            return
         for s in range(0, self.numel, self.bucket_size):
             bucket = self.flat_grad[s:s + self.bucket_size]
             dist.all_reduce(bucket, group=self.group)

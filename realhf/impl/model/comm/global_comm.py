@@ -59,14 +59,21 @@ def all_reduce(t: torch.Tensor, group: Any = None, op=dist.ReduceOp.SUM) -> torc
     ``group`` is a worker of this host and ``t`` is a CPU tensor: the small collectives of a call
     (loss weights, statistics, norms) then skip gloo's thread hand-offs, which cost 0.3-4 ms
     each right after a compute phase. Every rank of the group takes the same route."""
-    links = _local_links
+    ranks = link_ranks(t, group)
     name = _LINK_OPS.get(op)
-    if links is not None and name is not None and t.device.type == "cpu" and t.is_contiguous():
-        ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-        if links.reaches(ranks):
-            return links.all_reduce(t, sorted(ranks), name)
+    if ranks is not None and name is not None:
+        return _local_links.all_reduce(t, ranks, name)
     dist.all_reduce(t, op=op, group=group)
     return t
+
+
+def link_ranks(t: torch.Tensor, group: Any = None) -> Optional[List[int]]:
+    """The ranks of ``group`` (in its order) when a collective on ``t`` may run over the local
+    links (a contiguous CPU tensor, every rank of the group a worker of this host), else None."""
+    if _local_links is None or t.device.type != "cpu" or not t.is_contiguous():
+        return None
+    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    return ranks if _local_links.reaches(ranks) else None
 
 
 def new_or_get_group(ranks: Sequence[int], backend: Optional[str] = None) -> Any:

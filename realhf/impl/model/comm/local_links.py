@@ -287,19 +287,16 @@ class LocalLinks:
             sel.close()
         return out  # type: ignore[return-value]
 
-    def all_reduce_sum(self, t: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
-        """Sum ``t`` (contiguous, CPU) over ``ranks`` in place; every rank of ``ranks`` calls it.
+    def all_reduce(self, t: torch.Tensor, ranks: Sequence[int], op: str = "sum") -> torch.Tensor:
+        """Reduce ``t`` (contiguous, CPU) over ``ranks`` in place with ``op`` ("sum", "min" or "max",
+        elementwise); every rank of ``ranks`` calls it.
 
         Reduce-scatter then all-gather, each rank reducing one chunk, so each
         rank sends and receives ``2 (n - 1) / n`` of the tensor. A chunk is
-        summed in the order of ``ranks``, so the result does not depend on
-        which rank reduced it (with two ranks it equals any other sum of the
+        reduced in the order of ``ranks``, so the result does not depend on
+        which rank reduced it (with two ranks a sum equals any other sum of the
         two, addition being commutative).
         """
-        return self.all_reduce(t, ranks, "sum")
-
-    def all_reduce(self, t: torch.Tensor, ranks: Sequence[int], op: str = "sum") -> torch.Tensor:
-        """:meth:`all_reduce_sum` with ``op`` one of "sum", "min", "max" (elementwise, in rank order)."""
         combine = _COMBINE.get(op)
         if combine is None:
             raise ValueError(f"op must be one of {sorted(_COMBINE)}, got {op!r}")
