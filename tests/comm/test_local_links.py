@@ -119,7 +119,7 @@ def test_all_reduce_sum_equals_the_rank_ordered_sum_on_every_rank():
 
 
 def _collective_worker(rank, world):
-    """global_comm.all_reduce over the links against gloo, for every op, dtype and group."""
+    """global_comm.all_reduce and all_gather over the links against gloo, for every op, dtype and group."""
     from realhf.impl.model.comm import global_comm
 
     links = LocalLinks.connect()
@@ -138,6 +138,17 @@ def _collective_worker(rank, world):
         got = global_comm.all_reduce(x.clone(), group, op)
         global_comm.set_local_links(None)
         out[name] = torch.equal(got, want)
+    # all_gather: large (through the shared region) and small, into views of one buffer.
+    for name, n in (("gather_small", 3), ("gather_large", 1 << 19)):
+        g = torch.Generator().manual_seed(11 * rank + n)
+        x = torch.randn(n, generator=g)
+        want = [torch.empty(n) for _ in range(world)]
+        dist.all_gather(want, x)
+        buf = torch.full((world * n,), float("nan"))
+        global_comm.set_local_links(links)
+        global_comm.all_gather(list(buf.chunk(world)), x)
+        global_comm.set_local_links(None)
+        out[name] = torch.equal(buf, torch.cat(want))
     try:
         links.all_reduce(torch.ones(2), [0, 1, 2], "prod")
     except ValueError as e:
@@ -150,7 +161,7 @@ def _collective_worker(rank, world):
 def test_small_collectives_over_the_links_equal_gloo():
     res = run_distributed(_collective_worker, 3, timeout=120)
     for r, out in enumerate(res):
-        for name in ("sum", "min", "max") + (("pair_sum",) if r in (0, 2) else ()):
+        for name in ("sum", "min", "max", "gather_small", "gather_large") + (("pair_sum",) if r in (0, 2) else ()):
             assert out[name] is True, (r, name)
         assert "op must be one of ['max', 'min', 'sum'], got 'prod'" in out["bad_op"]
 

@@ -137,35 +137,46 @@ def _dp_links_worker(rank: int, world_size: int):
     from realhf.impl.model.comm.local_links import LocalLinks
 
     links = LocalLinks.connect()
-    flats, big_all_reduces = {}, {}
-    plain_all_reduce = torch.distributed.all_reduce
+    flats, big_all_reduces, gloo_gathers = {}, {}, {}
+    plain_all_reduce, plain_all_gather = torch.distributed.all_reduce, torch.distributed.all_gather
 
     def counting_all_reduce(t, *args, **kw):
-        big_all_reduces[use_links] += int(t.numel() > 1000)  # gradient buckets, not statistics
+        big_all_reduces[key] += int(t.numel() > 1000)  # gradient buckets, not statistics
         return plain_all_reduce(t, *args, **kw)
 
-    torch.distributed.all_reduce = counting_all_reduce
-    for use_links in (False, True):
-        big_all_reduces[use_links] = 0
-        global_comm.set_local_links(links if use_links else None)
-        e = _engine(_model(seed=3))
+    def counting_all_gather(parts, t, *args, **kw):
+        gloo_gathers[key] += 1
+        return plain_all_gather(parts, t, *args, **kw)
+
+    torch.distributed.all_reduce, torch.distributed.all_gather = counting_all_reduce, counting_all_gather
+    numel = {}
+    for key in [(zero, use_links) for zero in (False, True) for use_links in (False, True)]:
+        big_all_reduces[key] = gloo_gathers[key] = 0
+        global_comm.set_local_links(links if key[1] else None)
+        e = _engine(_model(seed=3), use_zero_optimization=key[0])
         for step in range(3):
             e.module.train_batch(_halves(_sample(seed=10 + step))[rank], MicroBatchSpec(n_mbs=1), _lm_loss,
                                  _predicted_tokens)
-        flats[use_links] = e.module.module.flat_param.clone()
-    torch.distributed.all_reduce = plain_all_reduce
+        flats[key] = e.module.module.flat_param.clone()
+        numel[key] = (e.module.numel, e.module.shard)
+    torch.distributed.all_reduce, torch.distributed.all_gather = plain_all_reduce, plain_all_gather
     global_comm.set_local_links(None)
-    return links is not None, flats, big_all_reduces
+    return links is not None, flats, big_all_reduces, gloo_gathers, numel
 
 
 def test_dp_gradient_sum_over_local_links_equals_torch_distributed():
-    """Workers of one host average gradients over their sockets: bit for bit the gloo result."""
+    """Workers of one host average gradients (and, with ZeRO, gather the updated shards) over
+    their sockets: bit for bit the gloo result."""
     results = run_distributed(_dp_links_worker, 2, timeout=60)
-    for linked, flats, big_all_reduces in results:
-        assert linked and torch.equal(flats[True], flats[False])
-        assert big_all_reduces[False] >= 3 and big_all_reduces[True] == 0
-    assert torch.equal(results[0][1][True], results[1][1][True])
-    assert not torch.equal(results[0][1][True], _model(seed=3).flat_param)
+    for linked, flats, big_all_reduces, gloo_gathers, numel in results:
+        assert linked
+        for zero in (False, True):
+            assert torch.equal(flats[(zero, True)], flats[(zero, False)]), zero
+            assert big_all_reduces[(zero, False)] >= 3 and big_all_reduces[(zero, True)] == 0
+        assert gloo_gathers[(True, False)] == 3 and gloo_gathers[(True, True)] == 0
+        assert numel[(True, True)][0] == 2 * numel[(True, True)][1]  # equal shards: the in-place gather
+    assert torch.equal(results[0][1][(True, True)], results[1][1][(True, True)])
+    assert not torch.equal(results[0][1][(False, True)], _model(seed=3).flat_param)
 
 
 def test_grad_accumulation_matches_one_micro_batch():

@@ -170,12 +170,19 @@ class TrainModule(EngineModule):
     def _all_gather_params(self) -> None:
         """Every rank updated its own shard; assemble the full buffer everywhere."""
         flat = self.module.flat_param
-        local = torch.zeros(self.shard, dtype=flat.dtype, device=flat.device)
-        local[: self.hi - self.lo] = self.master.to(flat.dtype)
-        parts = [torch.empty_like(local) for _ in range(self.dp_size)]
-        dist.all_gather(parts, local, group=self.group)
         with torch.no_grad():
-            flat.copy_(torch.cat(parts)[: self.numel])
+            own = flat[self.lo:self.hi]
+            if self.numel == self.dp_size * self.shard and global_comm.link_ranks(flat, self.group) is not None:
+                # Equal shards over the local links: gather straight into the buffer.
+                if own.data_ptr() != self.master.data_ptr():
+                    own.copy_(self.master)
+                global_comm.all_gather(list(flat.chunk(self.dp_size)), own, self.group)
+                return
+            local = torch.zeros(self.shard, dtype=flat.dtype, device=flat.device)
+            local[: self.hi - self.lo] = self.master.to(flat.dtype)
+            gathered = torch.empty(self.dp_size * self.shard, dtype=flat.dtype, device=flat.device)
+            global_comm.all_gather(list(gathered.chunk(self.dp_size)), local, self.group)
+            flat.copy_(gathered[: self.numel])
 
     # -------------------------------------------------------------- interface
     def _weighted_split(self, sample: SequenceSample, mb_spec: Optional[MicroBatchSpec],

@@ -67,6 +67,17 @@ def all_reduce(t: torch.Tensor, group: Any = None, op=dist.ReduceOp.SUM) -> torc
     return t
 
 
+def all_gather(parts: List[torch.Tensor], t: torch.Tensor, group: Any = None) -> None:
+    """``dist.all_gather(parts, t, group)``, through the local links under the rule of
+    :func:`all_reduce` (a ZeRO step's parameter gather: ~20 ms through gloo for 7 MB a rank,
+    a plain copy through the links)."""
+    ranks = link_ranks(t, group)
+    if ranks is not None and all(p.device.type == "cpu" and p.is_contiguous() for p in parts):
+        _local_links.all_gather(parts, t, ranks)
+        return
+    dist.all_gather(parts, t, group=group)
+
+
 def link_ranks(t: torch.Tensor, group: Any = None) -> Optional[List[int]]:
     """The ranks of ``group`` (in its order) when a collective on ``t`` may run over the local
     links (a contiguous CPU tensor, every rank of the group a worker of this host), else None."""

@@ -319,6 +319,18 @@ class LocalLinks:
         self.exchange([(chunk[me], ranks[i]) for i in others], [(ranks[i], chunk[i]) for i in others])
         return t
 
+    def all_gather(self, parts: Sequence[torch.Tensor], t: torch.Tensor, ranks: Sequence[int]) -> None:
+        """``parts[i]`` = rank ``ranks[i]``'s ``t`` on every rank of ``ranks`` (each calls it);
+        ``parts`` are contiguous CPU tensors of ``t``'s size, filled in place."""
+        ranks = list(ranks)
+        if len(parts) != len(ranks):
+            raise ValueError(f"all_gather: {len(parts)} output tensors for {len(ranks)} ranks.")
+        me = ranks.index(self.rank)
+        if parts[me].data_ptr() != t.data_ptr():
+            parts[me].copy_(t)
+        others = [i for i in range(len(ranks)) if i != me]
+        self.exchange([(t, ranks[i]) for i in others], [(ranks[i], parts[i]) for i in others])
+
     def _write_some(self, peer: int, writing: Dict[int, List[Union[memoryview, _FdHeader]]]) -> None:
         parts = writing[peer]
         sock = self.socks[peer]
