@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "cpu_team.h"
@@ -32,6 +33,8 @@ namespace {
 constexpr int64_t kWeightsPerBlock = 10;  // ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, gu_b, d_w, d_b
 // Packed weights per block (pack_panels): qkv, o, gate/up, down.
 constexpr int64_t kPackedPerBlock = 4;
+// Matrix products per block whose outputs a capture keeps: q/k/v, o, gate/up, down.
+constexpr int64_t kProductsPerBlock = 4;
 
 // Softmax attention of one query head over ``len`` cached positions whose
 // keys / values are ``stride`` floats apart: out = softmax(q . k_j * scale) @ v.
@@ -171,6 +174,46 @@ at::Tensor panels_linear(const at::Tensor& x, const at::Tensor& w, int64_t N, co
   return y;
 }
 
+// Where a step's matrix products are also written, for a training forward that
+// replays them (realhf/impl/model/nn/linear_replay.py): ``capture`` holds
+// kProductsPerBlock float32 tensors per block (q/k/v, o, gate/up, down outputs),
+// each [rows, width]; output row i of a step goes to row ``capture_rows[i]``
+// (-1: not kept). Empty ``capture``: nothing is kept.
+class OutputCapture {
+ public:
+  OutputCapture(const std::vector<at::Tensor>& capture, const std::optional<at::Tensor>& rows, int64_t n_blocks,
+                int64_t n, const std::vector<int64_t>& widths)
+      : capture_(capture) {
+    if (capture.empty()) return;
+    TORCH_CHECK(static_cast<int64_t>(capture.size()) == kProductsPerBlock * n_blocks,
+                "capture: ", kProductsPerBlock, " tensors per block expected, got ", capture.size());
+    TORCH_CHECK(rows.has_value() && rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->numel() == n,
+                "capture_rows must be int64 [n] with the capture");
+    rows_ = rows->data_ptr<int64_t>();
+    for (size_t j = 0; j < capture.size(); ++j) {
+      check_f32(capture[j], "capture");
+      TORCH_CHECK(capture[j].dim() == 2 && capture[j].size(1) == widths[j % kProductsPerBlock],
+                  "capture tensor ", j, " must be [rows, ", widths[j % kProductsPerBlock], "], got ", capture[j].sizes());
+      for (int64_t i = 0; i < n; ++i)
+        TORCH_CHECK(rows_[i] < capture[j].size(0), "capture row ", rows_[i], " outside ", capture[j].size(0), " rows");
+    }
+  }
+
+  // Copies the rows of ``y`` [n, width] (contiguous) to their capture rows in capture[slot].
+  void operator()(int64_t slot, const at::Tensor& y) const {
+    if (capture_.empty()) return;
+    const int64_t n = y.size(0), width = y.size(1);
+    const float* src = y.data_ptr<float>();
+    float* dst = capture_[static_cast<size_t>(slot)].data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i)
+      if (rows_[i] >= 0) std::copy(src + i * width, src + (i + 1) * width, dst + rows_[i] * width);
+  }
+
+ private:
+  const std::vector<at::Tensor>& capture_;
+  const int64_t* rows_ = nullptr;
+};
+
 }  // namespace
 
 // x [n, hidden] -> x after every block; keys/values of the fed tokens are
@@ -180,7 +223,8 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
                          const std::vector<at::Tensor>& cache_k,
                          const std::vector<at::Tensor>& cache_v, const at::Tensor& rows, const at::Tensor& pos,
                          const at::Tensor& cos, const at::Tensor& sin, int64_t n_q, int64_t n_kv, int64_t head_dim,
-                         int64_t inter, bool interleaved, int64_t threads) {
+                         int64_t inter, bool interleaved, int64_t threads, const std::vector<at::Tensor>& capture,
+                         const std::optional<at::Tensor>& capture_rows) {
   const int64_t n_blocks = static_cast<int64_t>(cache_k.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == kWeightsPerBlock * n_blocks &&
                   static_cast<int64_t>(eps.size()) == 2 * n_blocks &&
@@ -209,6 +253,7 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
   std::vector<float> scores(static_cast<size_t>(max_len * threads));  // one row of scores per thread
   const int64_t hidden = x.size(1), qkv_width = (n_q + 2 * n_kv) * d;
   const bool use_panels = !packed.empty() && realhf::avx2_fma_supported();
+  const OutputCapture keep(capture, capture_rows, n_blocks, n, {qkv_width, hidden, 2 * inter, hidden});
   if (use_panels)
     for (int64_t b = 0; b < n_blocks; ++b) {
       const at::Tensor* pw = packed.data() + kPackedPerBlock * b;
@@ -236,6 +281,7 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
     // Attention: norm, q/k/v in one product, rotary, cache write, softmax over the prefix.
     const auto h1 = rms(x, w[0], eps[2 * b]);
     auto qkv = use_panels ? panels_linear(h1, pw[0], qkv_width, w[2], threads) : linear(h1, w[1], w[2]);
+    keep(kProductsPerBlock * b, qkv);
     const float* qkvp = qkv.data_ptr<float>();
     float* qp = q.data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) {
@@ -267,14 +313,19 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
         }
       }
     });
-    x = x + (use_panels ? panels_linear(attn, pw[1], hidden, w[4], threads) : linear(attn, w[3], w[4]));
+    const auto o = use_panels ? panels_linear(attn, pw[1], hidden, w[4], threads) : linear(attn, w[3], w[4]);
+    keep(kProductsPerBlock * b + 1, o);
+    x = x + o;
 
     // Gated MLP: norm, gate and up in one product, silu(gate) * up, down.
     const auto h2 = rms(x, w[5], eps[2 * b + 1]);
     auto gu = use_panels ? panels_linear(h2, pw[2], 2 * inter, w[7], threads) : linear(h2, w[6], w[7]);
+    keep(kProductsPerBlock * b + 2, gu);
     // torch's vectorized silu (libm's scalar exp would cost more than the products).
     at::mul_out(act, at::silu(gu.narrow(1, 0, inter)), gu.narrow(1, inter, inter));
-    x = x + (use_panels ? panels_linear(act, pw[3], hidden, w[9], threads) : linear(act, w[8], w[9]));
+    const auto down = use_panels ? panels_linear(act, pw[3], hidden, w[9], threads) : linear(act, w[8], w[9]);
+    keep(kProductsPerBlock * b + 3, down);
+    x = x + down;
   }
   return x;
 }
@@ -450,7 +501,9 @@ int64_t decode_loop(at::Tensor logits, const std::vector<at::Tensor>& weights, c
                     double ln_f_eps, const at::Tensor& head_panels, const at::Tensor& eos, int64_t min_new,
                     double temperature, std::optional<at::Generator> generator, at::Tensor tokens,
                     at::Tensor logprobs, at::Tensor gen_lengths, at::Tensor ended, int64_t n_q, int64_t n_kv,
-                    int64_t head_dim, int64_t inter, bool interleaved, int64_t threads) {
+                    int64_t head_dim, int64_t inter, bool interleaved, int64_t threads,
+                    const std::vector<at::Tensor>& capture, const std::optional<at::Tensor>& head_capture,
+                    int64_t capture_base) {
   check_threads(threads);
   check_f32(logits, "logits");
   check_f32(wte, "wte");
@@ -476,6 +529,16 @@ int64_t decode_loop(at::Tensor logits, const std::vector<at::Tensor>& weights, c
   int64_t* glp = gen_lengths.data_ptr<int64_t>();
   bool* edp = ended.data_ptr<bool>();
   int64_t* slp = seqlens.data_ptr<int64_t>();
+  // With a capture, the j-th generated token of row r (fed at step j) keeps its products in
+  // capture row capture_base + r * (max_new - 1) + j, and its next-token logits in head_capture.
+  const bool capturing = !capture.empty();
+  if (capturing) {
+    TORCH_CHECK(head_capture.has_value(), "decode_loop: a capture needs head_capture");
+    check_f32(*head_capture, "head_capture");
+    TORCH_CHECK(head_capture->dim() == 2 && head_capture->size(1) == vocab &&
+                    capture_base >= 0 && head_capture->size(0) >= capture_base + bs * (max_new - 1),
+                "decode_loop: head_capture must be [>= capture_base + bs * (max_new - 1), vocab]");
+  }
   std::vector<int64_t> active(static_cast<size_t>(bs));
   for (int64_t r = 0; r < bs; ++r) active[r] = r;
   for (int64_t step = 0;; ++step) {
@@ -509,11 +572,23 @@ int64_t decode_loop(at::Tensor logits, const std::vector<at::Tensor>& weights, c
     for (int64_t i = 0; i < m; ++i) TORCH_CHECK(pp[i] < capacity, "KV cache capacity ", capacity, " exceeded.");
     const auto freqs = pos.to(at::kFloat).unsqueeze(1) * inv_freq.unsqueeze(0);
     auto x = wte.index_select(0, at::tensor(feed, seqlens.options()));
+    std::optional<at::Tensor> keep_rows;
+    if (capturing) {
+      keep_rows = at::empty({m}, seqlens.options());
+      int64_t* kp = keep_rows->data_ptr<int64_t>();
+      for (int64_t i = 0; i < m; ++i) kp[i] = capture_base + active[i] * (max_new - 1) + step;
+    }
     x = decode_blocks(x, weights, eps, scales, packed, cache_k, cache_v, rows, pos, freqs.cos(), freqs.sin(), n_q,
-                      n_kv, head_dim, inter, interleaved, threads);
+                      n_kv, head_dim, inter, interleaved, threads, capture, keep_rows);
     for (int64_t r : active) slp[r] += 1;
     if (ln_f.numel()) x = rms(x, ln_f, ln_f_eps);
     logits = panels_linear(x, head_panels, vocab, no_bias, threads);
+    if (capturing) {
+      const int64_t* kp = keep_rows->data_ptr<int64_t>();
+      const float* src = logits.data_ptr<float>();
+      float* dst = head_capture->data_ptr<float>();
+      for (int64_t i = 0; i < m; ++i) std::copy(src + i * vocab, src + (i + 1) * vocab, dst + kp[i] * vocab);
+    }
   }
 }
 
@@ -523,8 +598,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("packed"),
         py::arg("cache_k"), py::arg("cache_v"), py::arg("rows"), py::arg("pos"), py::arg("cos"), py::arg("sin"),
         py::arg("n_q"), py::arg("n_kv"), py::arg("head_dim"), py::arg("inter"), py::arg("interleaved"),
-        py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),
-        "x after every block of one decoding step; writes the new keys/values into the caches.");
+        py::arg("threads") = 1, py::arg("capture") = std::vector<at::Tensor>(), py::arg("capture_rows") = py::none(),
+        py::call_guard<py::gil_scoped_release>(),
+        "x after every block of one decoding step; writes the new keys/values into the caches "
+        "(and the products' outputs into ``capture`` rows ``capture_rows``).");
   m.def("packed_linear", &packed_linear, py::arg("x"), py::arg("w"), py::arg("n_out"), py::arg("b"),
         py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),
         "x @ W + b for W packed by pack_panels (AVX2 + FMA; None where unsupported).");
@@ -538,7 +615,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("inv_freq"), py::arg("ln_f"), py::arg("ln_f_eps"), py::arg("head_panels"), py::arg("eos"),
         py::arg("min_new"), py::arg("temperature"), py::arg("generator"), py::arg("tokens"), py::arg("logprobs"),
         py::arg("gen_lengths"), py::arg("ended"), py::arg("n_q"), py::arg("n_kv"), py::arg("head_dim"),
-        py::arg("inter"), py::arg("interleaved"), py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),
+        py::arg("inter"), py::arg("interleaved"), py::arg("threads") = 1,
+        py::arg("capture") = std::vector<at::Tensor>(), py::arg("head_capture") = py::none(),
+        py::arg("capture_base") = 0, py::call_guard<py::gil_scoped_release>(),
         "Every decoding step after the prefill (plain sampling); fills the state tensors, returns the step count.");
   m.def("transpose_cat", &transpose_cat, py::arg("mats"), py::call_guard<py::gil_scoped_release>(),
         "[in, sum(out_i)]: the [out_i, in] matrices concatenated and transposed.");

@@ -366,3 +366,37 @@ def test_mesh_matches_single_process(dp, pp):
         for k in MESH_KEYS:
             got = r["stats"][k]
             assert got == pytest.approx(ref[k], rel=1e-4, abs=1e-5), (k, r["coords"], got, ref[k])
+
+
+@pytest.mark.parametrize("n_minibatches,n_mbs", [(1, 1), (1, 3), (2, 2)])
+def test_reusing_rollout_products_trains_as_recomputing(n_minibatches, n_mbs, monkeypatch):
+    """The first minibatch's forward replays the generation's products (linear_replay); the
+    update and statistics equal those of a step that recomputes them."""
+    from realhf.impl.model.nn import linear_replay
+    from realhf.impl.model.nn.fast_decode import panel_kernel_supported
+
+    if not panel_kernel_supported():
+        pytest.skip("the native decoding loop does not run on this machine")
+    replays = []
+    apply = linear_replay._Replayed.apply
+    monkeypatch.setattr(linear_replay._Replayed, "apply", lambda *a: replays.append(1) or apply(*a))
+    config = tiny_config()
+    runs = {}
+    for reuse in (True, False):
+        model = _actor(config, lr=2e-3)
+        iface = GRPOActorInterface(generation_config=_sampling(), group_size=G, n_minibatches=n_minibatches,
+                                   reuse_rollout_products=reuse)
+        torch.manual_seed(1)
+        out = iface.generate(model, _prompts(config.vocab_size, seed=5))
+        assert bool(len(getattr(model.module.module, "_rollout_captures", []))) == reuse
+        n = len(replays)
+        stats = iface.train_step(model, _with_rewards(out, [1.0, 0.0, 0.5] * len(PROMPT_LENS)),
+                                 MicroBatchSpec(n_mbs=n_mbs))
+        runs[reuse] = (stats, model.module.module.flat_param.detach().clone(), len(replays) - n)
+        assert model.module.module._rollout_captures == []  # released by the update
+    (s_r, flat_r, n_r), (s_p, flat_p, n_p) = runs[True], runs[False]
+    assert n_p == 0 and n_r == n_mbs * (7 * config.n_layers + 1)  # the first minibatch only
+    assert s_r["grad_norm"] == pytest.approx(s_p["grad_norm"], rel=1e-4)
+    assert s_r["actor_loss"] == pytest.approx(s_p["actor_loss"], rel=1e-4, abs=1e-7)
+    flat0 = _actor(config).module.module.flat_param
+    assert float((flat_r - flat_p).norm()) < 1e-4 * float((flat_p - flat0).norm())

@@ -22,6 +22,7 @@ from realhf.impl.model.backend.inference import INPUT_KEY, EngineModule, packed_
 from realhf.impl.model.backend.loss_scaler import DynamicLossScaler
 from realhf.impl.model.backend.optim import FlatAdamW, OptimizerConfig, make_lr_lambda
 from realhf.impl.model.comm import global_comm
+from realhf.impl.model.nn import linear_replay
 from realhf.impl.model.parallelism.micro_batch import MicroBatchSplit, split_packed_batch
 
 LossFn = Callable[[torch.Tensor, SequenceSample], Tuple[torch.Tensor, Dict[str, Any]]]
@@ -287,6 +288,7 @@ class TrainModule(EngineModule):
             grads.mul_(self.gradient_clipping / (grad_norm + 1e-6))
 
         self.optim.step(grads[self.lo:self.hi], lr)
+        linear_replay.weights_updated(self.module)
         flat = self.module.flat_param
         if self.zero:
             self._all_gather_params()

@@ -225,6 +225,10 @@ class FastDecoder:
         self._native = self._native_args() if impl.backend == "cpp" else None
         if self._native is not None and self._native[3]:
             self.head_panels = _pack([model.layers[-1]], self.threads)  # the head through the panel products too
+        # Where prefill and run_steps keep their products' outputs (linear_replay), when set.
+        self.capture = None
+        self.capture_base = 0  # capture row of the first answer token fed (after the prompts')
+        self._capture_rows: Optional[torch.Tensor] = None
         # The plain function, not a bound method: a bound method stored on self is a reference
         # cycle, which would keep the decoder (its weight copies and views of the model's
         # parameters) alive until the cyclic collector runs, long after generation.
@@ -297,10 +301,11 @@ class FastDecoder:
         if self._native is None:
             return self.blocks_python(x, rows, pos, cos, sin, whole)
         weights, eps, scales, packed = self._native
+        keep = {} if self._capture_rows is None else {"capture": self.capture.flat(), "capture_rows": self._capture_rows}
         return native.load(_EXT).decode_blocks(
             x.contiguous(), weights, eps, scales, packed, self.cache.k, self.cache.v, rows.contiguous(),
             pos.contiguous(), cos.contiguous(), sin.contiguous(), self.n_q, self.n_kv, self.head_dim, self.f,
-            self.interleaved, self.threads)
+            self.interleaved, self.threads, **keep)
 
     def run_steps(self, logits: torch.Tensor, state) -> Optional[int]:
         """Every remaining step of ``state`` (a fresh ``DecodeState`` whose first
@@ -310,6 +315,8 @@ class FastDecoder:
         if self._native is None or self.head_panels is None or not state.native_sampler(logits.shape[-1]):
             return None
         weights, eps, scales, packed = self._native
+        keep = {} if self.capture is None else {"capture": self.capture.flat(), "head_capture": self.capture.head,
+                                                 "capture_base": self.capture_base}
         ln_f = self.blocks[-1].ln_f
         ln_w, ln_eps = (ln_f[0], float(ln_f[1])) if ln_f is not None else (self.wte.new_empty(0), 0.0)
         g = state.gconfig
@@ -317,7 +324,7 @@ class FastDecoder:
             logits.float().contiguous(), weights, eps, scales, packed, self.cache.k, self.cache.v, self.cache.seqlens,
             self.wte, self.inv_freq, ln_w, ln_eps, self.head_panels, state.eos_tensor, g.min_new_tokens,
             float(g.temperature), state.generator, state.tokens, state.logprobs, state.gen_lengths,
-            state.ended_by_eos, self.n_q, self.n_kv, self.head_dim, self.f, self.interleaved, self.threads)
+            state.ended_by_eos, self.n_q, self.n_kv, self.head_dim, self.f, self.interleaved, self.threads, **keep)
 
     @property
     def native(self) -> bool:
@@ -338,9 +345,18 @@ class FastDecoder:
         lens = cu[1:] - cu[:-1]
         rows = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens)
         pos = cache.seqlens[rows] + torch.arange(rows.numel(), device=dev) - cu[:-1][rows]
-        x = self._hidden(input_ids.to(dev), rows, pos, False)
+        if self.capture is not None and self.native:  # prompt token i keeps its products in capture row i
+            self._capture_rows = torch.arange(rows.numel(), device=dev)
+        try:
+            x = self._hidden(input_ids.to(dev), rows, pos, False)
+        finally:
+            self._capture_rows = None
         cache.seqlens += lens
-        return self._logits(x[cu[1:] - 1])
+        if self.capture is None:
+            return self._logits(x[cu[1:] - 1])
+        logits = self._logits(x)  # every prompt token's, for the replaying forward
+        self.capture.head[: logits.shape[0]].copy_(logits)
+        return logits[cu[1:] - 1]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ replace the views by standalone tensors and detach them from ``flat_param``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -76,7 +77,7 @@ from realhf.impl.model.nn.real_llm_base import (
     make_layer,
     partition_layers,
 )
-from realhf.impl.model.nn import offload, prefix_tree, tp_forward
+from realhf.impl.model.nn import linear_replay, offload, prefix_tree, tp_forward
 from realhf.impl.model.nn.tp_partition import (
     cache_kv_heads,
     partition_tensor,
@@ -360,6 +361,9 @@ class ReaLModel(nn.Module):
                 )
             raise RuntimeError("Call instantiate() (or load weights) before forward.")
         tree = self._prefix_tree(input_ids, cu_seqlens, kv_cache, hidden_states)
+        replay = None  # a rollout's products for these sequences (linear_replay)
+        if getattr(self, "_rollout_captures", None) and kv_cache is None and hidden_states is None:
+            replay = linear_replay.replay_rows(self, input_ids, cu_seqlens)
         if tree is not None:
             input_ids, cu_seqlens, max_seqlen = tree.input_ids, tree.cu_seqlens, None
         if max_seqlen is None:
@@ -375,7 +379,17 @@ class ReaLModel(nn.Module):
             output_rows = output_rows.to(self.device)
             if self._rows_in_last_block(kv_cache):
                 rows = output_rows if tree is None else tree.expand.index_select(0, output_rows)
-        x = hidden_states
+        with contextlib.nullcontext() if replay is None else self._replayed(replay, tree, rows):
+            x = self._layers_forward(input_ids, hidden_states, ctx, kv_cache, rows)
+        if kv_cache is not None:
+            kv_cache.seqlens += ctx.seqlens.to(kv_cache.seqlens.device)
+        if rows is not None:
+            return x
+        x = x if tree is None else x.index_select(0, tree.expand)
+        return x if output_rows is None else x.index_select(0, output_rows)
+
+    def _layers_forward(self, input_ids: Optional[torch.Tensor], x: Optional[torch.Tensor], ctx: PackedContext,
+                        kv_cache: Optional[KVCache], rows: Optional[torch.Tensor]) -> torch.Tensor:
         block = 0
         for idx, layer in zip(self.layer_indices, self.layers):
             offload.wait_layer(self, idx)  # overlapped reload: wait for this layer's copy only
@@ -393,12 +407,19 @@ class ReaLModel(nn.Module):
                 x = layer(x)
                 if self.config.is_critic:
                     x = x.squeeze(-1)
-        if kv_cache is not None:
-            kv_cache.seqlens += ctx.seqlens.to(kv_cache.seqlens.device)
-        if rows is not None:
-            return x
-        x = x if tree is None else x.index_select(0, tree.expand)
-        return x if output_rows is None else x.index_select(0, output_rows)
+        return x
+
+    def _replayed(self, replay, tree: Optional[prefix_tree.PrefixTree], rows: Optional[torch.Tensor]):
+        """linear_replay.replayed with the capture rows of this forward's layout: a tree row
+        takes those of any flat token it stands for (shared tokens have equal products)."""
+        capture, flat_rows = replay
+        if tree is None:
+            layout_rows = flat_rows
+        else:
+            layout_rows = torch.empty(tree.n_tokens, dtype=torch.int64)
+            layout_rows[tree.expand.cpu()] = flat_rows
+        last = None if rows is None else layout_rows.index_select(0, rows.cpu())
+        return linear_replay.replayed(self, capture, layout_rows, last)
 
     def _rows_in_last_block(self, kv_cache: Optional[KVCache]) -> bool:
         """Whether ``output_rows`` can be applied inside the last block: it and the head are

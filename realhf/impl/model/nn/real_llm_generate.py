@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from realhf.api.core.model_api import GenerationHyperparameters
+from realhf.impl.model.nn import linear_replay
 from realhf.impl.model.nn.fast_decode import FastDecoder, use_fast_decode
 from realhf.impl.model.nn.prefix_tree import repeated_rows
 from realhf.impl.model.utils.functional import cu_seqlens_from_lengths
@@ -437,6 +438,38 @@ def logits_kwargs(model: torch.nn.Module) -> dict:
 
 
 @torch.no_grad()
+def _start_capture(model: torch.nn.Module, fast: Optional[FastDecoder], state: "DecodeState", n_prompt_tokens: int,
+                   bs: int, max_new: int) -> Optional[linear_replay.RolloutCapture]:
+    """A capture of this generation's products for the training forward that follows
+    (:mod:`linear_replay`), when asked for and the native loop runs every step."""
+    if (fast is None or not fast.native or fast.head_panels is None or not linear_replay.capture_requested(model)
+            or not state.native_sampler(model.config.vocab_size)):
+        return None
+    capture = linear_replay.RolloutCapture.allocate(model, n_prompt_tokens + bs * max(max_new - 1, 0))
+    fast.capture, fast.capture_base = capture, n_prompt_tokens
+    return capture
+
+
+def _finish_capture(model: torch.nn.Module, capture: linear_replay.RolloutCapture, out: GenerationOutput,
+                    prompts: torch.Tensor, cu: torch.Tensor, prefill_cu: torch.Tensor, first: Optional[torch.Tensor],
+                    max_new: int) -> None:
+    """Record where each row's tokens sit in ``capture`` and keep it on ``model``. Row r's
+    prompt was prefilled as prompt ``slot[r]`` (its first occurrence among the rows)."""
+    bs = out.bs
+    lens = (cu[1:] - cu[:-1]).tolist()
+    if first is None:
+        slot = list(range(bs))
+    else:
+        unique = (first == torch.arange(bs, device=first.device))
+        slot = ((unique.cumsum(0) - 1)[first]).tolist()
+    pcu = prefill_cu.tolist()
+    capture.add_sequences(list(torch.split(prompts.cpu(), lens)),
+                          [torch.arange(pcu[u], pcu[u + 1]) for u in slot],
+                          [a.cpu() for a in out.sequences],
+                          [int(prefill_cu[-1]) + r * max(max_new - 1, 0) for r in range(bs)])
+    linear_replay.keep(model, capture)
+
+
 def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -483,6 +516,7 @@ def generate(
     # Runs of identical prompts (GRPO's group) are prefilled once; their rows then copy the cache row.
     capacity = max_prompt + gconfig.max_new_tokens
     first = repeated_rows(input_ids, cu_seqlens)
+    all_prompts, all_cu = input_ids, cu_seqlens
     if first is not None:
         unique = (first == torch.arange(bs)).to(device)
         slot = (unique.cumsum(0) - 1)[first.to(device)]  # row of the prefill cache each row copies
@@ -495,6 +529,7 @@ def generate(
     if first is None:
         cache = _allocate_cache(model, bs, capacity, dtype, device)
     fast = FastDecoder(model, cache) if use_fast_decode(model, device) else None
+    capture = _start_capture(model, fast, state, int(input_ids.numel()), bs, gconfig.max_new_tokens)
     if fast is not None and fast.native:
         last_logits = fast.prefill(input_ids, cu_seqlens)  # [bs, V]: the native block loop, heads of last tokens only
     else:
@@ -514,7 +549,10 @@ def generate(
         n_steps = fast.run_steps(last_logits, state)
         if n_steps is not None:
             state.finish(n_steps)
-            return state.output()
+            out = state.output()
+            if capture is not None:
+                _finish_capture(model, capture, out, all_prompts, all_cu, cu_seqlens, first, gconfig.max_new_tokens)
+            return out
     while True:
         feed = state.step(last_logits)
         if feed is None:
