@@ -111,11 +111,24 @@ def test_replay_needs_the_same_weights_and_sequences(monkeypatch):
     model = _model(LLAMA)
     seqs, _ = _rollout(model)
     calls = _count_replays(monkeypatch)
-    # A sequence that was not generated (one token changed): the batch is recomputed.
+    # No sequence of the batch was generated: the batch is recomputed.
     changed = [s.clone() for s in seqs]
-    changed[2][-1] = (changed[2][-1] + 1) % LLAMA.vocab_size
+    for s in changed:
+        s[-1] = (s[-1] + 1) % LLAMA.vocab_size
     _loss_and_grads(model, changed, True)
     assert calls == []
+    # One sequence was not (a token changed): the others are replayed, it is computed.
+    changed = [s.clone() for s in seqs]
+    changed[2][-2] = (changed[2][-2] + 1) % LLAMA.vocab_size
+    loss_r, logits_r, grads_r = _loss_and_grads(model, changed, True)
+    assert len(calls) > 0
+    held = model._rollout_captures
+    model._rollout_captures = []
+    loss_p, logits_p, grads_p = _loss_and_grads(model, changed, True)
+    model._rollout_captures = held
+    assert _rel(logits_r, logits_p) < 1e-5
+    assert all(_rel(grads_r[k], grads_p[k]) < 1e-4 for k in grads_p)
+    calls.clear()
     # A subset of the rollout, in another order, is replayed.
     _loss_and_grads(model, seqs[::-2], True)
     assert len(calls) > 0

@@ -124,26 +124,27 @@ def drop(model: torch.nn.Module) -> None:
 
 def replay_rows(model: torch.nn.Module, input_ids: torch.Tensor,
                 cu_seqlens: torch.Tensor) -> Optional[Tuple[RolloutCapture, torch.Tensor]]:
-    """The capture holding every sequence of this packed batch and the capture row of each
-    token (flat layout), when a training forward of ``model`` may replay it; else None."""
+    """The capture of the current weights holding the most sequences of this packed batch,
+    and the capture row of each token (flat layout; -1 for the tokens of a sequence it does
+    not hold, which are computed), when a training forward of ``model`` may replay it; else None."""
     held: List[RolloutCapture] = getattr(model, "_rollout_captures", [])
     if not held or not _replay_allowed(model):
         return None
     version = _weights_version(model)
     cu = cu_seqlens.tolist()
     ids = input_ids.cpu()
+    keys = [_key(ids[cu[i]:cu[i + 1]]) for i in range(len(cu) - 1)]
+    best, hits = None, 0
     for capture in held:
-        if capture.version != version:
-            continue
-        rows = []
-        for i in range(len(cu) - 1):
-            r = capture.sequences.get(_key(ids[cu[i]:cu[i + 1]]))
-            if r is None:
-                break
-            rows.append(r)
-        else:
-            return capture, (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64))
-    return None
+        n = sum(k in capture.sequences for k in keys) if capture.version == version else 0
+        if n > hits:
+            best, hits = capture, n
+    if best is None:
+        return None
+    rows = [best.sequences.get(k) for k in keys]
+    rows = [r if r is not None else torch.full((cu[i + 1] - cu[i],), -1, dtype=torch.int64)
+            for i, r in enumerate(rows)]
+    return best, (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64))
 
 
 def _replay_allowed(model: torch.nn.Module) -> bool:
