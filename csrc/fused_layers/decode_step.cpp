@@ -110,6 +110,36 @@ void attend_head(const float* q, const float* keys, const float* vals, int64_t l
   attend_head_scalar(q, keys, vals, len, stride, d, scale, scores, out);
 }
 
+// y[j] = silu(g[j]) * u[j] for j < n: the sigmoid by exp8 where the CPU has AVX2 + FMA
+// (relative error < 2e-7, as the fused training forward), libm elsewhere.
+#ifdef REALHF_X86_AVX2
+__attribute__((target("avx2,fma"))) int64_t silu_times_avx2(const float* g, const float* u, float* y, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + j);
+    const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, realhf::exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+    _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + j)));
+  }
+  return j;
+}
+#endif
+
+void silu_times(const float* g, const float* u, float* y, int64_t n) {
+  int64_t j = 0;
+#ifdef REALHF_X86_AVX2
+  if (realhf::avx2_fma_supported()) j = silu_times_avx2(g, u, y, n);
+#endif
+  for (; j < n; ++j) y[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+}
+
+// act[i] = silu(gu[i, :inter]) * gu[i, inter:] for every row of gu [n, 2 * inter] (contiguous).
+void silu_times_rows(const at::Tensor& gu, int64_t inter, at::Tensor& act) {
+  const float* gp = gu.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  for (int64_t i = 0; i < gu.size(0); ++i) silu_times(gp + i * 2 * inter, gp + i * 2 * inter + inter, ap + i * inter, inter);
+}
+
 void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
               " must be a contiguous float32 CPU tensor");
@@ -240,6 +270,7 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
                   pos.is_contiguous(),
               "rows and pos must be contiguous int64 tensors");
   TORCH_CHECK(n_kv > 0 && n_q % n_kv == 0, "n_q_heads must be a multiple of n_kv_heads");
+  x = x.clone();  // the residual stream, updated in place below; the caller's x stays as given
   const int64_t n = x.size(0), d = head_dim, half = d / 2, group = n_q / n_kv;
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* pp = pos.data_ptr<int64_t>();
@@ -315,17 +346,16 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
     });
     const auto o = use_panels ? panels_linear(attn, pw[1], hidden, w[4], threads) : linear(attn, w[3], w[4]);
     keep(kProductsPerBlock * b + 1, o);
-    x = x + o;
+    x.add_(o);
 
     // Gated MLP: norm, gate and up in one product, silu(gate) * up, down.
     const auto h2 = rms(x, w[5], eps[2 * b + 1]);
     auto gu = use_panels ? panels_linear(h2, pw[2], 2 * inter, w[7], threads) : linear(h2, w[6], w[7]);
     keep(kProductsPerBlock * b + 2, gu);
-    // torch's vectorized silu (libm's scalar exp would cost more than the products).
-    at::mul_out(act, at::silu(gu.narrow(1, 0, inter)), gu.narrow(1, inter, inter));
+    silu_times_rows(gu, inter, act);
     const auto down = use_panels ? panels_linear(act, pw[3], hidden, w[9], threads) : linear(act, w[8], w[9]);
     keep(kProductsPerBlock * b + 3, down);
-    x = x + down;
+    x.add_(down);
   }
   return x;
 }
