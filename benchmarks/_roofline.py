@@ -100,7 +100,8 @@ def step_flops(shape: Dict[str, int], prompt_lengths: Sequence[int], new_tokens:
     ``calls`` maps a call name to what it computes: ``generate``, ``logprobs`` (next-token
     log-probabilities of the answers), ``values`` (a scalar per answer position), ``reward``
     (a scalar at the last position), ``train_logprobs`` / ``train_values`` (forward and backward,
-    the backward costing twice the forward). ``group_size`` > 1: consecutive runs of that many
+    the backward costing twice the forward), ``replayed_train_logprobs`` (the backward only: the
+    forward replays the generation's products, see ``realhf/impl/model/nn/linear_replay.py``). ``group_size`` > 1: consecutive runs of that many
     samples share their prompt, which is counted once per run (see the module docstring)."""
     lengths = [p + new_tokens for p in prompt_lengths]
     answers = len(prompt_lengths) * new_tokens
@@ -122,6 +123,8 @@ def step_flops(shape: Dict[str, int], prompt_lengths: Sequence[int], new_tokens:
             out[name] = {"forward": forward(kind)}
         elif kind.startswith("train_"):
             out[name] = {"train": 3 * forward(kind[len("train_"):])}
+        elif kind.startswith("replayed_train_"):  # the forward's products come from the rollout
+            out[name] = {"backward": 2 * forward(kind[len("replayed_train_"):])}
         else:
             raise ValueError(f"unknown call kind {kind!r} for {name!r}")
     return out
@@ -214,6 +217,8 @@ def floor_seconds(flops: Dict[str, Dict[str, float]], rate_of: Dict[str, float],
         for kind, f in parts.items():
             if kind == "train":
                 secs += f / 3 / rate_of["forward"] + 2 * f / 3 / rate_of["backward"]
+            elif kind == "backward":
+                secs += f / rate_of["backward"]
             else:
                 secs += f / rate_of[kind]
         per_call[call] = secs

@@ -71,7 +71,10 @@ of generation and training at this step's token counts (each prompt counted
 once per group of 4: its activations are the same for every sample of the
 group; ours computes them once, in generation by prefilling a run of equal
 prompts once and in training by packing a group as a prefix tree, TRL once
-per sample), this machine's
+per sample; the training forward's products counted as done by the
+generation, whose decoding computed them and whose outputs the training
+forward replays, ``realhf/impl/model/nn/linear_replay.py``: the training
+call's matmuls are its backward's), this machine's
 matmul rate at those shapes with both cores busy, the floor (matmul
 core-seconds over 2 cores) and each system's step as a multiple of it; TRL's
 step over the floor is the highest ratio any system could reach over TRL here.
@@ -156,7 +159,8 @@ LR = 1e-6
 SEED = 1
 CALLS = ["fetch", "actor_gen", "rew_inf", "actor_train"]
 # What each call computes, for the machine's limit (``_roofline``); the rule reward does no matmuls.
-CALL_KINDS = {"actor_gen": "generate", "actor_train": "train_logprobs"}
+# The training forward replays the generation's products (linear_replay): its matmuls are the backward's.
+CALL_KINDS = {"actor_gen": "generate", "actor_train": "replayed_train_logprobs"}
 # layout -> (number of workers, {call: mesh ranks}); a mesh of all workers runs data parallel.
 LAYOUTS = {
     "dp2": (2, {c: [0, 1] for c in CALLS[1:]}),

@@ -1,8 +1,6 @@
 """A training forward that replays a rollout's matrix products (linear_replay) gives the
 logits and gradients of the forward that recomputes them, and replays only what it may."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -13,20 +11,7 @@ from realhf.impl.model.nn.real_llm_api import ReaLModel
 from realhf.impl.model.nn.real_llm_generate import generate
 from realhf.impl.model.utils.functional import cu_seqlens_from_lengths
 from realhf.impl.ops import native
-
-LLAMA = ReaLModelConfig(n_layers=3, n_kv_heads=2, n_q_heads=4, hidden_dim=32, intermediate_dim=48, vocab_size=50,
-                        head_dim=8, layer_norm_type="rms", mlp_type="llama", apply_rotary=True,
-                        activation_function="silu", use_attention_bias=False, use_attn_proj_bias=False,
-                        scale_attn_by_inverse_layer_idx=False, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0,
-                        layer_norm_epsilon=1e-6)
-
-VARIANTS = {
-    "llama-gqa": LLAMA,
-    "all-biases-mha-tied": dataclasses.replace(LLAMA, n_kv_heads=4, use_attention_bias=True,
-                                               use_attn_proj_bias=True, mlp_bias=True, tied_embedding=True),
-    "interleaved-scaled": dataclasses.replace(LLAMA, rotary_interleaved=True, rotary_scaling=2.0,
-                                              rotary_scaling_type="linear", scale_attn_by_inverse_layer_idx=True),
-}
+from tests.model.test_fast_decode import LLAMA, VARIANTS
 
 EOS = list(range(6))  # about one draw in eight ends a row: answers of many lengths
 PROMPT_LENS = [4, 7, 2]
