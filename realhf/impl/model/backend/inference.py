@@ -41,6 +41,28 @@ def packed_inputs(sample: SequenceSample, key: str = INPUT_KEY) -> Tuple[torch.T
     return sample.data[key], cu_seqlens_from_lengths(lens, dtype=torch.int32), max(lens, default=0)
 
 
+def without_unread_last_tokens(module: torch.nn.Module, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                               rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """(input_ids, cu_seqlens, max_seqlen, output_rows) of the same forward without the last
+    token of each sequence, when no output row is one: in a causal model no other token
+    attends to it, so every output read is unchanged (a policy's loss reads the positions
+    that predict answer tokens, never the last). Sequences of one token, a MoE model (its
+    router counts tokens) or a read last row keep the batch whole."""
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    cfg = getattr(module, "config", None)
+    whole = (input_ids, cu_seqlens, int(lens.max()) if lens.numel() else 0, rows)
+    if cfg is None or cfg.mlp_type == "moe" or lens.numel() == 0 or bool((lens < 2).any()):
+        return whole
+    last = cu_seqlens[1:].long() - 1
+    keep = torch.ones(input_ids.shape[0], dtype=torch.bool)
+    keep[last] = False
+    if not bool(keep[rows.cpu()].all()):
+        return whole
+    new_index = keep.cumsum(0) - 1
+    return (input_ids[keep.to(input_ids.device)], cu_seqlens_from_lengths(lens - 1, dtype=cu_seqlens.dtype),
+            int(lens.max()) - 1, new_index[rows.cpu()].to(rows.device))
+
+
 @torch.no_grad()
 def micro_batched_forward(
     module: torch.nn.Module,

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from realhf.api.core.data_api import SequenceSample
 from realhf.api.core.model_api import FinetuneSpec, MicroBatchSpec, Model, ModelBackend, register_backend
 from realhf.impl.model.backend.grad_sync import GradNormRanges, global_grad_norm, sync_tied_embedding_grads
-from realhf.impl.model.backend.inference import INPUT_KEY, EngineModule, packed_inputs, rows_applied
+from realhf.impl.model.backend.inference import (INPUT_KEY, EngineModule, packed_inputs, rows_applied,
+                                                  without_unread_last_tokens)
 from realhf.impl.model.backend.loss_scaler import DynamicLossScaler
 from realhf.impl.model.backend.optim import FlatAdamW, OptimizerConfig, make_lr_lambda
 from realhf.impl.model.comm import global_comm
@@ -234,7 +235,8 @@ class TrainModule(EngineModule):
             if rows_fn is None:
                 out = self.module(ids, cu, max_seqlen)
             else:
-                out = self.module(ids, cu, max_seqlen, output_rows=rows_fn(mb))
+                ids, cu, max_seqlen, rows = without_unread_last_tokens(self.module, ids, cu, rows_fn(mb))
+                out = self.module(ids, cu, max_seqlen, output_rows=rows)
             loss, stats = loss_fn(out, mb)
             (loss * (w * scale)).backward()
             self._collect_stray_grads()

@@ -91,7 +91,10 @@ class RolloutCapture:
             n = int(a.numel())
             fed = torch.arange(base, base + max(n - 1, 0), dtype=torch.int64)
             last = torch.full((min(n, 1),), -1, dtype=torch.int64)
-            self.sequences[_key(torch.cat([p, a.to(p.device)]))] = torch.cat([pr.to(torch.int64), fed, last])
+            tokens, rows = torch.cat([p, a.to(p.device)]), torch.cat([pr.to(torch.int64), fed, last])
+            self.sequences[_key(tokens)] = rows
+            if n > 0:  # the sequence without its last token: what a training forward that reads no last row feeds
+                self.sequences.setdefault(_key(tokens[:-1]), rows[:-1])
 
 
 # ------------------------------------------------------------------ the store
