@@ -447,6 +447,7 @@ class GRPOActorInterface(ModelInterface):
         prompts = SequenceSample.from_default(rep_lens, list(range(len(rep_lens))), {"packed_input_ids": rep})
         engine = _engine(model)
         keep = self.reuse_rollout_products and hasattr(engine, "train_batch")
+        linear_replay.drop(engine.module)  # an earlier rollout's, never trained on (this call's micro-batches add up)
         with linear_replay.capturing(engine.module, keep):
             rollout = sample_answers(model, prompts, mb_spec, self.generation_config)
         if self.adv_estimator == "remax":  # after sampling: the sampled answers draw the same random numbers
