@@ -166,8 +166,8 @@ at::Tensor rms(const at::Tensor& x, const at::Tensor& w, double eps) {
   return out;
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  return b.numel() == 0 ? at::mm(x, w) : at::addmm(b, x, w);
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor y) {
+  return b.numel() == 0 ? at::mm_out(y, x, w) : at::addmm_out(y, b, x, w);
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -198,9 +198,9 @@ void check_threads(int64_t threads) {
 // so each weight is read by one core only and every output is the same sum as
 // with one thread.
 at::Tensor panels_linear(const at::Tensor& x, const at::Tensor& w, int64_t N, const at::Tensor& b,
-                         int64_t threads) {
+                         int64_t threads, at::Tensor y = at::Tensor()) {
   TORCH_CHECK(b.numel() == 0 || b.numel() == N, "bias of ", b.numel(), " for ", N, " outputs");
-  auto y = at::empty({x.size(0), N}, x.options());
+  if (!y.defined()) y = at::empty({x.size(0), N}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const float* bp = b.numel() ? b.data_ptr<float>() : nullptr;
@@ -214,44 +214,40 @@ at::Tensor panels_linear(const at::Tensor& x, const at::Tensor& w, int64_t N, co
   return y;
 }
 
-// Where a step's matrix products are also written, for a training forward that
-// replays them (realhf/impl/model/nn/linear_replay.py): ``capture`` holds
+// Where a step's matrix products are written when a training forward is to
+// replay them (realhf/impl/model/nn/linear_replay.py): ``capture`` holds
 // kProductsPerBlock float32 tensors per block (q/k/v, o, gate/up, down outputs),
-// each [rows, width]; output row i of a step goes to row ``capture_rows[i]``
-// (-1: not kept). Empty ``capture``: nothing is kept.
-class OutputCapture {
+// each [rows, width], and the step's n outputs of a product go straight to rows
+// [start, start + n) of its tensor instead of a fresh one (a copy afterwards cost
+// ~10% of a generation). Empty ``capture``: fresh outputs.
+class ProductOutputs {
  public:
-  OutputCapture(const std::vector<at::Tensor>& capture, const std::optional<at::Tensor>& rows, int64_t n_blocks,
-                int64_t n, const std::vector<int64_t>& widths)
-      : capture_(capture) {
+  ProductOutputs(const std::vector<at::Tensor>& capture, int64_t start, int64_t n_blocks, int64_t n,
+                 const std::vector<int64_t>& widths, const at::TensorOptions& options)
+      : capture_(capture), start_(start), n_(n), widths_(widths), options_(options) {
     if (capture.empty()) return;
     TORCH_CHECK(static_cast<int64_t>(capture.size()) == kProductsPerBlock * n_blocks,
                 "capture: ", kProductsPerBlock, " tensors per block expected, got ", capture.size());
-    TORCH_CHECK(rows.has_value() && rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->numel() == n,
-                "capture_rows must be int64 [n] with the capture");
-    rows_ = rows->data_ptr<int64_t>();
     for (size_t j = 0; j < capture.size(); ++j) {
       check_f32(capture[j], "capture");
       TORCH_CHECK(capture[j].dim() == 2 && capture[j].size(1) == widths[j % kProductsPerBlock],
                   "capture tensor ", j, " must be [rows, ", widths[j % kProductsPerBlock], "], got ", capture[j].sizes());
-      for (int64_t i = 0; i < n; ++i)
-        TORCH_CHECK(rows_[i] < capture[j].size(0), "capture row ", rows_[i], " outside ", capture[j].size(0), " rows");
+      TORCH_CHECK(start >= 0 && start + n <= capture[j].size(0), "capture rows [", start, ", ", start + n,
+                  ") outside ", capture[j].size(0), " rows");
     }
   }
 
-  // Copies the rows of ``y`` [n, width] (contiguous) to their capture rows in capture[slot].
-  void operator()(int64_t slot, const at::Tensor& y) const {
-    if (capture_.empty()) return;
-    const int64_t n = y.size(0), width = y.size(1);
-    const float* src = y.data_ptr<float>();
-    float* dst = capture_[static_cast<size_t>(slot)].data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i)
-      if (rows_[i] >= 0) std::copy(src + i * width, src + (i + 1) * width, dst + rows_[i] * width);
+  // The [n, width] output of product ``slot`` (block * kProductsPerBlock + which).
+  at::Tensor operator()(int64_t slot) const {
+    if (capture_.empty()) return at::empty({n_, widths_[slot % kProductsPerBlock]}, options_);
+    return capture_[static_cast<size_t>(slot)].narrow(0, start_, n_);
   }
 
  private:
   const std::vector<at::Tensor>& capture_;
-  const int64_t* rows_ = nullptr;
+  const int64_t start_, n_;
+  const std::vector<int64_t> widths_;
+  const at::TensorOptions options_;
 };
 
 }  // namespace
@@ -264,7 +260,7 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
                          const std::vector<at::Tensor>& cache_v, const at::Tensor& rows, const at::Tensor& pos,
                          const at::Tensor& cos, const at::Tensor& sin, int64_t n_q, int64_t n_kv, int64_t head_dim,
                          int64_t inter, bool interleaved, int64_t threads, const std::vector<at::Tensor>& capture,
-                         const std::optional<at::Tensor>& capture_rows) {
+                         int64_t capture_start) {
   const int64_t n_blocks = static_cast<int64_t>(cache_k.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == kWeightsPerBlock * n_blocks &&
                   static_cast<int64_t>(eps.size()) == 2 * n_blocks &&
@@ -294,7 +290,7 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
   std::vector<float> scores(static_cast<size_t>(max_len * threads));  // one row of scores per thread
   const int64_t hidden = x.size(1), qkv_width = (n_q + 2 * n_kv) * d;
   const bool use_panels = !packed.empty() && realhf::avx2_fma_supported();
-  const OutputCapture keep(capture, capture_rows, n_blocks, n, {qkv_width, hidden, 2 * inter, hidden});
+  const ProductOutputs out(capture, capture_start, n_blocks, n, {qkv_width, hidden, 2 * inter, hidden}, x.options());
   if (use_panels)
     for (int64_t b = 0; b < n_blocks; ++b) {
       const at::Tensor* pw = packed.data() + kPackedPerBlock * b;
@@ -321,8 +317,9 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
 
     // Attention: norm, q/k/v in one product, rotary, cache write, softmax over the prefix.
     const auto h1 = rms(x, w[0], eps[2 * b]);
-    auto qkv = use_panels ? panels_linear(h1, pw[0], qkv_width, w[2], threads) : linear(h1, w[1], w[2]);
-    keep(kProductsPerBlock * b, qkv);
+    const int64_t slot = kProductsPerBlock * b;
+    auto qkv = use_panels ? panels_linear(h1, pw[0], qkv_width, w[2], threads, out(slot))
+                          : linear(h1, w[1], w[2], out(slot));
     const float* qkvp = qkv.data_ptr<float>();
     float* qp = q.data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) {
@@ -356,17 +353,17 @@ at::Tensor decode_blocks(at::Tensor x, const std::vector<at::Tensor>& weights, c
         }
       }
     });
-    const auto o = use_panels ? panels_linear(attn, pw[1], hidden, w[4], threads) : linear(attn, w[3], w[4]);
-    keep(kProductsPerBlock * b + 1, o);
+    const auto o = use_panels ? panels_linear(attn, pw[1], hidden, w[4], threads, out(slot + 1))
+                              : linear(attn, w[3], w[4], out(slot + 1));
     x.add_(o);
 
     // Gated MLP: norm, gate and up in one product, silu(gate) * up, down.
     const auto h2 = rms(x, w[5], eps[2 * b + 1]);
-    auto gu = use_panels ? panels_linear(h2, pw[2], 2 * inter, w[7], threads) : linear(h2, w[6], w[7]);
-    keep(kProductsPerBlock * b + 2, gu);
+    auto gu = use_panels ? panels_linear(h2, pw[2], 2 * inter, w[7], threads, out(slot + 2))
+                         : linear(h2, w[6], w[7], out(slot + 2));
     silu_times_rows(gu, inter, act);
-    const auto down = use_panels ? panels_linear(act, pw[3], hidden, w[9], threads) : linear(act, w[8], w[9]);
-    keep(kProductsPerBlock * b + 3, down);
+    const auto down = use_panels ? panels_linear(act, pw[3], hidden, w[9], threads, out(slot + 3))
+                                 : linear(act, w[8], w[9], out(slot + 3));
     x.add_(down);
   }
   return x;
@@ -545,7 +542,7 @@ int64_t decode_loop(at::Tensor logits, const std::vector<at::Tensor>& weights, c
                     at::Tensor logprobs, at::Tensor gen_lengths, at::Tensor ended, int64_t n_q, int64_t n_kv,
                     int64_t head_dim, int64_t inter, bool interleaved, int64_t threads,
                     const std::vector<at::Tensor>& capture, const std::optional<at::Tensor>& head_capture,
-                    int64_t capture_base) {
+                    int64_t capture_base, const std::optional<at::Tensor>& capture_slots) {
   check_threads(threads);
   check_f32(logits, "logits");
   check_f32(wte, "wte");
@@ -566,20 +563,29 @@ int64_t decode_loop(at::Tensor logits, const std::vector<at::Tensor>& weights, c
   const auto no_ban = eos.narrow(0, 0, 0);
   const auto f32 = logits.options();
   const auto no_bias = at::empty({0}, f32);
+  const std::vector<at::Tensor> no_capture;
   int64_t* tp = tokens.data_ptr<int64_t>();
   float* lp = logprobs.data_ptr<float>();
   int64_t* glp = gen_lengths.data_ptr<int64_t>();
   bool* edp = ended.data_ptr<bool>();
   int64_t* slp = seqlens.data_ptr<int64_t>();
-  // With a capture, the j-th generated token of row r (fed at step j) keeps its products in
-  // capture row capture_base + r * (max_new - 1) + j, and its next-token logits in head_capture.
+  // With a capture, each step's products and next-token logits go to the next rows of the
+  // capture tensors from ``capture_base`` on (the fed rows in order), and the capture row of
+  // the j-th generated token of row r (fed at step j) is written to capture_slots[r, j].
   const bool capturing = !capture.empty();
+  int64_t* slots = nullptr;
+  int64_t next_row = capture_base;
   if (capturing) {
-    TORCH_CHECK(head_capture.has_value(), "decode_loop: a capture needs head_capture");
+    TORCH_CHECK(head_capture.has_value() && capture_slots.has_value(),
+                "decode_loop: a capture needs head_capture and capture_slots");
     check_f32(*head_capture, "head_capture");
-    TORCH_CHECK(head_capture->dim() == 2 && head_capture->size(1) == vocab &&
-                    capture_base >= 0 && head_capture->size(0) >= capture_base + bs * (max_new - 1),
+    TORCH_CHECK(head_capture->dim() == 2 && head_capture->size(1) == vocab && capture_base >= 0 &&
+                    head_capture->size(0) >= capture_base + bs * (max_new - 1),
                 "decode_loop: head_capture must be [>= capture_base + bs * (max_new - 1), vocab]");
+    TORCH_CHECK(capture_slots->scalar_type() == at::kLong && capture_slots->is_contiguous() &&
+                    capture_slots->numel() == bs * max_new,
+                "decode_loop: capture_slots must be int64 [bs, max_new]");
+    slots = capture_slots->data_ptr<int64_t>();
   }
   std::vector<int64_t> active(static_cast<size_t>(bs));
   for (int64_t r = 0; r < bs; ++r) active[r] = r;
@@ -614,23 +620,17 @@ int64_t decode_loop(at::Tensor logits, const std::vector<at::Tensor>& weights, c
     for (int64_t i = 0; i < m; ++i) TORCH_CHECK(pp[i] < capacity, "KV cache capacity ", capacity, " exceeded.");
     const auto freqs = pos.to(at::kFloat).unsqueeze(1) * inv_freq.unsqueeze(0);
     auto x = wte.index_select(0, at::tensor(feed, seqlens.options()));
-    std::optional<at::Tensor> keep_rows;
+    const int64_t start = next_row;
     if (capturing) {
-      keep_rows = at::empty({m}, seqlens.options());
-      int64_t* kp = keep_rows->data_ptr<int64_t>();
-      for (int64_t i = 0; i < m; ++i) kp[i] = capture_base + active[i] * (max_new - 1) + step;
+      for (int64_t i = 0; i < m; ++i) slots[active[i] * max_new + step] = start + i;
+      next_row += m;
     }
     x = decode_blocks(x, weights, eps, scales, packed, cache_k, cache_v, rows, pos, freqs.cos(), freqs.sin(), n_q,
-                      n_kv, head_dim, inter, interleaved, threads, capture, keep_rows);
+                      n_kv, head_dim, inter, interleaved, threads, capturing ? capture : no_capture, start);
     for (int64_t r : active) slp[r] += 1;
     if (ln_f.numel()) x = rms(x, ln_f, ln_f_eps);
-    logits = panels_linear(x, head_panels, vocab, no_bias, threads);
-    if (capturing) {
-      const int64_t* kp = keep_rows->data_ptr<int64_t>();
-      const float* src = logits.data_ptr<float>();
-      float* dst = head_capture->data_ptr<float>();
-      for (int64_t i = 0; i < m; ++i) std::copy(src + i * vocab, src + (i + 1) * vocab, dst + kp[i] * vocab);
-    }
+    logits = panels_linear(x, head_panels, vocab, no_bias, threads,
+                           capturing ? head_capture->narrow(0, start, m) : at::Tensor());
   }
 }
 
@@ -640,10 +640,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("packed"),
         py::arg("cache_k"), py::arg("cache_v"), py::arg("rows"), py::arg("pos"), py::arg("cos"), py::arg("sin"),
         py::arg("n_q"), py::arg("n_kv"), py::arg("head_dim"), py::arg("inter"), py::arg("interleaved"),
-        py::arg("threads") = 1, py::arg("capture") = std::vector<at::Tensor>(), py::arg("capture_rows") = py::none(),
+        py::arg("threads") = 1, py::arg("capture") = std::vector<at::Tensor>(), py::arg("capture_start") = 0,
         py::call_guard<py::gil_scoped_release>(),
         "x after every block of one decoding step; writes the new keys/values into the caches "
-        "(and the products' outputs into ``capture`` rows ``capture_rows``).");
+        "(the products' outputs go to rows [capture_start, + n) of ``capture``, when given).");
   m.def("packed_linear", &packed_linear, py::arg("x"), py::arg("w"), py::arg("n_out"), py::arg("b"),
         py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),
         "x @ W + b for W packed by pack_panels (AVX2 + FMA; None where unsupported).");
@@ -659,7 +659,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gen_lengths"), py::arg("ended"), py::arg("n_q"), py::arg("n_kv"), py::arg("head_dim"),
         py::arg("inter"), py::arg("interleaved"), py::arg("threads") = 1,
         py::arg("capture") = std::vector<at::Tensor>(), py::arg("head_capture") = py::none(),
-        py::arg("capture_base") = 0, py::call_guard<py::gil_scoped_release>(),
+        py::arg("capture_base") = 0, py::arg("capture_slots") = py::none(), py::call_guard<py::gil_scoped_release>(),
         "Every decoding step after the prefill (plain sampling); fills the state tensors, returns the step count.");
   m.def("transpose_cat", &transpose_cat, py::arg("mats"), py::call_guard<py::gil_scoped_release>(),
         "[in, sum(out_i)]: the [out_i, in] matrices concatenated and transposed.");

@@ -228,7 +228,8 @@ class FastDecoder:
         # Where prefill and run_steps keep their products' outputs (linear_replay), when set.
         self.capture = None
         self.capture_base = 0  # capture row of the first answer token fed (after the prompts')
-        self._capture_rows: Optional[torch.Tensor] = None
+        self.capture_slots: Optional[torch.Tensor] = None  # [bs, max_new]: capture row of each fed answer token
+        self._capture_start: Optional[int] = None
         # The plain function, not a bound method: a bound method stored on self is a reference
         # cycle, which would keep the decoder (its weight copies and views of the model's
         # parameters) alive until the cyclic collector runs, long after generation.
@@ -301,7 +302,8 @@ class FastDecoder:
         if self._native is None:
             return self.blocks_python(x, rows, pos, cos, sin, whole)
         weights, eps, scales, packed = self._native
-        keep = {} if self._capture_rows is None else {"capture": self.capture.flat(), "capture_rows": self._capture_rows}
+        keep = {} if self._capture_start is None else {"capture": self.capture.flat(),
+                                                         "capture_start": self._capture_start}
         return native.load(_EXT).decode_blocks(
             x.contiguous(), weights, eps, scales, packed, self.cache.k, self.cache.v, rows.contiguous(),
             pos.contiguous(), cos.contiguous(), sin.contiguous(), self.n_q, self.n_kv, self.head_dim, self.f,
@@ -316,7 +318,8 @@ class FastDecoder:
             return None
         weights, eps, scales, packed = self._native
         keep = {} if self.capture is None else {"capture": self.capture.flat(), "head_capture": self.capture.head,
-                                                 "capture_base": self.capture_base}
+                                                 "capture_base": self.capture_base,
+                                                 "capture_slots": self.capture_slots}
         ln_f = self.blocks[-1].ln_f
         ln_w, ln_eps = (ln_f[0], float(ln_f[1])) if ln_f is not None else (self.wte.new_empty(0), 0.0)
         g = state.gconfig
@@ -346,11 +349,11 @@ class FastDecoder:
         rows = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens)
         pos = cache.seqlens[rows] + torch.arange(rows.numel(), device=dev) - cu[:-1][rows]
         if self.capture is not None and self.native:  # prompt token i keeps its products in capture row i
-            self._capture_rows = torch.arange(rows.numel(), device=dev)
+            self._capture_start = 0
         try:
             x = self._hidden(input_ids.to(dev), rows, pos, False)
         finally:
-            self._capture_rows = None
+            self._capture_start = None
         cache.seqlens += lens
         if self.capture is None:
             return self._logits(x[cu[1:] - 1])

@@ -83,13 +83,13 @@ class RolloutCapture:
         return [blk[name] for blk in self.blocks for name in PRODUCTS]
 
     def add_sequences(self, prompts: List[torch.Tensor], prompt_rows: List[torch.Tensor],
-                      answers: List[torch.Tensor], answer_base: List[int]) -> None:
+                      answers: List[torch.Tensor], answer_rows: List[torch.Tensor]) -> None:
         """Record each (prompt, answer) sequence's capture rows: the prompt's tokens at
-        ``prompt_rows``, the answer's j-th token at ``answer_base + j`` for the tokens that
+        ``prompt_rows``, the answer's j-th token at ``answer_rows[j]`` for the tokens that
         were fed (all but the last), -1 for the last."""
-        for p, pr, a, base in zip(prompts, prompt_rows, answers, answer_base):
+        for p, pr, a, ar in zip(prompts, prompt_rows, answers, answer_rows):
             n = int(a.numel())
-            fed = torch.arange(base, base + max(n - 1, 0), dtype=torch.int64)
+            fed = ar[:max(n - 1, 0)].to(torch.int64)
             last = torch.full((min(n, 1),), -1, dtype=torch.int64)
             tokens, rows = torch.cat([p, a.to(p.device)]), torch.cat([pr.to(torch.int64), fed, last])
             self.sequences[_key(tokens)] = rows

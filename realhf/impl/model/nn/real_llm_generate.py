@@ -447,12 +447,13 @@ def _start_capture(model: torch.nn.Module, fast: Optional[FastDecoder], state: "
         return None
     capture = linear_replay.RolloutCapture.allocate(model, n_prompt_tokens + bs * max(max_new - 1, 0))
     fast.capture, fast.capture_base = capture, n_prompt_tokens
+    fast.capture_slots = torch.full((bs, max(max_new, 1)), -1, dtype=torch.int64)
     return capture
 
 
-def _finish_capture(model: torch.nn.Module, capture: linear_replay.RolloutCapture, out: GenerationOutput,
-                    prompts: torch.Tensor, cu: torch.Tensor, prefill_cu: torch.Tensor, first: Optional[torch.Tensor],
-                    max_new: int) -> None:
+def _finish_capture(model: torch.nn.Module, capture: linear_replay.RolloutCapture, slots: torch.Tensor,
+                    out: GenerationOutput, prompts: torch.Tensor, cu: torch.Tensor, prefill_cu: torch.Tensor,
+                    first: Optional[torch.Tensor]) -> None:
     """Record where each row's tokens sit in ``capture`` and keep it on ``model``. Row r's
     prompt was prefilled as prompt ``slot[r]`` (its first occurrence among the rows)."""
     bs = out.bs
@@ -465,8 +466,7 @@ def _finish_capture(model: torch.nn.Module, capture: linear_replay.RolloutCaptur
     pcu = prefill_cu.tolist()
     capture.add_sequences(list(torch.split(prompts.cpu(), lens)),
                           [torch.arange(pcu[u], pcu[u + 1]) for u in slot],
-                          [a.cpu() for a in out.sequences],
-                          [int(prefill_cu[-1]) + r * max(max_new - 1, 0) for r in range(bs)])
+                          [a.cpu() for a in out.sequences], list(slots))
     linear_replay.keep(model, capture)
 
 
@@ -551,7 +551,7 @@ def generate(
             state.finish(n_steps)
             out = state.output()
             if capture is not None:
-                _finish_capture(model, capture, out, all_prompts, all_cu, cu_seqlens, first, gconfig.max_new_tokens)
+                _finish_capture(model, capture, fast.capture_slots, out, all_prompts, all_cu, cu_seqlens, first)
             return out
     while True:
         feed = state.step(last_logits)
