@@ -149,6 +149,18 @@ def _collective_worker(rank, world):
         global_comm.all_gather(list(buf.chunk(world)), x)
         global_comm.set_local_links(None)
         out[name] = torch.equal(buf, torch.cat(want))
+    # reduce_scatter with uneven chunks: each rank's own chunk is the sum, the others untouched.
+    g = torch.Generator().manual_seed(5 * rank)
+    x = torch.randint(-1000, 1000, (10,), generator=g).double()  # exact sums in any order
+    want = x.clone()
+    dist.all_reduce(want)
+    bounds = [0, 1, 7, 10]
+    got = x.clone()
+    links.reduce_scatter(got, [0, 1, 2], bounds)
+    mine = slice(bounds[rank], bounds[rank + 1])
+    rest = torch.ones(10, dtype=torch.bool)
+    rest[mine] = False
+    out["reduce_scatter"] = torch.equal(got[mine], want[mine]) and torch.equal(got[rest], x[rest])
     try:
         links.all_reduce(torch.ones(2), [0, 1, 2], "prod")
     except ValueError as e:
@@ -161,7 +173,8 @@ def _collective_worker(rank, world):
 def test_small_collectives_over_the_links_equal_gloo():
     res = run_distributed(_collective_worker, 3, timeout=120)
     for r, out in enumerate(res):
-        for name in ("sum", "min", "max", "gather_small", "gather_large") + (("pair_sum",) if r in (0, 2) else ()):
+        for name in ("sum", "min", "max", "gather_small", "gather_large", "reduce_scatter") + (
+                ("pair_sum",) if r in (0, 2) else ()):
             assert out[name] is True, (r, name)
         assert "op must be one of ['max', 'min', 'sum'], got 'prod'" in out["bad_op"]
 

@@ -13,7 +13,7 @@ two copies of one matrix. Two things follow:
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -94,12 +94,16 @@ class GradNormRanges:
 
     CHUNK = 1 << 16
 
-    def square_sum(self, flat_grad: torch.Tensor) -> torch.Tensor:
-        """Sum of squared counted entries: float32 dot products over chunks of
-        ``CHUNK`` entries (accurate to ~1e-7 each), summed in float64, which is
+    def square_sum(self, flat_grad: torch.Tensor, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """Sum of squared counted entries in ``[lo, hi)`` (default: all): float32 dot products
+        over chunks of ``CHUNK`` entries (accurate to ~1e-7 each), summed in float64, which is
         as stable as a float64 pass and ~10x cheaper than converting the buffer."""
+        hi = flat_grad.numel() if hi is None else hi
         parts = []
         for s, e in self.ranges:
+            s, e = max(s, lo), min(e, hi)
+            if s >= e:
+                continue
             for c in flat_grad[s:e].float().split(self.CHUNK):
                 parts.append(torch.dot(c, c).reshape(1))
         if not parts:
@@ -107,9 +111,15 @@ class GradNormRanges:
         return torch.cat(parts).double().sum()
 
 
-def global_grad_norm(flat_grad: torch.Tensor, ranges: GradNormRanges, par: ParallelContext) -> float:
-    """L2 norm of the whole model's gradient (dp replicas hold the same one)."""
-    sq = ranges.square_sum(flat_grad).reshape(1)
+def global_grad_norm(flat_grad: torch.Tensor, ranges: GradNormRanges, par: ParallelContext,
+                     shard: Optional[Tuple[int, int, Any]] = None) -> float:
+    """L2 norm of the whole model's gradient. dp replicas hold the same one, or, with ``shard``
+    = (lo, hi, dp group), each only its ``[lo, hi)`` (a ZeRO reduce-scatter), summed over dp."""
+    if shard is None:
+        sq = ranges.square_sum(flat_grad).reshape(1)
+    else:
+        sq = ranges.square_sum(flat_grad, shard[0], shard[1]).reshape(1)
+        par.all_reduce(sq, shard[2])
     par.all_reduce(sq, par.tp_group)
     par.all_reduce(sq, par.pp_group)
     return float(sq.sqrt())

@@ -98,6 +98,7 @@ class TrainModule(EngineModule):
         self.bucket_size = int(bucket_size)
         self.lr_lambda = make_lr_lambda(max(1, total_steps), optimizer)
         self.step_count = 0
+        self._sharded_grads = False  # the last gradient sum reduced this rank's ZeRO shard only
 
         flat = module.flat_param
         self.numel = flat.numel()
@@ -158,8 +159,16 @@ class TrainModule(EngineModule):
     def _all_reduce_grads(self) -> None:
         """Average the flat grad over dp, bucket by bucket to bound message size (or, between
         the workers of one host, in one sum over their local links)."""
+        self._sharded_grads = False
         if not self.distributed or self.dp_size == 1:
             return
+        if self.zero and self.scaler is None:
+            # ZeRO updates this rank's shard only: a reduce-scatter (half an all-reduce) will do.
+            bounds = [min(self.numel, i * self.shard) for i in range(self.dp_size + 1)]
+            if global_comm.reduce_scatter_over_links(self.flat_grad, bounds, self.group):
+                self.flat_grad[self.lo:self.hi].div_(self.dp_size)
+                self._sharded_grads = True
+                return
         if global_comm.link_ranks(self.flat_grad, self.group) is not None:
             global_comm.all_reduce(self.flat_grad, self.group)
             self.flat_grad.div_(self.dp_size)
@@ -285,9 +294,10 @@ class TrainModule(EngineModule):
                 out.update(grad_norm=float("nan"), lr=lr, loss_scale=self.scaler.scale, skipped_step=1.0)
                 self.scaler.update(True)
                 return out
-        grad_norm = global_grad_norm(grads, self.norm_ranges, self.par)
+        shard = (self.lo, self.hi, self.group) if self._sharded_grads else None
+        grad_norm = global_grad_norm(grads, self.norm_ranges, self.par, shard)
         if self.gradient_clipping and self.gradient_clipping > 0 and grad_norm > self.gradient_clipping:
-            grads.mul_(self.gradient_clipping / (grad_norm + 1e-6))
+            (grads[self.lo:self.hi] if shard else grads).mul_(self.gradient_clipping / (grad_norm + 1e-6))
 
         self.optim.step(grads[self.lo:self.hi], lr)
         linear_replay.weights_updated(self.module)

@@ -78,6 +78,17 @@ def all_gather(parts: List[torch.Tensor], t: torch.Tensor, group: Any = None) ->
     dist.all_gather(parts, t, group=group)
 
 
+def reduce_scatter_over_links(t: torch.Tensor, bounds: Sequence[int], group: Any = None) -> bool:
+    """Sum chunk i of ``t`` (``bounds[i]:bounds[i + 1]``) over ``group`` into its i-th rank's
+    ``t`` in place, through the local links; False (nothing done) where they do not reach the
+    group (the caller then all-reduces)."""
+    ranks = link_ranks(t, group)
+    if ranks is None:
+        return False
+    _local_links.reduce_scatter(t, ranks, bounds)
+    return True
+
+
 def link_ranks(t: torch.Tensor, group: Any = None) -> Optional[List[int]]:
     """The ranks of ``group`` (in its order) when a collective on ``t`` may run over the local
     links (a contiguous CPU tensor, every rank of the group a worker of this host), else None."""

@@ -48,6 +48,13 @@ _REGION_HEAD = 64  # u64 messages posted, u64 messages consumed; payload after i
 SPIN_S = float(os.environ.get("REAL_LINK_SPIN_MS", "5")) / 1e3
 
 
+def _combiner(op: str):
+    combine = _COMBINE.get(op)
+    if combine is None:
+        raise ValueError(f"op must be one of {sorted(_COMBINE)}, got {op!r}")
+    return combine
+
+
 def host_id() -> str:
     """What identifies this machine (and kernel instance) to the other workers."""
     try:
@@ -297,16 +304,29 @@ class LocalLinks:
         which rank reduced it (with two ranks a sum equals any other sum of the
         two, addition being commutative).
         """
-        combine = _COMBINE.get(op)
-        if combine is None:
-            raise ValueError(f"op must be one of {sorted(_COMBINE)}, got {op!r}")
         ranks = list(ranks)
         n = len(ranks)
         if n == 1 or t.numel() == 0:
+            _combiner(op)
             return t
+        chunk = self.reduce_scatter(t, ranks, [t.numel() * i // n for i in range(n + 1)], op)
+        me = ranks.index(self.rank)
+        others = [i for i in range(n) if i != me]
+        self.exchange([(chunk[me], ranks[i]) for i in others], [(ranks[i], chunk[i]) for i in others])
+        return t
+
+    def reduce_scatter(self, t: torch.Tensor, ranks: Sequence[int], bounds: Sequence[int],
+                       op: str = "sum") -> List[torch.Tensor]:
+        """Reduce chunk i of ``t`` (elements ``bounds[i]:bounds[i + 1]``) over ``ranks`` into
+        rank ``ranks[i]``'s ``t``, in place, with ``op``; the other chunks of each rank's ``t``
+        keep their values. Returns the chunks (views of ``t``)."""
+        combine = _combiner(op)
+        ranks = list(ranks)
+        n = len(ranks)
+        if len(bounds) != n + 1 or bounds[0] != 0 or bounds[-1] != t.numel():
+            raise ValueError(f"reduce_scatter: bounds {list(bounds)} do not split {t.numel()} elements in {n}.")
         me = ranks.index(self.rank)
         flat = t.view(-1)
-        bounds = [flat.numel() * i // n for i in range(n + 1)]
         chunk = [flat[bounds[i]:bounds[i + 1]] for i in range(n)]
         others = [i for i in range(n) if i != me]
         parts = self.exchange([(chunk[i], ranks[i]) for i in others],
@@ -316,8 +336,7 @@ class LocalLinks:
         for i in range(1, n):
             combine(total, chunk[me] if i == me else incoming[i])
         chunk[me].copy_(total)
-        self.exchange([(chunk[me], ranks[i]) for i in others], [(ranks[i], chunk[i]) for i in others])
-        return t
+        return chunk
 
     def all_gather(self, parts: Sequence[torch.Tensor], t: torch.Tensor, ranks: Sequence[int]) -> None:
         """``parts[i]`` = rank ``ranks[i]``'s ``t`` on every rank of ``ranks`` (each calls it);
