@@ -38,6 +38,15 @@ def test_defaults_build_three_calls_without_reference():
     assert "packed_ref_logprobs" not in calls["actor_train"].input_keys
     args = calls["actor_train"].interface_impl.args
     assert args["group_size"] == 4 and args["generation_config"].max_new_tokens == 16
+    assert calls["actor_gen"].interface_impl.args["reuse_rollout_products"] is True
+
+
+def test_reusing_rollout_products_can_be_turned_off():
+    import realhf.impl.model.interface  # noqa: F401  (registers grpo_actor)
+    from realhf.api.core.model_api import make_interface
+
+    calls = _calls(_grpo("grpo.reuse_rollout_products=False"))
+    assert make_interface(calls["actor_gen"].interface_impl).reuse_rollout_products is False
 
 
 @pytest.mark.parametrize("kl", ["grpo.kl_ctl=0.05", "grpo.kl_loss_coef=0.01"])

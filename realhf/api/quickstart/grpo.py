@@ -114,6 +114,9 @@ class GRPOHyperparameters:
     :param reward_output_scaling: reward = (score - bias) * scaling (applied by the reward call).
     :param reward_output_bias: see reward_output_scaling.
     :param max_reward_clip: rewards (with the overlong penalty) clipped to +-this.
+    :param reuse_rollout_products: the training forward takes the matrix products the
+        generation computed for the same sequences (CPU decoding, unchanged weights) instead of
+        recomputing them; equal up to float rounding (see ``linear_replay``).
     """
 
     gen: GenerationHyperparameters = dataclasses.field(default_factory=GenerationHyperparameters)
@@ -141,6 +144,7 @@ class GRPOHyperparameters:
     reward_output_scaling: float = 1.0
     reward_output_bias: float = 0.0
     max_reward_clip: float = 20.0
+    reuse_rollout_products: bool = True
     max_new_tokens: Optional[int] = None
     min_new_tokens: Optional[int] = None
     greedy: Optional[bool] = None
@@ -171,7 +175,7 @@ class GRPOHyperparameters:
         names = ("group_size", "n_minibatches", "adv_estimator", "norm_adv_by_std", "eps_clip", "eps_clip_higher",
                  "c_clip", "importance_sampling_level", "loss_agg_mode", "kl_ctl", "kl_loss_coef", "kl_estimator",
                  "dynamic_sampling", "overlong_tokens", "overlong_penalty_factor", "mask_no_eos_with_zero",
-                 "use_decoupled_loss", "behav_imp_weight_cap", "max_reward_clip")
+                 "use_decoupled_loss", "behav_imp_weight_cap", "max_reward_clip", "reuse_rollout_products")
         return dict({n: getattr(self, n) for n in names}, generation_config=self.gen,
                     force_no_logits_mask=self.gen.force_no_logits_mask,
                     reward_norm_mean_level=rn[0], reward_norm_std_level=rn[1],
