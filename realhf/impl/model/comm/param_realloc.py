@@ -73,7 +73,7 @@ from realhf.impl.model.comm.realloc_plan import (  # noqa: F401  (re-exported)
     make_realloc_plan,
     stage_layout,
 )
-from realhf.impl.model.nn import offload
+from realhf.impl.model.nn import linear_replay, offload
 from realhf.impl.model.nn.real_llm_base import partition_layers
 from realhf.impl.ops import set_intervals, slice_intervals
 
@@ -300,8 +300,9 @@ def reallocate(
             _scatter(buf, dst_flat, t, eta)
     if in_dst:
         # set_intervals may write without bumping the tensor version; an
-        # offload store of the destination is stale now.
+        # offload store of the destination is stale now, and so is a rollout capture.
         offload.invalidate(dst_model)
+        linear_replay.weights_updated(dst_model)
     if free_source and in_src:
         if dst_flat is not None and dst_flat.device.type == "cuda":
             torch.cuda.current_stream(dst_flat.device).synchronize()

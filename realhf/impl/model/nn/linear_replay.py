@@ -1,7 +1,7 @@
 """A rollout's matrix products, replayed in the training forward that follows it.
 
-On-policy RL (GRPO, PPO's first minibatch) trains on sequences the same
-weights have just generated, so the training forward recomputes, token for
+On-policy RL (GRPO here; a PPO actor's first minibatch would qualify too)
+trains on sequences the same weights have just generated, so the training forward recomputes, token for
 token, every matrix product the decoding already computed: a third of the
 step's arithmetic. When the CPU decoding loop runs
 (:class:`~realhf.impl.model.nn.fast_decode.FastDecoder`), a generation can keep
@@ -13,12 +13,13 @@ rotary, attention and activations still run, so every tensor the backward
 reads exists; the values equal a recomputed forward up to float rounding of
 the two product kernels.
 
-Sequences are found by their tokens (prompt + answer), so micro-batching,
-reordering and dp dispatch between the calls do not matter; a sequence not
-in the capture, changed weights (the flat buffer's data pointer or version
-counter), dropout or gradient checkpointing make the forward compute as
-usual. A capture is dropped when it has been replayed once (the optimizer
-step follows) or when a later generation starts with other weights.
+Sequences are found by their tokens (prompt + answer, or without the last
+token), so micro-batching, reordering and dp dispatch between the calls do
+not matter; a sequence not in the capture is multiplied. Changed weights
+(the flat buffer's data pointer or version counter, an optimizer step or a
+parameter reallocation, which declare themselves: :func:`weights_updated`),
+dropout or gradient checkpointing make the forward compute as usual, and an
+update releases the captures.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-# The products of a block a capture keeps, in the native loop's order, and their widths.
+# The products of a block a capture keeps, in the native loop's order.
 PRODUCTS = ("qkv", "o", "gate_up", "down")
 
 
