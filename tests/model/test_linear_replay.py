@@ -144,3 +144,15 @@ def test_generation_without_capture_keeps_nothing_and_samples_alike():
     assert getattr(b, "_rollout_captures", []) == [] and len(a._rollout_captures) == 1
     assert all(torch.equal(x, y) for x, y in zip(seqs_a, seqs_b))
     assert torch.equal(out_a.logprobs, out_b.logprobs)
+
+
+def test_a_capture_over_the_size_limit_is_not_kept(monkeypatch):
+    model = _model(LLAMA)
+    seqs, _ = _rollout(model)
+    size = linear_replay.RolloutCapture.nbytes(model, model._rollout_captures[0].head.shape[0])
+    assert size == sum(t.numel() * 4 for t in model._rollout_captures[0].flat()) + model._rollout_captures[0].head.numel() * 4
+    linear_replay.drop(model)
+    monkeypatch.setattr(linear_replay, "MAX_CAPTURE_BYTES", size - 1)
+    seqs_small, out = _rollout(model)
+    assert getattr(model, "_rollout_captures", []) == []
+    assert all(torch.equal(a, b) for a, b in zip(seqs, seqs_small))  # sampling is unchanged

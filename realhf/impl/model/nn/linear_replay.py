@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -33,6 +34,9 @@ import torch.nn.functional as F
 
 # The products of a block a capture keeps, in the native loop's order.
 PRODUCTS = ("qkv", "o", "gate_up", "down")
+# Largest capture a generation keeps (it holds every product's output of every fed token:
+# ~50 MB a worker at the GRPO benchmark's shape, gigabytes for large models and long answers).
+MAX_CAPTURE_BYTES = int(float(os.environ.get("REALHF_ROLLOUT_CAPTURE_MAX_MB", "1024")) * (1 << 20))
 
 
 def _weights_version(model: torch.nn.Module) -> Optional[Tuple[int, int, int]]:
@@ -71,13 +75,27 @@ class RolloutCapture:
     version: Tuple[int, int, int]
     sequences: Dict[bytes, torch.Tensor] = dataclasses.field(default_factory=dict)  # tokens -> capture rows
 
-    @classmethod
-    def allocate(cls, model: torch.nn.Module, n_rows: int) -> "RolloutCapture":
+    @staticmethod
+    def _widths(model: torch.nn.Module) -> Dict[str, int]:
         cfg = model.config
         d, h, f = cfg.head_dim, cfg.hidden_dim, cfg.intermediate_dim
-        widths = {"qkv": (cfg.n_q_heads + 2 * cfg.n_kv_heads) * d, "o": h, "gate_up": 2 * f, "down": h}
-        blocks = [{name: torch.empty(n_rows, w) for name, w in widths.items()} for _ in range(cfg.n_layers)]
-        return cls(blocks, torch.empty(n_rows, cfg.vocab_size), _weights_version(model))
+        return {"qkv": (cfg.n_q_heads + 2 * cfg.n_kv_heads) * d, "o": h, "gate_up": 2 * f, "down": h}
+
+    @classmethod
+    def nbytes(cls, model: torch.nn.Module, n_rows: int) -> int:
+        """Size of a capture of ``n_rows`` tokens (float32)."""
+        cfg = model.config
+        return 4 * n_rows * (cfg.n_layers * sum(cls._widths(model).values()) + cfg.vocab_size)
+
+    @classmethod
+    def allocate(cls, model: torch.nn.Module, n_rows: int) -> Optional["RolloutCapture"]:
+        """A capture of ``n_rows`` tokens, or None when it would exceed :data:`MAX_CAPTURE_BYTES`
+        (the training forward then multiplies)."""
+        if cls.nbytes(model, n_rows) > MAX_CAPTURE_BYTES:
+            return None
+        widths = cls._widths(model)
+        blocks = [{name: torch.empty(n_rows, w) for name, w in widths.items()} for _ in range(model.config.n_layers)]
+        return cls(blocks, torch.empty(n_rows, model.config.vocab_size), _weights_version(model))
 
     def flat(self) -> List[torch.Tensor]:
         """The block tensors in the native loop's order (block by block, :data:`PRODUCTS`)."""

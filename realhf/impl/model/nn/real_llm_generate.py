@@ -446,6 +446,8 @@ def _start_capture(model: torch.nn.Module, fast: Optional[FastDecoder], state: "
             or not state.native_sampler(model.config.vocab_size)):
         return None
     capture = linear_replay.RolloutCapture.allocate(model, n_prompt_tokens + bs * max(max_new - 1, 0))
+    if capture is None:  # over the size limit
+        return None
     fast.capture, fast.capture_base = capture, n_prompt_tokens
     fast.capture_slots = torch.full((bs, max(max_new, 1)), -1, dtype=torch.int64)
     return capture
