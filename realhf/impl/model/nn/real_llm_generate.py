@@ -453,22 +453,18 @@ def _start_capture(model: torch.nn.Module, fast: Optional[FastDecoder], state: "
     return capture
 
 
-def _finish_capture(model: torch.nn.Module, capture: linear_replay.RolloutCapture, slots: torch.Tensor,
+def _finish_capture(model: torch.nn.Module, capture: linear_replay.RolloutCapture, answer_rows: torch.Tensor,
                     out: GenerationOutput, prompts: torch.Tensor, cu: torch.Tensor, prefill_cu: torch.Tensor,
-                    first: Optional[torch.Tensor]) -> None:
-    """Record where each row's tokens sit in ``capture`` and keep it on ``model``. Row r's
-    prompt was prefilled as prompt ``slot[r]`` (its first occurrence among the rows)."""
-    bs = out.bs
+                    prefilled_as: Optional[torch.Tensor]) -> None:
+    """Record where each row's tokens sit in ``capture`` and keep it on ``model``: row r's
+    prompt was prefilled as prompt ``prefilled_as[r]`` (r itself when None), its fed answer
+    tokens went to ``answer_rows[r]``."""
     lens = (cu[1:] - cu[:-1]).tolist()
-    if first is None:
-        slot = list(range(bs))
-    else:
-        unique = (first == torch.arange(bs, device=first.device))
-        slot = ((unique.cumsum(0) - 1)[first]).tolist()
+    rows_of = range(out.bs) if prefilled_as is None else prefilled_as.tolist()
     pcu = prefill_cu.tolist()
     capture.add_sequences(list(torch.split(prompts.cpu(), lens)),
-                          [torch.arange(pcu[u], pcu[u + 1]) for u in slot],
-                          [a.cpu() for a in out.sequences], list(slots))
+                          [torch.arange(pcu[u], pcu[u + 1]) for u in rows_of],
+                          [a.cpu() for a in out.sequences], list(answer_rows))
     linear_replay.keep(model, capture)
 
 
@@ -553,7 +549,8 @@ def generate(
             state.finish(n_steps)
             out = state.output()
             if capture is not None:
-                _finish_capture(model, capture, fast.capture_slots, out, all_prompts, all_cu, cu_seqlens, first)
+                _finish_capture(model, capture, fast.capture_slots, out, all_prompts, all_cu, cu_seqlens,
+                                None if first is None else slot)
             return out
     while True:
         feed = state.step(last_logits)
