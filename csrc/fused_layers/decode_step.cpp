@@ -9,8 +9,9 @@
 // for the values); elsewhere the products go to at::mm / at::addmm over
 // [in, out] copies and the attention is scalar. Everything else (RMS norm,
 // rotary, writing the new key/value into each row's cache slot, the residual
-// adds) is plain loops over float32 data, and SwiGLU uses torch's vectorized
-// silu.
+// adds, SwiGLU's silu(gate) * up with exp8) is plain loops over float32 data.
+// A generation whose products a training forward will replay passes capture
+// tensors, and the products are written into them (ProductOutputs).
 //
 // The arithmetic is that of realhf/impl/model/nn/fast_decode.py, which remains
 // the reference (and the path for other dtypes and activations).
