@@ -323,3 +323,16 @@ def test_native_loop_equals_the_step_loop(variant, min_new, monkeypatch):
     assert torch.equal(a.gen_lengths, b.gen_lengths) and torch.equal(a.gen_tokens, b.gen_tokens)
     assert torch.equal(a.logprobs, b.logprobs)
     assert torch.equal(a.no_eos, b.no_eos)
+
+
+@pytest.mark.parametrize("impl", ["eager", "fast"])
+def test_generation_records_no_autograd_graph(impl, monkeypatch):
+    """A trainable model (parameters requiring grad, grad mode on) generates without building a graph."""
+    monkeypatch.setattr(fast_decode, "DECODE_IMPL", impl)
+    model = _model(LLAMA)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    assert torch.is_grad_enabled()
+    out = generate(model, torch.tensor([1, 2, 3, 4, 5, 6]), cu_seqlens_from_lengths(torch.tensor([4, 2])),
+                   GenerationHyperparameters(max_new_tokens=3, min_new_tokens=0), None)
+    assert out.logprobs.numel() > 0 and not out.logprobs.requires_grad

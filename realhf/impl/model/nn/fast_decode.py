@@ -348,7 +348,7 @@ class FastDecoder:
         lens = cu[1:] - cu[:-1]
         rows = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens)
         pos = cache.seqlens[rows] + torch.arange(rows.numel(), device=dev) - cu[:-1][rows]
-        if self.capture is not None and self.native:  # prompt token i keeps its products in capture row i
+        if self.capture is not None:  # prompt token i keeps its products in capture row i (native loops only)
             self._capture_start = 0
         try:
             x = self._hidden(input_ids.to(dev), rows, pos, False)

@@ -437,7 +437,6 @@ def logits_kwargs(model: torch.nn.Module) -> dict:
     return {"gather_logits": True} if getattr(model, "tp_size", 1) > 1 else {}
 
 
-@torch.no_grad()
 def _start_capture(model: torch.nn.Module, fast: Optional[FastDecoder], state: "DecodeState", n_prompt_tokens: int,
                    bs: int, max_new: int) -> Optional[linear_replay.RolloutCapture]:
     """A capture of this generation's products for the training forward that follows
@@ -468,6 +467,7 @@ def _finish_capture(model: torch.nn.Module, capture: linear_replay.RolloutCaptur
     linear_replay.keep(model, capture)
 
 
+@torch.no_grad()
 def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -529,7 +529,8 @@ def generate(
     fast = FastDecoder(model, cache) if use_fast_decode(model, device) else None
     capture = _start_capture(model, fast, state, int(input_ids.numel()), bs, gconfig.max_new_tokens)
     if fast is not None and fast.native:
-        last_logits = fast.prefill(input_ids, cu_seqlens)  # [bs, V]: the native block loop, heads of last tokens only
+        # [bs, V]: the native block loop; the head on last tokens only (on every token with a capture)
+        last_logits = fast.prefill(input_ids, cu_seqlens)
     else:
         # The model's own forward (no weight copies); the last block and head on last tokens only
         # where the model offers it.
