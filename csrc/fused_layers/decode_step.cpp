@@ -564,7 +564,6 @@ int64_t decode_loop(at::Tensor logits, const std::vector<at::Tensor>& weights, c
   const auto no_ban = eos.narrow(0, 0, 0);
   const auto f32 = logits.options();
   const auto no_bias = at::empty({0}, f32);
-  const std::vector<at::Tensor> no_capture;
   int64_t* tp = tokens.data_ptr<int64_t>();
   float* lp = logprobs.data_ptr<float>();
   int64_t* glp = gen_lengths.data_ptr<int64_t>();
@@ -627,7 +626,7 @@ int64_t decode_loop(at::Tensor logits, const std::vector<at::Tensor>& weights, c
       next_row += m;
     }
     x = decode_blocks(x, weights, eps, scales, packed, cache_k, cache_v, rows, pos, freqs.cos(), freqs.sin(), n_q,
-                      n_kv, head_dim, inter, interleaved, threads, capturing ? capture : no_capture, start);
+                      n_kv, head_dim, inter, interleaved, threads, capture, start);
     for (int64_t r : active) slp[r] += 1;
     if (ln_f.numel()) x = rms(x, ln_f, ln_f_eps);
     logits = panels_linear(x, head_panels, vocab, no_bias, threads,

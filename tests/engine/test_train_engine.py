@@ -149,7 +149,7 @@ def _dp_links_worker(rank: int, world_size: int):
         return plain_all_gather(parts, t, *args, **kw)
 
     torch.distributed.all_reduce, torch.distributed.all_gather = counting_all_reduce, counting_all_gather
-    numel = {}
+    shards = {}  # (numel, shard size, whether the last gradient sum was a reduce-scatter)
     for key in [(zero, use_links) for zero in (False, True) for use_links in (False, True)]:
         big_all_reduces[key] = gloo_gathers[key] = 0
         global_comm.set_local_links(links if key[1] else None)
@@ -158,25 +158,25 @@ def _dp_links_worker(rank: int, world_size: int):
             e.module.train_batch(_halves(_sample(seed=10 + step))[rank], MicroBatchSpec(n_mbs=1), _lm_loss,
                                  _predicted_tokens)
         flats[key] = e.module.module.flat_param.clone()
-        numel[key] = (e.module.numel, e.module.shard, e.module._sharded_grads)
+        shards[key] = (e.module.numel, e.module.shard, e.module._sharded_grads)
     torch.distributed.all_reduce, torch.distributed.all_gather = plain_all_reduce, plain_all_gather
     global_comm.set_local_links(None)
-    return links is not None, flats, big_all_reduces, gloo_gathers, numel
+    return links is not None, flats, big_all_reduces, gloo_gathers, shards
 
 
 def test_dp_gradient_sum_over_local_links_equals_torch_distributed():
     """Workers of one host average gradients (and, with ZeRO, gather the updated shards) over
     their sockets: bit for bit the gloo result."""
     results = run_distributed(_dp_links_worker, 2, timeout=60)
-    for linked, flats, big_all_reduces, gloo_gathers, numel in results:
+    for linked, flats, big_all_reduces, gloo_gathers, shards in results:
         assert linked
         for zero in (False, True):
             assert torch.equal(flats[(zero, True)], flats[(zero, False)]), zero
             assert big_all_reduces[(zero, False)] >= 3 and big_all_reduces[(zero, True)] == 0
         assert gloo_gathers[(True, False)] == 3 and gloo_gathers[(True, True)] == 0
-        assert numel[(True, True)][0] == 2 * numel[(True, True)][1]  # equal shards: the in-place gather
+        assert shards[(True, True)][0] == 2 * shards[(True, True)][1]  # equal shards: the in-place gather
         # ZeRO over the links sums each rank's shard only (a reduce-scatter); gloo all-reduces.
-        assert numel[(True, True)][2] and not numel[(True, False)][2] and not numel[(False, True)][2]
+        assert shards[(True, True)][2] and not shards[(True, False)][2] and not shards[(False, True)][2]
     assert torch.equal(results[0][1][(True, True)], results[1][1][(True, True)])
     assert not torch.equal(results[0][1][(False, True)], _model(seed=3).flat_param)
 

@@ -234,8 +234,7 @@ def replayed(model: torch.nn.Module, capture: RolloutCapture, rows: torch.Tensor
     [tokens of this forward's layout] picks each token's capture row; ``last_rows`` (capture
     rows of the output rows, or None for all) those of the last block's o/MLP and the head."""
     cfg = model.config
-    nq, nkv, d, f = cfg.n_q_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim, cfg.intermediate_dim
-    del d
+    nq, nkv, f = cfg.n_q_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.intermediate_dim
     rows = _Rows.of(rows)
     tail = rows if last_rows is None else _Rows.of(last_rows)
     patched = []
