@@ -75,8 +75,9 @@ class DemoSettings:
     grpo_prompts: int = 64
     group_size: int = 8
     grpo_new_tokens: int = 40
-    grpo_temperature: float = 1.0
-    grpo_lr: float = 5e-4
+    grpo_temperature: float = 0.5
+    grpo_lr: float = 1.25e-4
+    grpo_minibatches: int = 4
     eval_every: int = 20
     eval_prompts: int = 200
     eval_samples: int = 8
@@ -127,7 +128,8 @@ def grpo_args(s: DemoSettings, sft_ckpt: str) -> List[str]:
         f"actor.path={sft_ckpt}", f"actor.optimizer.lr={s.grpo_lr}", "actor.optimizer.lr_scheduler_type=constant",
         "actor.optimizer.warmup_steps_proportion=0.2", f"dataset.path={dataset_path('prompt-train')}",
         "dataset.max_prompt_len=64", f"dataset.train_bs_n_seqs={s.grpo_prompts}",
-        f"grpo.group_size={s.group_size}", f"grpo.gen.max_new_tokens={s.grpo_new_tokens}",
+        f"grpo.group_size={s.group_size}", f"grpo.n_minibatches={s.grpo_minibatches}",
+        f"grpo.gen.max_new_tokens={s.grpo_new_tokens}",
         "grpo.gen.min_new_tokens=1", f"grpo.gen.temperature={s.grpo_temperature}", "grpo.gen.top_p=1.0",
         "grpo.gen.top_k=1000000",
         "rule_reward.reward=math", "rule_reward.n_workers=0", f"exp_ctrl.save_freq_steps={s.eval_every}",

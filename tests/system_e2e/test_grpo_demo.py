@@ -4,8 +4,7 @@ The default suite runs it shortened (a few SFT and GRPO steps, a handful of
 held-out prompts) to show that the stages chain through the CLI and that the
 curve is printed for every saved step; ``-m slow`` runs the README command
 as written and checks what it shows: the GRPO training reward and the
-held-out accuracy of sampled answers rise while the greedy exact-match
-accuracy on the held-out prompts holds.
+held-out exact-match accuracy of greedy and of sampled answers rise.
 """
 
 from __future__ import annotations
@@ -88,10 +87,9 @@ def test_grpo_demo_refuses_an_unknown_rl():
 @pytest.mark.slow
 @pytest.mark.timeout(2700)
 def test_grpo_demo_learns(tmp_path):
-    # Measured (README, 9 min): train reward per 20 steps 0.138 0.143 0.163 0.183 0.181; held-out
-    # sampled accuracy (8 per prompt) 0.120 0.134 0.147 0.143 0.138 0.158; held-out greedy accuracy
-    # 0.235 0.215 0.210 0.210 0.200 0.195. GRPO raises the sampled policy's held-out accuracy;
-    # the greedy accuracy of this 1.2M-parameter model does not rise.
+    # Measured (README, 5.5 min, deterministic for the seed): train reward per 20 steps 0.216 0.228
+    # 0.258 0.279 0.273; held-out greedy accuracy 0.195 0.225 0.225 0.240 0.240 0.255; held-out
+    # sampled accuracy (8 per prompt, temperature 0.5) 0.185 0.208 0.207 0.214 0.232 0.235.
     out = _run_demo(tmp_path, [], timeout=2400)
     print(out)  # the curve, for pytest -s
     curve = _curve(out)
@@ -101,7 +99,7 @@ def test_grpo_demo_learns(tmp_path):
     before = _number(r"held-out accuracy before: ([\d.]+)", out)
     after = _number(r"held-out accuracy after: +([\d.]+)", out)
     assert before >= 0.1, curve  # SFT leaves a partially correct model for GRPO to start from
-    assert after >= before - 0.05, curve
+    assert after >= before + 0.02, curve
     sampled_before = _number(r"held-out sampled accuracy before: ([\d.]+)", out)
     sampled_after = _number(r"held-out sampled accuracy after: +([\d.]+)", out)
     assert sampled_after >= sampled_before + 0.03, curve
