@@ -117,12 +117,14 @@ class TrainModule(EngineModule):
             self._params.append((p, view))
 
         # The slice of the flat buffer this rank updates (everything without ZeRO).
+        # ZeRO: rank i updates [shard_bounds[i], shard_bounds[i + 1]), the chunk its reduce-scatter sums.
         if self.zero:
             self.shard = -(-self.numel // self.dp_size)
-            self.lo = min(self.numel, self.dp_rank * self.shard)
-            self.hi = min(self.numel, self.lo + self.shard)
+            self.shard_bounds = [min(self.numel, i * self.shard) for i in range(self.dp_size + 1)]
+            self.lo, self.hi = self.shard_bounds[self.dp_rank], self.shard_bounds[self.dp_rank + 1]
         else:
             self.shard, self.lo, self.hi = self.numel, 0, self.numel
+            self.shard_bounds = [0, self.numel]
         master = flat.detach()[self.lo:self.hi]
         self.master = master if flat.dtype == torch.float32 else master.float().clone()
         mask = _decay_mask(module, torch.float32)[self.lo:self.hi]
@@ -164,8 +166,7 @@ class TrainModule(EngineModule):
             return
         if self.zero and self.scaler is None:
             # ZeRO updates this rank's shard only: a reduce-scatter (half an all-reduce) will do.
-            bounds = [min(self.numel, i * self.shard) for i in range(self.dp_size + 1)]
-            if global_comm.reduce_scatter_over_links(self.flat_grad, bounds, self.group):
+            if global_comm.reduce_scatter_over_links(self.flat_grad, self.shard_bounds, self.group):
                 self.flat_grad[self.lo:self.hi].div_(self.dp_size)
                 self._sharded_grads = True
                 return
