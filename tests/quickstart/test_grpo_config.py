@@ -127,6 +127,16 @@ def test_bad_values_are_refused_naming_the_key(override, key):
         _grpo(*extra)
 
 
+def test_missing_or_malformed_prompts_are_a_config_error(tmp_path):
+    """The math reward reads the records for their answers; a bad file is refused as the key, not a traceback."""
+    with pytest.raises(ConfigError, match=r"dataset\.path.*not an existing file"):
+        _grpo(f"dataset.path={tmp_path / 'missing.jsonl'}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": 3\n')
+    with pytest.raises(ConfigError, match=r"dataset\.path: .*bad\.jsonl: line 1: invalid JSON"):
+        _grpo(f"dataset.path={bad}")
+
+
 def test_group_levels_and_dynamic_sampling_need_groups():
     for extra in ("grpo.dynamic_sampling=True", "grpo.reward_norm.mean_level=group"):
         with pytest.raises(ConfigError, match=r"grpo\.group_size"):

@@ -360,6 +360,7 @@ class GRPOConfig(CommonExperimentConfig):
         if self.grpo.uses_ref and self.ref.path:
             check_language_model("ref", self.ref, "the KL reference")
             self.ref.validate("ref", check_path=check_paths)
+        self.dataset.validate("dataset", check_paths=check_paths)  # before the reward's look at its records
         if self.rew_interface == "paired_rw":
             if not self.rew.type.is_critic:
                 raise ConfigError("rew.type.is_critic=False: rew_interface=paired_rw scores with a reward model, "
@@ -372,7 +373,6 @@ class GRPOConfig(CommonExperimentConfig):
             entries = self.rule_reward.validate("rule_reward")
             if check_paths and any(e["name"] == "math" for e in entries):
                 self._check_answer_field()
-        self.dataset.validate("dataset", check_paths=check_paths)
         self.grpo.validate("grpo")
         for n in self.call_names:
             getattr(self, n).validate(n)
@@ -382,9 +382,12 @@ class GRPOConfig(CommonExperimentConfig):
 
     def _check_answer_field(self) -> None:
         """The math reward compares with a reference answer: the prompts must carry one."""
-        from realhf.base.json_records import load_records
+        from realhf.base.json_records import DatasetFormatError, load_records
 
-        records, _ = load_records(self.dataset.path, None, {})
+        try:
+            records, _ = load_records(self.dataset.path, None, {})
+        except DatasetFormatError as e:
+            raise ConfigError(f"dataset.path: {e}") from None
         key = self.rule_reward.answer_key
         if not any(key in r for r in records):
             raise ConfigError(f"rule_reward.answer_key={key!r}: no record of dataset.path={self.dataset.path!r} has "
