@@ -95,6 +95,10 @@ def test_reward_model_variant_uses_a_critic():
     ("grpo.eps_clip=1.0", "grpo.eps_clip"),
     ("grpo.eps_clip_higher=-0.1", "grpo.eps_clip_higher"),
     ("grpo.c_clip=1.0", "grpo.c_clip"),
+    ("grpo.temperature=0", "grpo.gen.greedy"),  # identical answers in every group
+    ("grpo.greedy=True grpo.adv_estimator=rloo", "grpo.gen.greedy"),
+    ("grpo.greedy=True grpo.adv_estimator=reinforce_plus_plus grpo.dynamic_sampling=True",
+     "grpo.dynamic_sampling=True would drop every group"),
     ("grpo.importance_sampling_level=group", "grpo.importance_sampling_level"),
     ("grpo.loss_agg_mode=sum", "grpo.loss_agg_mode"),
     ("grpo.kl_ctl=-0.1", "grpo.kl_ctl"),
@@ -125,6 +129,11 @@ def test_bad_values_are_refused_naming_the_key(override, key):
         extra.append("grpo.adv_estimator=rloo")
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _grpo(*extra)
+
+
+def test_greedy_is_allowed_where_no_group_baseline_reads_it():
+    cfg = _grpo("grpo.temperature=0", "grpo.adv_estimator=reinforce_plus_plus")
+    assert cfg.grpo.gen.greedy
 
 
 def test_missing_or_malformed_prompts_are_a_config_error(tmp_path):

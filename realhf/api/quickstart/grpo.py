@@ -189,6 +189,12 @@ class GRPOHyperparameters:
         if self.adv_estimator in GROUP_ESTIMATORS and self.group_size < 2:
             raise ConfigError(f"{k('group_size')}={self.group_size}: {k('adv_estimator')}={self.adv_estimator!r} "
                               "takes its baseline from the other samples of a prompt; use at least 2.")
+        if self.gen.greedy and (self.adv_estimator in GROUP_ESTIMATORS or self.dynamic_sampling):
+            what = (f"{k('dynamic_sampling')}=True would drop every group" if self.adv_estimator not in GROUP_ESTIMATORS
+                    else f"{k('adv_estimator')}={self.adv_estimator!r} would give every answer advantage 0")
+            raise ConfigError(f"{k('gen.greedy')}=True (or {k('greedy')}, or temperature 0): the {self.group_size} "
+                              f"answers of a prompt would all be its one greedy answer, so {what}; sample "
+                              f"(a {k('temperature')} above 0).")
         check_positive_int(k("n_minibatches"), self.n_minibatches)
         if self.norm_adv_by_std is not None and self.adv_estimator not in ("grpo", "dr_grpo"):
             raise ConfigError(f"{k('norm_adv_by_std')}={self.norm_adv_by_std} only applies to grpo and dr_grpo; "
