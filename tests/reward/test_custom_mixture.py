@@ -122,10 +122,11 @@ def test_spec_forms_normalize():
     ([{"name": "math", "weight": float("inf")}], "weight must be a finite number"),
     ([{"name": "math", "weight": True}], "weight must be a finite number"),
     (["math", 3], "entry 1 \\(3\\): must be a name or a dict"),
-    ([{"name": "math", "tolerance": 1}], "entry 0 .*unexpected keyword argument 'tolerance'"),
+    ([{"name": "math", "tolerance": 1}], "entry 0 .*reward 'math' has no option 'tolerance'; its options are \\['tol'\\]"),
+    ([{"name:custom": None, "path:/r.py": None}], "entry 0 .*without a space, which YAML reads as one key"),
     ([{"name": "format", "pattern": "("}], "entry 0 .*error"),
     ([{"name": "custom", "path": "/nonexistent/r.py", "function": "f"}], "entry 0 .*/nonexistent/r.py"),
-    ([{"name": "custom", "path": "/nonexistent/r.py"}], "entry 0 .*function"),
+    ([{"name": "custom", "path": "/nonexistent/r.py"}], re.escape("reward 'custom' needs ['function']")),
 ])
 def test_bad_specs_name_the_entry(spec, fragment):
     with pytest.raises(RewardSpecError, match=fragment):

@@ -24,6 +24,7 @@ A mixture's reward is ``sum(weight_i * reward_i)``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
@@ -103,6 +104,25 @@ def _describe(entry: Any) -> str:
     return repr(entry) if len(repr(entry)) <= 200 else repr(entry)[:197] + "..."
 
 
+def _check_options(where: str, name: str, given: List[Any]) -> None:
+    """The entry's options against its factory's parameters: unknown or missing ones name the entry."""
+    try:
+        params = inspect.signature(_REGISTRY[name]).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): the factory call checks
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        raise RewardSpecError(f"{where}: reward {name!r} has no option {unknown[0]!r}; its options are "
+                              f"{known or 'none'} (besides 'name' and 'weight').")
+    missing = [p.name for p in params if p.default is p.empty and p.name not in given
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if missing:
+        raise RewardSpecError(f"{where}: reward {name!r} needs {missing}.")
+
+
 def normalize_spec(spec: RewardSpec) -> List[Dict[str, Any]]:
     """Entries as ``{"name", "weight", **options}`` dicts; raises RewardSpecError naming a bad entry."""
     if isinstance(spec, (str, Mapping)):
@@ -118,8 +138,14 @@ def normalize_spec(spec: RewardSpec) -> List[Dict[str, Any]]:
             raise RewardSpecError(f"{where}: must be a name or a dict, not {type(entry).__name__}.")
         entry = dict(entry)
         name = entry.get("name")
+        glued = [k for k, v in entry.items() if v is None and isinstance(k, str) and ":" in k]
+        if name is None and glued:
+            raise RewardSpecError(f"{where}: keys {glued} look like 'key:value' without a space, which YAML reads "
+                                  "as one key; write {name: custom, path: ..., function: ...} with a space after "
+                                  "each colon.")
         if name not in _REGISTRY:
             raise RewardSpecError(f"{where}: unknown reward name {name!r}; registered: {registered_rewards()}.")
+        _check_options(where, name, [k for k in entry if k not in ("name", "weight")])
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise RewardSpecError(f"{where}: weight must be a finite number, got {weight!r}.")
