@@ -133,3 +133,19 @@ def test_make_registry(monkeypatch):
         sched.make("k8s", "e", "t")
     e = JobException("e_t", "model_worker", "host1", "exited with code 1", worker_index=2)
     assert "e_t:model_worker-2" in str(e) and "host1" in str(e)
+
+
+def test_failure_report_tail_skips_interpreter_exit_noise(tmp_path):
+    """A worker's error stays in the reported tail though an extension's leak report follows it at exit."""
+    from realhf.scheduler.local.client import read_log_tail
+
+    noise = ["nanobind: leaked 3 instances!", ' - leaked instance 0x7f of type "triton._C.libtriton.ir.attribute"',
+             " - ... skipped remainder", "nanobind: leaked 64 types!", ' - leaked type "ATOMIC_OP"',
+             "nanobind: this is likely caused by a reference counting issue in the binding code.",
+             "See https://nanobind.readthedocs.io/en/latest/refleaks.html"] * 10
+    log = tmp_path / "w.log"
+    log.write_text("\n".join(["step 1", "Traceback (most recent call last):", "  - leaked is a word here",
+                              "RewardError: reward of item 0 failed: timed out after 2 s"] + noise) + "\n")
+    tail = read_log_tail(str(log), n_lines=3)
+    assert tail.splitlines() == ["Traceback (most recent call last):", "  - leaked is a word here",
+                                 "RewardError: reward of item 0 failed: timed out after 2 s"]

@@ -84,7 +84,15 @@ def describe_returncode(code: int) -> str:
     return f"exited with code {code}"
 
 
+# What extension modules print while the interpreter shuts down (nanobind's reference-leak report of
+# triton's bindings, dozens of lines after every exit of a process that imported triton): it would push
+# the worker's own error out of the tail that a failure report shows.
+_EXIT_NOISE = re.compile(r"^(nanobind: | - leaked (instance|type|function) | - \.\.\. skipped remainder$"
+                         r"|See https://nanobind\.)")
+
+
 def read_log_tail(path: str, n_lines: int = LOG_TAIL_LINES, max_bytes: int = 64 * 1024) -> str:
+    """The last ``n_lines`` lines of a job's log, without interpreter-exit noise."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -93,7 +101,7 @@ def read_log_tail(path: str, n_lines: int = LOG_TAIL_LINES, max_bytes: int = 64 
             data = f.read()
     except OSError as e:
         return f"<log {path} unreadable: {e}>"
-    lines = data.decode("utf-8", errors="replace").splitlines()
+    lines = [l for l in data.decode("utf-8", errors="replace").splitlines() if not _EXIT_NOISE.match(l)]
     return "\n".join(lines[-n_lines:])
 
 

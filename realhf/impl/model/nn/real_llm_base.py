@@ -21,15 +21,24 @@ from realhf.impl.model.modules.mlp import make_mlp
 from realhf.impl.model.modules.norm import make_norm
 
 
+def _uninitialized_embedding(n: int, dim: int) -> nn.Embedding:
+    """An embedding table whose initializer does not run: layers are built on the meta device and
+    their weights are set afterwards from the flat buffer. (On meta, ``normal_`` runs through torch's
+    Python decompositions, whose first use imports torch._dynamo, and triton where it is installed:
+    ~1.2 s in every worker for values that do not exist.)"""
+    return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
+
+
 class EmbeddingLayer(nn.Module):
     """Token embedding plus optional learned absolute positions (gpt2)."""
 
     def __init__(self, config: ReaLModelConfig):
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_dim)
+        self.wte = _uninitialized_embedding(config.vocab_size, config.hidden_dim)
         if not config.apply_rotary and config.n_positions is not None:
-            self.wpe = nn.Embedding(config.n_positions + config.abs_position_embedding_offset, config.hidden_dim)
+            n_positions = config.n_positions + config.abs_position_embedding_offset
+            self.wpe = _uninitialized_embedding(n_positions, config.hidden_dim)
         else:
             self.wpe = None
         self.drop = nn.Dropout(config.embd_pdrop)
