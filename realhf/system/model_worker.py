@@ -441,6 +441,10 @@ class ModelWorkerCore:
                 state[f"engine/{name}"] = eng.state_dict()
                 state[f"params/{name}"] = eng.module.flat_param.detach().clone()
                 state[f"version/{name}"] = (m.version.epoch, m.version.epoch_step, m.version.global_step)
+        for rpc, iface in self.interfaces.items():
+            kept = iface.state_dict()
+            if kept:
+                state[f"interface/{rpc}"] = kept
         tmp = os.path.join(out, f"state.pt.tmp{os.getpid()}")
         torch.save(state, tmp)
         os.replace(tmp, os.path.join(out, "state.pt"))
@@ -458,6 +462,8 @@ class ModelWorkerCore:
                     m.module.module.flat_param.copy_(state[f"params/{name}"])
                 m.module.load_state_dict(state[f"engine/{name}"])
                 m.version.epoch, m.version.epoch_step, m.version.global_step = state[f"version/{name}"]
+        for rpc, iface in self.interfaces.items():
+            iface.load_state_dict(state.get(f"interface/{rpc}", {}))
         return None
 
 

@@ -212,6 +212,16 @@ class ModelInterface(abc.ABC):
     def save(self, model: Model, save_dir: str) -> None:
         pass
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The algorithm's running state that a resumed run needs (an adaptive KL coefficient, a value
+        normalizer's statistics); written with the recover state. Stateless interfaces keep none."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no running state but was given {sorted(state)}.")
+
     def prepare_evaluation(self, model: Model, eval_dataloader: Any) -> None:
         """Called once on every rank of the model's mesh after the model is initialized
         and before any step (a baseline the later :meth:`evaluate` calls compare with)."""

@@ -38,10 +38,13 @@ from realhf.api.core.model_api import (
     ModelInterface,
     register_interface,
 )
+from realhf.base import logging
 from realhf.impl.model.backend.inference import EngineModule, packed_inputs
 from realhf.impl.model.interface.common import loss_rows, packed_shifted_log_probs, scatter_rows, shifted_answer_mask
 from realhf.impl.model.utils import ppo_functional as F
 from realhf.impl.model.utils.functional import cu_seqlens_from_lengths, log_probs_at, shifted_label_indices
+
+logger = logging.getLogger("ppo interface")
 
 LOGITS_MASK = "packed_logits_mask"
 
@@ -299,6 +302,24 @@ class _PPOBase(ModelInterface):
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
         return {k: v / n for k, v in sums.items()}
+
+    def state_dict(self) -> Dict[str, Any]:
+        state: Dict[str, Any] = {"kl_controller": self.kl_controller.state_dict()}
+        if self.rms is not None:
+            state["value_normalizer"] = self.rms.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if not state:  # a recover state written before interfaces kept theirs
+            logger.warning("the recover state holds no PPO running state; the KL coefficient and the value "
+                           "normalizer start afresh, so the resumed run will differ from an uninterrupted one.")
+            return
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        if (self.rms is None) != ("value_normalizer" not in state):
+            raise ValueError(f"ppo.value_norm={self.rms is not None} in this run, but the saved state "
+                             f"{'lacks' if self.rms is not None else 'has'} value normalizer statistics.")
+        if self.rms is not None:
+            self.rms.load_state_dict(state["value_normalizer"])
 
     def save(self, model: Model, save_dir: str) -> None:
         if not self.enable_save:
