@@ -285,6 +285,12 @@ def test_prompt_dataset_left_truncation_and_padding(tokenizer):
     assert s.data["packed_prompts"].tolist() == [tokenizer.pad_token_id] * (6 - len(hi)) + hi
 
 
+def test_prompt_that_encodes_to_no_tokens_is_refused(tokenizer):
+    rows = [{"prompt": "Hi", "id": "a"}, {"prompt": "", "id": "b"}]
+    with pytest.raises(DatasetFormatError, match=r"record 'b': the prompt '' encodes to no tokens"):
+        PromptDataset(util(tokenizer), max_length=6, dataset_builder=lambda: rows)
+
+
 # --------------------------------------------------------------------------
 # Data-parallel sharding
 # --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from realhf.api.core import data_api
-from realhf.base.json_records import load_rank_shard
+from realhf.base.json_records import DatasetFormatError, load_rank_shard
 from realhf.impl.dataset.common import encode_texts
 
 REQUIRED_FIELDS = {"prompt": str}
@@ -57,6 +57,9 @@ class PromptDataset(torch.utils.data.Dataset):
         self.metadata: list[dict[str, Any]] = []
         n_truncated = 0
         for r, ids in zip(records, encode_texts(tok, [r["prompt"] for r in records], append_eos=False)):
+            if not ids:  # generation continues a prompt: it needs at least one token to start from
+                raise DatasetFormatError(f"{source}: record {r['id']!r}: the prompt {r['prompt']!r} encodes to no "
+                                         "tokens; generation needs at least one.")
             if len(ids) > max_length:
                 n_truncated += 1
                 ids = ids[-max_length:]
