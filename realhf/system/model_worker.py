@@ -321,6 +321,8 @@ class ModelWorkerCore:
             mb_spec = MicroBatchSpec(n_mbs=rpc.n_mbs or 1, max_tokens_per_mb=rpc.max_tokens_per_mb)
             kind = rpc.interface_type
             if kind == ModelInterfaceType.TRAIN_STEP:
+                if hasattr(model.module, "schedule_step"):  # the LR schedule advances once per train call
+                    model.module.schedule_step = model.version.global_step
                 out = iface.train_step(model, sample, mb_spec)
                 model.inc_version()
             elif kind == ModelInterfaceType.INFERENCE:

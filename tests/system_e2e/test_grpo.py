@@ -155,3 +155,16 @@ def test_training_layouts_agree(tmp_path, agg):
         assert s["task_reward"] == ref["task_reward"] and s["avg_gen_len"] == ref["avg_gen_len"], name
         for key in ("actor_loss", "grad_norm", "importance_weight", "approx_kl", "advantage"):
             assert s[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (name, key, s[key], ref[key])
+
+
+def test_learning_rate_schedule_advances_once_per_train_call(tmp_path):
+    """Every minibatch step of a call takes that call's learning rate, so a schedule spans the whole run
+    whatever grpo.n_minibatches is (25 calls here: 200 prompts / 8; warmup over 20% of them = 5 calls)."""
+    extra = ["allocation_mode=heuristic", f"dataset.path={DATA}/prompt-valid.jsonl", "grpo.n_minibatches=2",
+             "actor.optimizer.lr_scheduler_type=constant", "actor.optimizer.warmup_steps_proportion=0.2",
+             "exp_ctrl.benchmark_steps=3"]
+    cfg = parse_quickstart("grpo", _args(*extra)).initial_setup()
+    hist = run_with_pipes(cfg, "grpo", "t", timeout=300, fileroot=str(tmp_path)).history
+    stats = [h.stats["actor_train"] for h in hist]
+    assert [s["n_updates"] for s in stats] == [2.0, 2.0, 2.0]
+    assert [s["lr"] for s in stats] == pytest.approx([1e-3 * k / 5 for k in (1, 2, 3)], rel=1e-9)

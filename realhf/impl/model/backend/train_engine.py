@@ -97,7 +97,11 @@ class TrainModule(EngineModule):
         self.gradient_clipping = gradient_clipping
         self.bucket_size = int(bucket_size)
         self.lr_lambda = make_lr_lambda(max(1, total_steps), optimizer)
-        self.step_count = 0
+        self.step_count = 0  # optimizer steps taken
+        # The schedule's position: the model's global step (train calls done), set by the worker before each
+        # call, so every optimizer step of a call (PPO/GRPO minibatches) takes that step's learning rate and the
+        # schedule spans the whole run. None (no worker): one position per optimizer step.
+        self.schedule_step: Optional[int] = None
         self._sharded_grads = False  # the last gradient sum reduced this rank's ZeRO shard only
 
         flat = module.flat_param
@@ -139,7 +143,7 @@ class TrainModule(EngineModule):
     # ------------------------------------------------------------------ utils
     @property
     def lr(self) -> float:
-        return self.cfg.lr * self.lr_lambda(self.step_count)
+        return self.cfg.lr * self.lr_lambda(self.step_count if self.schedule_step is None else self.schedule_step)
 
     def zero_grad(self) -> None:
         self.flat_grad.zero_()
