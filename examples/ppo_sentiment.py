@@ -30,8 +30,8 @@ A randomly initialized actor barely produces words, so its sentiment hardly
 moves. Starting from a fine-tuned actor (e.g. the SFT checkpoint that
 ``python -m realhf.apps.demo`` writes) and prompting with the embedded SFT
 prompts (Austen contexts and math questions), the mean reward rises within
-80 steps (measured, mean per 10 steps: 0.04 0.05 0.13 0.24 0.32 0.59 0.70
-0.65)::
+80 steps (measured, mean per 10 steps: 0.06 0.07 0.14 0.22 0.23 0.36 0.47
+0.61)::
 
     python examples/ppo_sentiment.py my-ppo \
         experiment_name=ppo-sentiment trial_name=sft n_gpus_per_node=4 allocation_mode=heuristic \
