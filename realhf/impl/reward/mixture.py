@@ -112,13 +112,13 @@ def _check_options(where: str, name: str, given: List[Any]) -> None:
         return
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return
-    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    options = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    known = [p.name for p in options]
     unknown = [k for k in given if k not in known]
     if unknown:
         raise RewardSpecError(f"{where}: reward {name!r} has no option {unknown[0]!r}; its options are "
                               f"{known or 'none'} (besides 'name' and 'weight').")
-    missing = [p.name for p in params if p.default is p.empty and p.name not in given
-               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [p.name for p in options if p.default is p.empty and p.name not in given]
     if missing:
         raise RewardSpecError(f"{where}: reward {name!r} needs {missing}.")
 
