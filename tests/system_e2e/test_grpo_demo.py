@@ -87,7 +87,7 @@ def test_grpo_demo_refuses_an_unknown_rl():
 @pytest.mark.slow
 @pytest.mark.timeout(2700)
 def test_grpo_demo_learns(tmp_path):
-    # Measured (README, 6.7 min, deterministic for the seed): train reward per 20 steps 0.223 0.218
+    # Measured (README, 6.7 min, deterministic for the seed on one machine): train reward per 20 steps 0.223 0.218
     # 0.248 0.271 0.272; held-out greedy accuracy 0.195 0.225 0.220 0.275 0.245 0.250; held-out
     # sampled accuracy (8 per prompt, temperature 0.5) 0.185 0.188 0.210 0.231 0.229 0.245.
     out = _run_demo(tmp_path, [], timeout=2400)
